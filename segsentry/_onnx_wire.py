@@ -1,0 +1,73 @@
+"""Just enough of the protobuf wire format to read an ONNX ``ModelProto`` without the onnx package.
+
+The torch-free runtime needs two things from a bundle before handing it to a backend: the manifest in
+``metadata_props`` (field 14) and the exact bytes of the graph (field 7) to check the weight hash.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+GRAPH_FIELD = 7
+METADATA_FIELD = 14
+
+
+def _varint(data: bytes | memoryview, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if pos >= len(data):
+            raise ValueError("truncated varint")
+        byte = data[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return result, pos
+        shift += 7
+        if shift > 63:
+            raise ValueError("varint too long")
+
+
+def iter_fields(data: bytes | memoryview) -> Iterator[tuple[int, int, memoryview | int]]:
+    """Yield ``(field_number, wire_type, value)``; LEN values are memoryviews into ``data``."""
+    view = memoryview(data)
+    pos = 0
+    while pos < len(view):
+        key, pos = _varint(view, pos)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = _varint(view, pos)
+            yield number, wire, value
+        elif wire == 1:
+            pos += 8
+            yield number, wire, 0
+        elif wire == 2:
+            length, pos = _varint(view, pos)
+            if pos + length > len(view):
+                raise ValueError("truncated length-delimited field")
+            yield number, wire, view[pos:pos + length]
+            pos += length
+        elif wire == 5:
+            pos += 4
+            yield number, wire, 0
+        else:
+            raise ValueError(f"unsupported wire type {wire}")
+    if pos != len(view):
+        raise ValueError("trailing bytes")
+
+
+def graph_bytes(model_bytes: bytes) -> memoryview:
+    """The serialized ``GraphProto`` of a model (raises ValueError if there is none)."""
+    for number, wire, value in iter_fields(model_bytes):
+        if number == GRAPH_FIELD and wire == 2:
+            return value  # type: ignore[return-value]
+    raise ValueError("no graph in model")
+
+
+def metadata_props(model_bytes: bytes) -> dict[str, str]:
+    """``metadata_props`` as a dict (``StringStringEntryProto``: key = 1, value = 2)."""
+    props: dict[str, str] = {}
+    for number, wire, value in iter_fields(model_bytes):
+        if number == METADATA_FIELD and wire == 2:
+            entry = {n: bytes(v).decode("utf-8") for n, w, v in iter_fields(value) if w == 2}  # type: ignore[arg-type]
+            props[entry.get(1, "")] = entry.get(2, "")
+    return props

@@ -1,0 +1,169 @@
+"""``ood-calib``: fit the Gaussian on training patches and fold the Mahalanobis head into the graph.
+
+The training cases go through the runtime's own preprocessing and sliding-window core (no torch): one
+feature vector per patch (no mirroring), streamed to disk. After the fit, every training patch's squared
+distance is spread over its patch exactly as at inference, giving each case's raw subject score; these fix
+the min / 2·max normalisation and the 95 % TPR threshold recorded in the manifest.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from segsentry._atomic import write_bytes_atomic
+from segsentry.calib.gaussian import FeatureStore, GaussianFit, fit_gaussian, squared_mahalanobis
+from segsentry.calib.head import fold_mahalanobis_head
+from segsentry.errors import BundleError, CalibrationError, SegsentryError
+from segsentry.manifest import Calibration, write_manifest
+from segsentry.runtime.backends import create_backend, resolve_backend_name
+from segsentry.runtime.bundle import load_bundle
+from segsentry.runtime.io import collect_cases, read_case
+from segsentry.runtime.pipeline import infer_volume
+from segsentry.runtime.preprocess import preprocess
+from segsentry.runtime.scoring import normalise_score, subject_score, tpr95_threshold
+from segsentry.runtime.sliding import Box, crop_box, distance_map, importance_for
+
+log = logging.getLogger(__name__)
+
+ESTIMATORS = ("ledoit-wolf", "empirical", "oas")
+AGGREGATIONS = ("normalised", "paper")
+
+
+@dataclass(frozen=True)
+class _CasePatches:
+    case_id: str
+    rows: slice  # rows of this case in the feature store
+    boxes: list[Box]
+    pad_box: Box
+    padded_shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class CalibrationResult:
+    path: Path
+    calibration: Calibration
+    fit: GaussianFit
+    case_ids: list[str]
+    failed: dict[str, str]
+    head_check_max_rel_error: float
+
+
+def calibrate(
+    features_bundle: str | Path,
+    images: Sequence[str | Path],
+    output: str | Path,
+    *,
+    estimator: str = "ledoit-wolf",
+    aggregation: str = "normalised",
+    keep_features: bool = False,
+    backend: str = "auto",
+    batch_size: int = 1,
+    threads: int | None = None,
+    workdir: str | Path | None = None,
+    on_case: Callable[[str, int, str | None], None] | None = None,
+) -> CalibrationResult:
+    """Calibrate ``features_bundle`` (from ood-export) on the training ``images`` and write ``output``.
+
+    ``on_case(case_id, n_patches, error)`` is called after each training case (for progress display).
+    """
+    if estimator not in ESTIMATORS:
+        raise CalibrationError(f"unknown estimator '{estimator}'; choose one of {', '.join(ESTIMATORS)}")
+    if aggregation not in AGGREGATIONS:
+        raise CalibrationError(f"unknown aggregation '{aggregation}'; choose one of {', '.join(AGGREGATIONS)}")
+    bundle = load_bundle(features_bundle)
+    manifest = bundle.manifest
+    if manifest.calibration is not None:
+        raise BundleError(f"{features_bundle} is already calibrated; pass the .features.onnx from ood-export")
+    if Path(output).resolve() == Path(features_bundle).resolve():
+        raise CalibrationError("the output must not overwrite the input bundle; choose another -o")
+    cases = collect_cases(images, num_channels=manifest.num_channels)
+    if not cases:
+        raise CalibrationError("no training cases found")
+
+    failed: dict[str, str] = {}
+    patches: list[_CasePatches] = []
+    with FeatureStore(directory=workdir) as store, create_backend(
+        resolve_backend_name(backend), bundle.model_bytes, channels=manifest.num_channels,
+        patch_size=manifest.patch_size, threads=threads,
+    ) as engine:
+        for case in cases:
+            try:
+                loaded = read_case(case, num_channels=manifest.num_channels)
+                data, _ = preprocess(loaded.image, loaded.spacing, manifest.preprocessing)
+                inference = infer_volume(data, engine, manifest, batch_size=batch_size, accumulate_logits=False,
+                                         collect_features=True)
+            except SegsentryError as exc:
+                failed[case.case_id] = str(exc)
+                log.error("training case %s skipped: %s", case.case_id, exc)
+                if on_case:
+                    on_case(case.case_id, 0, str(exc))
+                continue
+            start = store.n_samples
+            store.append(inference.features)
+            patches.append(_CasePatches(case.case_id, slice(start, store.n_samples), inference.boxes,
+                                        inference.pad_box, inference.padded_shape))
+            if on_case:
+                on_case(case.case_id, len(inference.boxes), None)
+        if not patches:
+            raise CalibrationError("every training case failed; nothing to calibrate on")
+        features = store.array()
+        fit = fit_gaussian(features, estimator=estimator)
+        gaussian = importance_for(manifest.patch_size, sigma_scale=manifest.tiling.sigma_scale,
+                                  value_scaling_factor=manifest.tiling.value_scaling_factor)
+        scores = []
+        for case in patches:
+            d = squared_mahalanobis(fit, np.asarray(features[case.rows], dtype=np.float64))
+            voxel_map = distance_map(case.padded_shape, case.boxes, d, gaussian, aggregation=aggregation)
+            scores.append(subject_score(crop_box(voxel_map, case.pad_box)))
+        n_patches = store.n_samples
+
+    train_min, train_max = float(min(scores)), float(max(scores))
+    if not 2 * train_max > train_min:
+        raise CalibrationError(f"training scores are degenerate (min {train_min}, max {train_max})")
+    uncertainties = [normalise_score(u, train_min=train_min, train_max=train_max) for u in scores]
+    calibration = Calibration(
+        estimator=estimator,
+        shrinkage=float(fit.shrinkage),
+        rank=int(fit.rank),
+        n_patches=int(n_patches),
+        n_cases=len(patches),
+        aggregation=aggregation,
+        train_score_min=train_min,
+        train_score_max=train_max,
+        threshold=float(tpr95_threshold(uncertainties)),
+        train_scores=[float(s) for s in scores],
+        train_uncertainties=[float(u) for u in uncertainties],
+    )
+    model = onnx.load_model_from_string(bundle.model_bytes)
+    fused = fold_mahalanobis_head(model, fit, keep_features=keep_features)
+    outputs = {"logits": "logits", "distance": "distance"}
+    if keep_features:
+        outputs["features"] = "features"
+    data = write_manifest(fused, manifest.replace(calibration=calibration, outputs=outputs))
+    check = _check_fused_head(data, bundle.model_bytes, fit, manifest.num_channels, manifest.patch_size)
+    write_bytes_atomic(output, data)
+    log.info("calibrated on %d patches from %d cases (%s); threshold U > %.4f", n_patches, len(patches),
+             estimator, calibration.threshold)
+    return CalibrationResult(path=Path(output), calibration=calibration, fit=fit,
+                             case_ids=[p.case_id for p in patches], failed=failed, head_check_max_rel_error=check)
+
+
+def _check_fused_head(fused: bytes, features_model: bytes, fit: GaussianFit, channels: int,
+                      patch_size: Sequence[int], *, rtol: float = 1e-3) -> float:
+    """Run two random patches through both graphs: the fused distance must equal numpy's on the features."""
+    rng = np.random.default_rng(0)
+    batch = rng.standard_normal((2, channels, *patch_size)).astype(np.float32)
+    with create_backend("onnxruntime", features_model, channels=channels, patch_size=patch_size) as a, \
+            create_backend("onnxruntime", fused, channels=channels, patch_size=patch_size) as b:
+        expected = squared_mahalanobis(fit, a.run(batch)["features"].astype(np.float64))
+        got = b.run(batch)["distance"].astype(np.float64)
+    error = float(np.max(np.abs(got - expected) / np.maximum(np.abs(expected), 1e-12)))
+    if not error <= rtol:
+        raise CalibrationError(f"fused head disagrees with the numpy distance (max relative error {error:.3g})")
+    return error

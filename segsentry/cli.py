@@ -1,0 +1,213 @@
+"""Command-line interface: thin typer wrappers over ``segsentry.export``, ``segsentry.calib``, ``segsentry.runtime``.
+
+Console scripts ``ood-export``, ``ood-calib``, ``ood-run`` and the umbrella ``segsentry`` (sub-commands
+``export``, ``calib``, ``run``) share the same command functions. Exit codes: 0 success / all cases in
+distribution, 1 error or at least one failed case, 2 usage error, 3 at least one case flagged OOD.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from segsentry.errors import SegsentryError
+
+console = Console(stderr=True)
+stdout = Console()
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_OOD = 0, 1, 2, 3
+
+_settings = {"pretty_exceptions_show_locals": False, "add_completion": False, "no_args_is_help": True}
+app = typer.Typer(help="segsentry: OOD detection for 3D segmentation networks, shipped as ONNX.", **_settings)
+
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show full tracebacks for unexpected errors.")]
+BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Patches per backend call.")]
+ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads for the backend.")]
+BackendOpt = Annotated[str, typer.Option("--backend", help="Inference backend: auto, onnxruntime.")]
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(message)s",
+        handlers=[RichHandler(console=console, show_path=False, show_time=False)],
+        force=True,
+    )
+
+
+def _guarded(debug: bool, body: Callable[[], int]) -> None:
+    """Run ``body``; turn segsentry errors into one red line and the right exit code."""
+    try:
+        code = body()
+    except SegsentryError as exc:
+        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(EXIT_FAILED) from None
+    except KeyboardInterrupt:
+        console.print("[bold red]interrupted[/]")
+        raise typer.Exit(130) from None
+    except Exception as exc:
+        if debug:
+            raise
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        console.print(f"[bold red]internal error:[/] {type(exc).__name__}: {first} (rerun with --debug for details)",
+                      highlight=False)
+        raise typer.Exit(EXIT_FAILED) from None
+    raise typer.Exit(code)
+
+
+def export_command(
+    model_dir: Annotated[Path, typer.Argument(help="nnU-Net v2 trained-model folder (plans.json, dataset.json, fold_N/).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output .features.onnx file.")],
+    fold: Annotated[str, typer.Option("--fold", "-f", help="Fold to export (a number or 'all').")] = "0",
+    checkpoint: Annotated[str, typer.Option("--checkpoint", help="Checkpoint file name in fold_N/.")] = "checkpoint_final.pth",
+    configuration: Annotated[Optional[str], typer.Option("--configuration", "-c", help="Plans configuration (default: from the checkpoint).")] = None,
+    layer: Annotated[str, typer.Option("--layer", help="Feature layer, a dotted module path.")] = "encoder.stages.-1",
+    verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Compare ONNX with torch on random patches.")] = True,
+    verbose: VerboseOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Export an nnU-Net v2 model to ONNX with two outputs: logits and pooled bottleneck features."""
+    _setup_logging(verbose)
+
+    def body() -> int:
+        from segsentry.export import export_nnunet
+
+        with console.status("exporting to ONNX…"):
+            result = export_nnunet(model_dir, output, fold=fold, checkpoint=checkpoint,
+                                   configuration=configuration, layer=layer, verify=verify)
+        m = result.manifest
+        console.print(f"[green]wrote[/] {result.path}  patch {m.patch_size}, {m.num_channels} channel(s), "
+                      f"{m.num_classes} classes, features '{m.features.layer}' {m.features.layer_shape} "
+                      f"-> pool {m.features.pooling} -> D={m.features.dim}", highlight=False)
+        if result.verification:
+            v = result.verification
+            console.print(f"ONNX vs torch on {v.n_patches} random patches: logits max |diff| "
+                          f"{v.logits_max_abs:.2e}, features max |diff| {v.features_max_abs:.2e}", highlight=False)
+        return EXIT_OK
+
+    _guarded(debug, body)
+
+
+def calib_command(
+    bundle: Annotated[Path, typer.Argument(help="The .features.onnx written by ood-export.")],
+    images: Annotated[list[Path], typer.Argument(help="Training images: nnU-Net imagesTr folder(s) or files.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output calibrated .ood.onnx file.")],
+    estimator: Annotated[str, typer.Option("--estimator", help="ledoit-wolf | empirical (paper: pinv) | oas.")] = "ledoit-wolf",
+    aggregation: Annotated[str, typer.Option("--aggregation", help="normalised (divide by weights) | paper (plain sum).")] = "normalised",
+    keep_features: Annotated[bool, typer.Option("--keep-features", help="Keep the features output in the bundle.")] = False,
+    backend: BackendOpt = "auto",
+    batch_size: BatchOpt = 1,
+    threads: ThreadsOpt = None,
+    verbose: VerboseOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Fit the Gaussian on training patches and fold the Mahalanobis head into the graph."""
+    _setup_logging(verbose)
+
+    def body() -> int:
+        from rich.progress import Progress
+
+        from segsentry.calib import calibrate
+
+        with Progress(console=console, transient=True) as progress:
+            task = progress.add_task("training cases", total=None)
+
+            def on_case(case_id: str, n: int, error: str | None) -> None:
+                progress.advance(task)
+                if error:
+                    console.print(f"[yellow]skipped[/] {case_id}: {error}", highlight=False)
+
+            result = calibrate(bundle, images, output, estimator=estimator, aggregation=aggregation,
+                               keep_features=keep_features, backend=backend, batch_size=batch_size,
+                               threads=threads, on_case=on_case)
+        c = result.calibration
+        console.print(f"[green]wrote[/] {result.path}: {c.n_patches} patches from {c.n_cases} cases, D="
+                      f"{result.fit.n_features}, {c.estimator} (shrinkage {c.shrinkage:.4g}, rank {c.rank}), "
+                      f"train scores [{c.train_score_min:.4g}, {c.train_score_max:.4g}], "
+                      f"threshold U > {c.threshold:.4f} ({c.aggregation})", highlight=False)
+        return EXIT_FAILED if result.failed else EXIT_OK
+
+    _guarded(debug, body)
+
+
+def run_command(
+    bundle: Annotated[Path, typer.Argument(help="A calibrated .ood.onnx (or an uncalibrated .features.onnx).")],
+    inputs: Annotated[list[Path], typer.Argument(help="Image files (CASE_0000.nii.gz…), folders, or DICOM series folders.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output folder.")],
+    backend: BackendOpt = "auto",
+    batch_size: BatchOpt = 1,
+    threads: ThreadsOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the case reports as JSON on stdout.")] = False,
+    verbose: VerboseOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Segment cases, score them for OOD, write masks, uncertainty maps and reports."""
+    _setup_logging(verbose)
+
+    def body() -> int:
+        from rich.progress import Progress
+
+        from segsentry.runtime import run_batch
+
+        with Progress(console=console, transient=True, disable=as_json) as progress:
+            task = progress.add_task("cases", total=None)
+            result = run_batch(bundle, inputs, output, backend=backend, batch_size=batch_size, threads=threads,
+                               on_case=lambda _o: progress.advance(task))
+        if as_json:
+            stdout.print_json(json.dumps({
+                "backend": result.backend,
+                "output": str(result.output_dir),
+                "cases": [{"case": o.case_id, "status": o.status, "error": o.error, **o.report}
+                          for o in result.outcomes],
+            }))
+        else:
+            _print_run_table(result)
+        return result.exit_code()
+
+    _guarded(debug, body)
+
+
+def _print_run_table(result) -> None:  # noqa: ANN001 - BatchResult, imported lazily
+    table = Table(title=f"ood-run ({result.backend}) -> {result.output_dir}")
+    for column in ("case", "status", "U", "threshold", "flag", "patches", "seconds"):
+        table.add_column(column)
+    for o in result.outcomes:
+        r = o.report
+        if o.status != "ok":
+            table.add_row(o.case_id, "[red]failed[/]", "", "", o.error or "", "", "")
+            continue
+        flag = "" if r.get("ood") is None else ("[bold red]OOD[/]" if r["ood"] else "[green]in-dist[/]")
+        table.add_row(o.case_id, "ok", "" if r.get("uncertainty") is None else f"{r['uncertainty']:.3f}",
+                      "" if r.get("threshold") is None else f"{r['threshold']:.3f}", flag, str(r["n_patches"]),
+                      f"{r['timings_s']['total']:.1f}")
+    console.print(table)
+
+
+app.command("export")(export_command)
+app.command("calib")(calib_command)
+app.command("run")(run_command)
+
+
+def _single(command: Callable[..., None]) -> typer.Typer:
+    single = typer.Typer(**_settings)
+    single.command()(command)
+    return single
+
+
+export_app = _single(export_command)
+calib_app = _single(calib_command)
+run_app = _single(run_command)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

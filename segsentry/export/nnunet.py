@@ -1,0 +1,224 @@
+"""Rebuild a trained nnU-Net v2 network from its model folder, without nnU-Net's trainer lookup.
+
+A model folder is ``nnUNet_results/DatasetXXX/TRAINER__PLANS__CONFIG/`` holding ``plans.json``,
+``dataset.json`` and ``fold_N/checkpoint_*.pth``. The network is built with
+``dynamic_network_architectures`` from the plans' ``architecture`` entry; the checkpoint is read with
+``torch.load(weights_only=True)`` and a small allowlist of numpy types (nnU-Net only stores numpy scalars
+in its training log), so no arbitrary code is unpickled.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import pydoc
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from segsentry.errors import ModelFolderError
+from segsentry.manifest import Preprocessing
+
+SUPPORTED_RESAMPLING = "resample_data_or_seg_to_shape"
+DEFAULT_LAYER = "encoder.stages.-1"
+
+
+@dataclass
+class NnunetModel:
+    """A rebuilt nnU-Net network plus everything the manifest needs from plans.json and dataset.json."""
+
+    network: nn.Module
+    plans: dict[str, Any]
+    dataset: dict[str, Any]
+    configuration_name: str
+    configuration: dict[str, Any]
+    checkpoint_path: Path
+    trainer_name: str
+
+    @property
+    def patch_size(self) -> list[int]:
+        return [int(p) for p in self.configuration["patch_size"]]
+
+    @property
+    def channels(self) -> dict[str, str]:
+        names = self.dataset.get("channel_names", self.dataset.get("modality"))
+        return {str(k): str(v) for k, v in names.items()}
+
+    @property
+    def labels(self) -> dict[str, int]:
+        return {str(k): int(v) for k, v in self.dataset["labels"].items()}
+
+    def preprocessing(self) -> Preprocessing:
+        config = self.configuration
+        schemes = list(config["normalization_schemes"])
+        properties = self.plans.get("foreground_intensity_properties_per_channel", {})
+        return Preprocessing(
+            transpose_forward=[int(i) for i in self.plans["transpose_forward"]],
+            transpose_backward=[int(i) for i in self.plans["transpose_backward"]],
+            spacing=[float(s) for s in config["spacing"]],
+            normalization_schemes=schemes,
+            use_mask_for_norm=[bool(u) for u in config["use_mask_for_norm"]],
+            intensity_properties={
+                str(c): {k: float(v) for k, v in properties.get(str(c), {}).items()} for c in range(len(schemes))
+            },
+            crop_to_nonzero=True,
+            resampling_data=_resampling_kwargs(config, "data"),
+            resampling_probabilities=_resampling_kwargs(config, "probabilities"),
+        )
+
+
+def _resampling_kwargs(config: dict[str, Any], kind: str) -> dict[str, Any]:
+    name = config.get(f"resampling_fn_{kind}", SUPPORTED_RESAMPLING)
+    if name != SUPPORTED_RESAMPLING:
+        raise ModelFolderError(
+            f"plans use resampling function '{name}' for {kind}; segsentry reproduces only "
+            f"'{SUPPORTED_RESAMPLING}' (nnU-Net's default)"
+        )
+    kwargs = dict(config.get(f"resampling_fn_{kind}_kwargs", {}))
+    if kwargs.get("is_seg"):
+        raise ModelFolderError(f"plans resample {kind} as a segmentation (is_seg=True); not supported")
+    return {
+        "order": int(kwargs.get("order", 3 if kind == "data" else 1)),
+        "order_z": int(kwargs.get("order_z", 0)),
+        "force_separate_z": kwargs.get("force_separate_z"),
+    }
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise ModelFolderError(f"{path.name} not found in {path.parent}; is this an nnU-Net v2 model folder?") from exc
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelFolderError(f"cannot read {path}: {exc}") from exc
+
+
+def resolve_configuration(plans: dict[str, Any], name: str) -> dict[str, Any]:
+    """Resolve ``inherits_from`` chains the way nnU-Net's PlansManager does."""
+    configurations = plans.get("configurations", {})
+    seen: list[str] = []
+    chain: list[dict[str, Any]] = []
+    while True:
+        if name not in configurations:
+            raise ModelFolderError(
+                f"configuration '{name}' not in plans.json (available: {', '.join(configurations)})"
+            )
+        if name in seen:
+            raise ModelFolderError(f"circular 'inherits_from' in plans.json: {' -> '.join([*seen, name])}")
+        seen.append(name)
+        config = configurations[name]
+        chain.append(config)
+        parent = config.get("inherits_from")
+        if parent is None:
+            break
+        name = parent
+    resolved: dict[str, Any] = {}
+    for config in reversed(chain):
+        resolved.update(copy.deepcopy(config))
+    return resolved
+
+
+def _load_checkpoint(path: Path) -> dict[str, Any]:
+    allowed: list[Any] = [np.dtype]
+    core = getattr(np, "_core", None) or getattr(np, "core")
+    allowed.append(core.multiarray.scalar)
+    dtypes = getattr(np, "dtypes", None)
+    if dtypes is not None:
+        allowed += [getattr(dtypes, n) for n in ("Float32DType", "Float64DType", "Int64DType") if hasattr(dtypes, n)]
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as exc:
+        raise ModelFolderError(f"checkpoint {path} not found") from exc
+    except Exception as exc:  # torch raises UnpicklingError/RuntimeError with long messages
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelFolderError(
+            f"cannot load checkpoint {path} with weights_only=True ({first}); segsentry only loads checkpoints "
+            "that contain tensors, numbers and numpy scalars"
+        ) from exc
+
+
+def build_network(plans: dict[str, Any], configuration: dict[str, Any], *, in_channels: int, num_classes: int) -> nn.Module:
+    """Instantiate the architecture named in ``configuration['architecture']`` (deep supervision off)."""
+    arch = configuration.get("architecture")
+    if arch is None:
+        raise ModelFolderError(
+            "plans.json uses the pre-2.3 format without an 'architecture' entry; re-run nnUNetv2_plan_experiment"
+        )
+    class_name = arch["network_class_name"]
+    kwargs = dict(arch["arch_kwargs"])
+    for key in arch.get("_kw_requires_import", []):
+        if kwargs.get(key) is not None:
+            located = pydoc.locate(kwargs[key])
+            if located is None:
+                raise ModelFolderError(f"plans.json names '{kwargs[key]}' for '{key}', which cannot be imported")
+            kwargs[key] = located
+    if "timm" in class_name or class_name.rsplit(".", 1)[-1].lower().startswith(("primus", "eva")):
+        raise ModelFolderError(f"architecture {class_name} needs timm, which segsentry does not support")
+    network_class = pydoc.locate(class_name)
+    if network_class is None:
+        raise ModelFolderError(f"network class {class_name} cannot be imported; install dynamic-network-architectures")
+    kwargs["deep_supervision"] = False
+    try:
+        network = network_class(input_channels=in_channels, num_classes=num_classes, **kwargs)
+    except TypeError as exc:
+        raise ModelFolderError(f"cannot build {class_name} from plans.json: {exc}") from exc
+    return network
+
+
+def load_model_folder(
+    model_dir: str | Path,
+    *,
+    fold: int | str = 0,
+    checkpoint: str = "checkpoint_final.pth",
+    configuration: str | None = None,
+) -> NnunetModel:
+    """Load plans, dataset and one fold's checkpoint; return the rebuilt network in eval mode."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise ModelFolderError(f"model folder {model_dir} does not exist or is not a directory")
+    plans = _read_json(model_dir / "plans.json")
+    dataset = _read_json(model_dir / "dataset.json")
+    checkpoint_path = model_dir / f"fold_{fold}" / checkpoint
+    state = _load_checkpoint(checkpoint_path)
+    if "network_weights" not in state:
+        raise ModelFolderError(f"{checkpoint_path} has no 'network_weights'; is it an nnU-Net v2 checkpoint?")
+    init_args = state.get("init_args", {})
+    config_name = configuration or init_args.get("configuration")
+    if config_name is None:
+        config_name = model_dir.name.split("__")[-1]
+    config = resolve_configuration(plans, config_name)
+    if len(config.get("patch_size", [])) != 3:
+        raise ModelFolderError(f"configuration '{config_name}' is not 3D (patch {config.get('patch_size')}); "
+                               "segsentry supports 3D configurations only")
+    if config.get("previous_stage") is not None:
+        raise ModelFolderError(f"configuration '{config_name}' is a cascade stage; cascades are not supported")
+    if dataset.get("regions_class_order") is not None:
+        raise ModelFolderError("region-based models (regions_class_order in dataset.json) are not supported")
+    labels = dataset.get("labels", {})
+    if any(isinstance(v, (list, tuple)) for v in labels.values()):
+        raise ModelFolderError("region-based labels in dataset.json are not supported")
+    channel_names = dataset.get("channel_names", dataset.get("modality"))
+    if not channel_names or not labels:
+        raise ModelFolderError("dataset.json needs 'channel_names' and 'labels'")
+    network = build_network(plans, config, in_channels=len(channel_names), num_classes=len(labels))
+    weights = state["network_weights"]
+    weights = {k[len("_orig_mod."):] if k.startswith("_orig_mod.") else k: v for k, v in weights.items()}
+    try:
+        network.load_state_dict(weights)
+    except RuntimeError as exc:
+        raise ModelFolderError(f"checkpoint weights do not fit the network in plans.json: {str(exc)[:300]}") from exc
+    network.eval()
+    return NnunetModel(
+        network=network,
+        plans=plans,
+        dataset=dataset,
+        configuration_name=config_name,
+        configuration=config,
+        checkpoint_path=checkpoint_path,
+        trainer_name=str(state.get("trainer_name", "unknown")),
+    )

@@ -1,0 +1,192 @@
+"""The versioned JSON manifest carried in an ONNX bundle's ``metadata_props``.
+
+The manifest is everything the torch-free runtime needs to reproduce the training pipeline: preprocessing
+parameters from nnU-Net's plans, the patch size, labels, channels, the feature layer and its pooling plan,
+and (after ``ood-calib``) the fitted Gaussian's summary, the training score range and the threshold.
+
+Axis conventions: every per-axis list in the manifest (``patch_size``, ``spacing``, pooling kernels) is in
+nnU-Net's *transposed* numpy order, i.e. the order the network sees after ``transpose_forward`` has been
+applied to a SimpleITK array (numpy arrays from SimpleITK are z, y, x).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from segsentry import _onnx_wire
+from segsentry.errors import BundleError
+
+if TYPE_CHECKING:  # the runtime reads bundles without the onnx package
+    import onnx
+
+MANIFEST_KEY = "segsentry.manifest"
+MANIFEST_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """nnU-Net v2 preprocessing parameters (see design.md, "nnU-Net v2 inference")."""
+
+    transpose_forward: list[int]
+    transpose_backward: list[int]
+    spacing: list[float]
+    normalization_schemes: list[str]
+    use_mask_for_norm: list[bool]
+    intensity_properties: dict[str, dict[str, float]]
+    crop_to_nonzero: bool = True
+    resampling_data: dict[str, Any] = field(
+        default_factory=lambda: {"order": 3, "order_z": 0, "force_separate_z": None}
+    )
+    resampling_probabilities: dict[str, Any] = field(
+        default_factory=lambda: {"order": 1, "order_z": 0, "force_separate_z": None}
+    )
+    anisotropy_threshold: float = 3.0
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """Sliding-window parameters (nnU-Net defaults)."""
+
+    step_size: float = 0.5
+    sigma_scale: float = 0.125
+    value_scaling_factor: float = 10.0
+    mirroring: bool = False
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """Where the OOD features come from and how they are projected to a vector of size ``dim``."""
+
+    layer: str
+    layer_shape: list[int]  # (C, z, y, x) per sample at the layer output
+    pooling: list[list[int]]  # one avg_pool3d kernel (= stride) per pooling step
+    dim: int
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Summary of the Gaussian fitted by ``ood-calib`` and the training-score statistics."""
+
+    estimator: str
+    shrinkage: float
+    rank: int
+    n_patches: int
+    n_cases: int
+    aggregation: str  # "normalised" or "paper"
+    train_score_min: float
+    train_score_max: float
+    threshold: float  # on the normalised uncertainty U in [0, 1]
+    train_scores: list[float]  # raw subject scores u of the training cases
+    train_uncertainties: list[float]  # normalised U of the training cases
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Versioned description of a bundle. ``source`` says where the network came from."""
+
+    source: dict[str, Any]
+    labels: dict[str, int]
+    channels: dict[str, str]
+    file_ending: str
+    num_classes: int
+    patch_size: list[int]
+    preprocessing: Preprocessing
+    tiling: Tiling
+    features: FeatureSpec
+    inputs: dict[str, str] = field(default_factory=lambda: {"image": "image"})
+    outputs: dict[str, str] = field(default_factory=lambda: {"logits": "logits", "features": "features"})
+    calibration: Calibration | None = None
+    weights_sha256: str = ""
+    version: int = MANIFEST_VERSION
+
+    @property
+    def num_channels(self) -> int:
+        return len(self.channels)
+
+    def replace(self, **changes: Any) -> Manifest:
+        return dataclasses.replace(self, **changes)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> Manifest:
+        try:
+            raw = json.loads(text)
+            version = raw.get("version")
+            if version != MANIFEST_VERSION:
+                raise BundleError(
+                    f"bundle manifest version {version} is not supported by this segsentry "
+                    f"(expected {MANIFEST_VERSION}); re-export the model with this version"
+                )
+            calibration = raw.pop("calibration", None)
+            return cls(
+                preprocessing=Preprocessing(**raw.pop("preprocessing")),
+                tiling=Tiling(**raw.pop("tiling")),
+                features=FeatureSpec(**raw.pop("features")),
+                calibration=Calibration(**calibration) if calibration else None,
+                **raw,
+            )
+        except BundleError:
+            raise
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise BundleError(f"bundle manifest is malformed ({exc}); re-export the model") from exc
+
+
+def weights_sha256(model_bytes: bytes) -> str:
+    """sha256 of the serialized graph (every node and initializer), excluding ``metadata_props``.
+
+    Computed from the bytes of ``ModelProto.graph`` as stored in the file, so the manifest can hold it.
+    """
+    try:
+        return hashlib.sha256(_onnx_wire.graph_bytes(model_bytes)).hexdigest()
+    except ValueError as exc:
+        raise BundleError(f"not a valid ONNX model ({exc})") from exc
+
+
+def write_manifest(model: onnx.ModelProto, manifest: Manifest) -> bytes:
+    """Store ``manifest`` with the graph hash in ``model.metadata_props`` (merging other props).
+
+    ``onnx.helper.set_model_props`` would wipe existing props, so the entry is replaced in place.
+    Returns the serialized model, whose graph bytes are exactly the hashed ones.
+    """
+    graph_hash = weights_sha256(model.SerializeToString())
+    stamped = manifest.replace(weights_sha256=graph_hash).to_json()
+    for prop in model.metadata_props:
+        if prop.key == MANIFEST_KEY:
+            prop.value = stamped
+            break
+    else:
+        entry = model.metadata_props.add()
+        entry.key = MANIFEST_KEY
+        entry.value = stamped
+    data = model.SerializeToString()
+    if weights_sha256(data) != graph_hash:  # protobuf must not reorder the graph between serializations
+        raise BundleError("graph serialization is not stable; cannot stamp a weight hash")
+    return data
+
+
+def read_manifest(model_bytes: bytes, *, verify_hash: bool = True) -> Manifest:
+    """Read the manifest from a serialized model; raise :class:`BundleError` if absent or the graph changed."""
+    try:
+        props = _onnx_wire.metadata_props(model_bytes)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BundleError(f"not a valid ONNX model ({exc})") from exc
+    if MANIFEST_KEY not in props:
+        raise BundleError(
+            "the ONNX file has no segsentry manifest; it was not produced by ood-export/ood-calib "
+            "(export the model with ood-export first)"
+        )
+    manifest = Manifest.from_json(props[MANIFEST_KEY])
+    if verify_hash:
+        actual = weights_sha256(model_bytes)
+        if actual != manifest.weights_sha256:
+            raise BundleError(
+                f"weight hash mismatch: the manifest records sha256 {manifest.weights_sha256[:12]}… but the "
+                f"graph hashes to {actual[:12]}…; the file was modified after export/calibration"
+            )
+    return manifest

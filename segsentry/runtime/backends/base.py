@@ -1,0 +1,64 @@
+"""The backend protocol (after Polygraphy's runners): ``run(batch) -> outputs``, context-managed.
+
+A backend wraps one inference engine for one bundle. Input checks live here, in one place, so every
+backend validates batches the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from segsentry.errors import BackendError
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """Runs ``(batch, channels, z, y, x)`` float32 patches; returns named float32 outputs with a batch axis."""
+
+    name: str
+
+    def run(self, batch: np.ndarray) -> dict[str, np.ndarray]: ...
+
+    def close(self) -> None: ...
+
+    def __enter__(self) -> Backend: ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
+
+def check_batch(batch: np.ndarray, *, channels: int, patch_size: Sequence[int]) -> np.ndarray:
+    """Validate and return a C-contiguous float32 batch of shape ``(n, channels, *patch_size)``."""
+    expected = (channels, *patch_size)
+    if batch.ndim != 5 or tuple(batch.shape[1:]) != tuple(expected):
+        raise BackendError(f"backend input must be (batch, {', '.join(map(str, expected))}); got {batch.shape}")
+    if batch.shape[0] < 1:
+        raise BackendError("backend input batch is empty")
+    return np.ascontiguousarray(batch, dtype=np.float32)
+
+
+class BackendBase:
+    """Shared context-manager plumbing; subclasses implement ``_run`` and optionally ``close``."""
+
+    name = "base"
+
+    def __init__(self, *, channels: int, patch_size: Sequence[int]) -> None:
+        self.channels = channels
+        self.patch_size = tuple(int(p) for p in patch_size)
+
+    def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        return self._run(check_batch(batch, channels=self.channels, patch_size=self.patch_size))
+
+    def _run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> BackendBase:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

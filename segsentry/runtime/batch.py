@@ -1,0 +1,170 @@
+"""``ood-run`` as a library call: many cases, one bundle, per-case outputs and a batch summary.
+
+A failing case is recorded and the batch goes on; every file is written atomically; inputs are never
+overwritten.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from segsentry._atomic import write_text_atomic
+from segsentry.errors import SegsentryError
+from segsentry.runtime.backends import create_backend, resolve_backend_name
+from segsentry.runtime.bundle import Bundle, load_bundle
+from segsentry.runtime.io import CaseInput, collect_cases, guard_outputs, read_case, write_image
+from segsentry.runtime.pipeline import CasePrediction, predict_case
+
+log = logging.getLogger(__name__)
+
+SUMMARY_FIELDS = ["case", "status", "ood", "uncertainty", "score", "threshold", "n_patches", "seconds", "error"]
+
+
+@dataclass
+class CaseOutcome:
+    case_id: str
+    status: str  # "ok" or "failed"
+    report: dict = field(default_factory=dict)
+    error: str | None = None
+
+    @property
+    def ood(self) -> bool:
+        return bool(self.report.get("ood"))
+
+
+@dataclass
+class BatchResult:
+    outcomes: list[CaseOutcome]
+    output_dir: Path
+    backend: str
+
+    @property
+    def failed(self) -> list[CaseOutcome]:
+        return [o for o in self.outcomes if o.status != "ok"]
+
+    @property
+    def flagged(self) -> list[CaseOutcome]:
+        return [o for o in self.outcomes if o.status == "ok" and o.ood]
+
+    def exit_code(self) -> int:
+        """0 all in distribution, 3 at least one OOD, 1 at least one failure (takes precedence)."""
+        if self.failed:
+            return 1
+        return 3 if self.flagged else 0
+
+
+def _case_report(bundle: Bundle, prediction: CasePrediction, case: CaseInput, backend: str, timings: dict) -> dict:
+    calibration = bundle.manifest.calibration
+    return {
+        "case": prediction.case_id,
+        "inputs": [str(f) for f in case.files],
+        "ood": prediction.ood,
+        "uncertainty": prediction.uncertainty_score,
+        "score": prediction.score,
+        "threshold": prediction.threshold,
+        "aggregation": calibration.aggregation if calibration else None,
+        "uncertainty_map_units": "squared Mahalanobis distance per voxel (aggregated patch distances)"
+        if prediction.uncertainty is not None else None,
+        "n_patches": prediction.n_patches,
+        "top_patches": prediction.top_patches,
+        "timings_s": {k: round(v, 4) for k, v in timings.items()},
+        "backend": backend,
+        "model_sha256": bundle.weights_sha256,
+        "bundle": str(bundle.path),
+    }
+
+
+def run_batch(
+    bundle_path: str | Path,
+    inputs: Sequence[str | Path],
+    output_dir: str | Path,
+    *,
+    backend: str = "auto",
+    batch_size: int = 1,
+    threads: int | None = None,
+    on_case: Callable[[CaseOutcome], None] | None = None,
+) -> BatchResult:
+    """Run every case found in ``inputs``; write ``CASE<ending>``, ``CASE_uncertainty<ending>``, ``CASE.json``
+    and ``summary.csv`` into ``output_dir``. Raises only for problems that stop the whole batch (bundle,
+    backend, no inputs); per-case problems are recorded in the result.
+    """
+    output_dir = Path(output_dir)
+    bundle = load_bundle(bundle_path)
+    manifest = bundle.manifest
+    backend_name = resolve_backend_name(backend)
+    guard_outputs(output_dir, [Path(p) for p in inputs])
+    cases = collect_cases(inputs, num_channels=manifest.num_channels)
+    if not cases:
+        raise SegsentryError("no cases found in the inputs")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    outcomes: list[CaseOutcome] = []
+    with create_backend(backend_name, bundle.model_bytes, channels=manifest.num_channels,
+                        patch_size=manifest.patch_size, threads=threads) as engine:
+        for case in cases:
+            outcome = _run_case(case, bundle, engine, output_dir, backend_name, batch_size)
+            outcomes.append(outcome)
+            if on_case is not None:
+                on_case(outcome)
+    result = BatchResult(outcomes=outcomes, output_dir=output_dir, backend=backend_name)
+    write_summary(result)
+    return result
+
+
+def _run_case(case: CaseInput, bundle: Bundle, engine, output_dir: Path, backend_name: str,
+              batch_size: int) -> CaseOutcome:
+    start = time.perf_counter()
+    try:
+        t0 = time.perf_counter()
+        loaded = read_case(case, num_channels=bundle.manifest.num_channels)
+        read_s = time.perf_counter() - t0
+        prediction = predict_case(loaded, engine, bundle.manifest, batch_size=batch_size)
+        t0 = time.perf_counter()
+        ending = loaded.output_ending
+        for f in case.files:
+            if f.resolve().parent == output_dir.resolve():
+                raise SegsentryError(f"refusing to write next to input {f}")
+        write_image(prediction.mask, loaded.reference, output_dir / f"{case.case_id}{ending}")
+        if prediction.uncertainty is not None:
+            write_image(prediction.uncertainty, loaded.reference, output_dir / f"{case.case_id}_uncertainty{ending}")
+        timings = {"read": read_s, **prediction.timings, "write": time.perf_counter() - t0}
+        timings["total"] = time.perf_counter() - start
+        report = _case_report(bundle, prediction, case, backend_name, timings)
+        write_text_atomic(output_dir / f"{case.case_id}.json", json.dumps(report, indent=2))
+        return CaseOutcome(case_id=case.case_id, status="ok", report=report)
+    except SegsentryError as exc:
+        log.error("case %s failed: %s", case.case_id, exc)
+        return CaseOutcome(case_id=case.case_id, status="failed", error=str(exc),
+                           report={"seconds": time.perf_counter() - start})
+    except (MemoryError, FloatingPointError, OSError) as exc:
+        log.error("case %s failed: %s", case.case_id, exc)
+        return CaseOutcome(case_id=case.case_id, status="failed", error=f"{type(exc).__name__}: {exc}",
+                           report={"seconds": time.perf_counter() - start})
+
+
+def write_summary(result: BatchResult) -> Path:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=SUMMARY_FIELDS)
+    writer.writeheader()
+    for o in result.outcomes:
+        r = o.report
+        writer.writerow({
+            "case": o.case_id,
+            "status": o.status,
+            "ood": "" if r.get("ood") is None else int(bool(r.get("ood"))),
+            "uncertainty": "" if r.get("uncertainty") is None else f"{r['uncertainty']:.6f}",
+            "score": "" if r.get("score") is None else f"{r['score']:.6g}",
+            "threshold": "" if r.get("threshold") is None else f"{r['threshold']:.6f}",
+            "n_patches": r.get("n_patches", ""),
+            "seconds": f"{r.get('timings_s', {}).get('total', r.get('seconds', 0.0)):.3f}",
+            "error": o.error or "",
+        })
+    path = result.output_dir / "summary.csv"
+    write_text_atomic(path, buffer.getvalue())
+    return path

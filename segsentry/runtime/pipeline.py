@@ -1,0 +1,196 @@
+"""One case through the bundle: preprocess -> sliding window -> scores -> maps in the input geometry.
+
+Every stage is a plain function; :func:`predict_case` only chains them and times each stage.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import SimpleITK as sitk
+
+from segsentry.manifest import Manifest
+from segsentry.runtime.backends.base import Backend
+from segsentry.runtime.io import LoadedCase
+from segsentry.runtime.preprocess import Geometry, preprocess, resample_to_cropped, to_input_geometry
+from segsentry.runtime.scoring import normalise_score, subject_score
+from segsentry.runtime.sliding import (
+    Box,
+    DistanceAccumulator,
+    LogitAccumulator,
+    crop_box,
+    importance_for,
+    iterate_patches,
+    pad_to_patch,
+    tile_boxes,
+)
+
+TOP_PATCHES = 5
+
+
+@dataclass
+class VolumeInference:
+    """Sliding-window outputs for one preprocessed volume (network axis order, unpadded).
+
+    ``logits`` ``(k, Z, Y, X)`` float16 or None; ``distance_map`` ``(Z, Y, X)`` float32 or None;
+    ``boxes`` in padded coordinates with ``pad_box`` locating the volume inside the padding;
+    ``distances`` ``(n_patches,)``; ``features`` ``(n_patches, D)`` when collected.
+    """
+
+    logits: np.ndarray | None
+    distance_map: np.ndarray | None
+    boxes: list[Box]
+    pad_box: Box
+    padded_shape: tuple[int, ...]
+    distances: np.ndarray | None
+    features: np.ndarray | None
+
+
+def infer_volume(
+    data: np.ndarray,
+    backend: Backend,
+    manifest: Manifest,
+    *,
+    batch_size: int = 1,
+    accumulate_logits: bool = True,
+    aggregation: str | None = None,
+    collect_features: bool = False,
+) -> VolumeInference:
+    """Tile ``data`` ``(c, Z, Y, X)``, run the backend, accumulate what is asked for.
+
+    ``aggregation`` (``normalised``/``paper``) turns on the distance map; it needs a ``distance`` output.
+    """
+    patch = manifest.patch_size
+    padded, pad_box = pad_to_patch(data, patch)
+    shape = padded.shape[1:]
+    boxes = tile_boxes(shape, patch, manifest.tiling.step_size)
+    gaussian = importance_for(patch, sigma_scale=manifest.tiling.sigma_scale,
+                              value_scaling_factor=manifest.tiling.value_scaling_factor)
+    logit_acc = LogitAccumulator(manifest.num_classes, shape, gaussian) if accumulate_logits else None
+    dist_acc = DistanceAccumulator(shape, gaussian, aggregation=aggregation) if aggregation else None
+    distances: list[np.ndarray] = []
+    features: list[np.ndarray] = []
+    for batch in iterate_patches(padded, backend, boxes, batch_size=batch_size):
+        if logit_acc is not None:
+            for box, logits in zip(batch.boxes, batch.outputs["logits"]):
+                logit_acc.add(box, logits)
+        if "distance" in batch.outputs:
+            distances.append(np.asarray(batch.outputs["distance"], dtype=np.float64).reshape(-1))
+            if dist_acc is not None:
+                for box, d in zip(batch.boxes, distances[-1]):
+                    dist_acc.add(box, float(d))
+        if collect_features:
+            features.append(np.asarray(batch.outputs["features"], dtype=np.float32))
+    return VolumeInference(
+        logits=crop_box(logit_acc.result(), pad_box) if logit_acc is not None else None,
+        distance_map=crop_box(dist_acc.result(), pad_box) if dist_acc is not None else None,
+        boxes=boxes,
+        pad_box=pad_box,
+        padded_shape=tuple(shape),
+        distances=np.concatenate(distances) if distances else None,
+        features=np.concatenate(features) if features else None,
+    )
+
+
+@dataclass
+class CasePrediction:
+    """Everything ``ood-run`` writes for one case. Arrays are in the input image's numpy order (z, y, x)."""
+
+    case_id: str
+    mask: np.ndarray
+    uncertainty: np.ndarray | None
+    score: float | None
+    uncertainty_score: float | None
+    ood: bool | None
+    threshold: float | None
+    n_patches: int
+    top_patches: list[dict]
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def box_to_input_index(box: Box, pad_box: Box, geometry: Geometry, transpose_backward: Sequence[int]) -> list[list[int]]:
+    """Map a padded network-space box to ``[[start, stop), ...]`` voxel ranges of the input, numpy (z, y, x)."""
+    ranges = []
+    for axis, ((a, b), (p0, _)) in enumerate(zip(box, pad_box)):
+        n_pre = geometry.shape_preprocessed[axis]
+        n_crop = geometry.shape_after_cropping[axis]
+        lo = min(max(a - p0, 0), n_pre)
+        hi = min(max(b - p0, 0), n_pre)
+        scale = n_crop / n_pre
+        offset = geometry.bbox[axis][0]
+        ranges.append([offset + int(np.floor(lo * scale)), offset + int(np.ceil(hi * scale))])
+    return [ranges[i] for i in transpose_backward]
+
+
+def _top_patches(inference: VolumeInference, geometry: Geometry, manifest: Manifest, reference: sitk.Image) -> list[dict]:
+    if inference.distances is None:
+        return []
+    order = np.argsort(-inference.distances)[:TOP_PATCHES]
+    out = []
+    for i in order:
+        zyx = box_to_input_index(inference.boxes[i], inference.pad_box, geometry,
+                                 manifest.preprocessing.transpose_backward)
+        centre_xyz = [(r[0] + r[1] - 1) / 2.0 for r in reversed(zyx)]
+        out.append({
+            "patch": int(i),
+            "distance": float(inference.distances[i]),
+            "box_zyx": zyx,
+            "centre_mm": [float(c) for c in reference.TransformContinuousIndexToPhysicalPoint(centre_xyz)],
+        })
+    return out
+
+
+def predict_case(
+    loaded: LoadedCase, backend: Backend, manifest: Manifest, *, batch_size: int = 1, with_uncertainty_map: bool = True
+) -> CasePrediction:
+    """Segment one loaded case and, if the bundle is calibrated, score it for OOD."""
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    data, geometry = preprocess(loaded.image, loaded.spacing, manifest.preprocessing)
+    timings["preprocess"] = time.perf_counter() - t0
+
+    calibration = manifest.calibration
+    t0 = time.perf_counter()
+    inference = infer_volume(data, backend, manifest, batch_size=batch_size,
+                             aggregation=calibration.aggregation if calibration else None)
+    del data
+    timings["inference"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    score = U = ood = threshold = None
+    if calibration is not None and inference.distance_map is not None:
+        score = subject_score(inference.distance_map)
+        U = normalise_score(score, train_min=calibration.train_score_min, train_max=calibration.train_score_max)
+        threshold = calibration.threshold
+        ood = bool(U > threshold)
+    timings["scoring"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    spec = manifest.preprocessing
+    logits = resample_to_cropped(inference.logits, geometry, spec)
+    labels = logits.argmax(0)
+    del logits
+    label_values = np.array(sorted(manifest.labels.values()))
+    dtype = np.uint8 if label_values.max() < 255 else np.uint16
+    mask = to_input_geometry(label_values[labels].astype(dtype), geometry, spec)
+    uncertainty = None
+    if with_uncertainty_map and inference.distance_map is not None:
+        cropped = resample_to_cropped(inference.distance_map[None], geometry, spec)[0]
+        uncertainty = to_input_geometry(cropped.astype(np.float32), geometry, spec)
+    timings["resample_back"] = time.perf_counter() - t0
+
+    return CasePrediction(
+        case_id=loaded.case_id,
+        mask=mask,
+        uncertainty=uncertainty,
+        score=score,
+        uncertainty_score=U,
+        ood=ood,
+        threshold=threshold,
+        n_patches=len(inference.boxes),
+        top_patches=_top_patches(inference, geometry, manifest, loaded.reference),
+        timings=timings,
+    )

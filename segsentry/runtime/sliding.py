@@ -1,0 +1,160 @@
+"""The one sliding-window core: tiling, batched inference, Gaussian-weighted accumulation.
+
+Calibration, ``ood-run``, evaluation and benchmarks all drive :func:`iterate_patches` and the accumulators
+below, so segmentation and OOD maps can never drift apart. Everything is numpy order in the network's
+(transposed) axis order: volumes are ``(c, Z, Y, X)``, boxes are per-axis ``[start, stop)`` tuples.
+
+Numerics follow nnU-Net v2.8.1 ``_internal_predict_sliding_window_return_logits``: the importance map is
+float16, logits are accumulated in float16 (``prediction * gaussian`` in float32, added into a float16 sum)
+and divided by the float16 sum of weights. The distance map is accumulated in float32: squared Mahalanobis
+distances times a peak weight of 10 overflow float16.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from segsentry.runtime.backends.base import Backend
+from segsentry.runtime.importance import gaussian_importance_map
+
+Box = tuple[tuple[int, int], ...]
+
+
+def compute_steps(image_size: Sequence[int], patch_size: Sequence[int], step_size: float) -> list[list[int]]:
+    """nnU-Net's tile starts per axis: ``ceil((size - patch) / (patch * step)) + 1`` evenly rounded starts."""
+    if not 0 < step_size <= 1:
+        raise ValueError(f"step_size must be in (0, 1], got {step_size}")
+    steps = []
+    for size, patch in zip(image_size, patch_size):
+        if size < patch:
+            raise ValueError(f"image size {tuple(image_size)} smaller than patch {tuple(patch_size)}; pad first")
+        n = int(np.ceil((size - patch) / (patch * step_size))) + 1
+        actual = (size - patch) / (n - 1) if n > 1 else 99999999999
+        steps.append([int(np.round(actual * i)) for i in range(n)])
+    return steps
+
+
+def pad_to_patch(data: np.ndarray, patch_size: Sequence[int]) -> tuple[np.ndarray, Box]:
+    """Zero-pad ``(c, Z, Y, X)`` to at least the patch size, centred like acvl_utils ``pad_nd_image``.
+
+    Returns the padded array and the box of the original volume inside it.
+    """
+    shape = data.shape[1:]
+    new = [max(p, s) for p, s in zip(patch_size, shape)]
+    below = [(n - s) // 2 for n, s in zip(new, shape)]
+    above = [(n - s) // 2 + (n - s) % 2 for n, s in zip(new, shape)]
+    box = tuple((b, b + s) for b, s in zip(below, shape))
+    if not any(below) and not any(above):
+        return data, box
+    return np.pad(data, [(0, 0), *zip(below, above)], mode="constant", constant_values=0), box
+
+
+def tile_boxes(image_size: Sequence[int], patch_size: Sequence[int], step_size: float) -> list[Box]:
+    """All patch boxes over an image of ``image_size`` (>= patch), in nnU-Net's order (z, then y, then x)."""
+    steps = compute_steps(image_size, patch_size, step_size)
+    return [
+        ((sz, sz + patch_size[0]), (sy, sy + patch_size[1]), (sx, sx + patch_size[2]))
+        for sz in steps[0] for sy in steps[1] for sx in steps[2]
+    ]
+
+
+def _slices(box: Box) -> tuple[slice, ...]:
+    return tuple(slice(a, b) for a, b in box)
+
+
+@dataclass
+class PatchBatch:
+    boxes: list[Box]
+    outputs: dict[str, np.ndarray]
+
+
+def iterate_patches(
+    data: np.ndarray, backend: Backend, boxes: Sequence[Box], *, batch_size: int = 1
+) -> Iterator[PatchBatch]:
+    """Run the backend over ``boxes`` of ``data`` (``(c, Z, Y, X)``, already padded), ``batch_size`` at a time."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    for start in range(0, len(boxes), batch_size):
+        chunk = list(boxes[start:start + batch_size])
+        batch = np.stack([data[(slice(None), *_slices(b))] for b in chunk])
+        yield PatchBatch(boxes=chunk, outputs=backend.run(batch))
+
+
+class LogitAccumulator:
+    """nnU-Net's float16 Gaussian-weighted logit accumulation over a padded volume ``(k, Z, Y, X)``."""
+
+    def __init__(self, num_classes: int, shape: Sequence[int], gaussian: np.ndarray) -> None:
+        self.gaussian = gaussian  # float16 (pz, py, px)
+        self._gaussian32 = gaussian.astype(np.float32)
+        self.logits = np.zeros((num_classes, *shape), dtype=np.float16)
+        self.weights = np.zeros(tuple(shape), dtype=np.float16)
+
+    def add(self, box: Box, logits: np.ndarray) -> None:
+        sl = _slices(box)
+        weighted = logits.astype(np.float32, copy=False) * self._gaussian32
+        self.logits[(slice(None), *sl)] += weighted
+        self.weights[sl] += self.gaussian
+
+    def result(self) -> np.ndarray:
+        """Weighted mean logits, float16, like nnU-Net (raises if it overflowed to inf)."""
+        out = np.divide(self.logits, self.weights, out=self.logits)
+        if np.isinf(out).any():
+            raise FloatingPointError("logit accumulation overflowed float16; logits are implausibly large")
+        return out
+
+
+class DistanceAccumulator:
+    """Spread each patch's distance over its patch with the Gaussian weights (float32).
+
+    ``aggregation='normalised'`` divides by the summed weights (as the logits are); ``'paper'`` keeps the
+    plain sum of ``d * G`` as the authors' code does.
+    """
+
+    def __init__(self, shape: Sequence[int], gaussian: np.ndarray, *, aggregation: str) -> None:
+        if aggregation not in ("normalised", "paper"):
+            raise ValueError(f"aggregation must be 'normalised' or 'paper', got {aggregation!r}")
+        self.aggregation = aggregation
+        self._gaussian32 = gaussian.astype(np.float32)
+        self.total = np.zeros(tuple(shape), dtype=np.float32)
+        self.weights = np.zeros(tuple(shape), dtype=np.float32) if aggregation == "normalised" else None
+
+    def add(self, box: Box, distance: float) -> None:
+        sl = _slices(box)
+        self.total[sl] += np.float32(distance) * self._gaussian32
+        if self.weights is not None:
+            self.weights[sl] += self._gaussian32
+
+    def result(self) -> np.ndarray:
+        if self.weights is None:
+            return self.total
+        return np.divide(self.total, self.weights, out=self.total)
+
+
+def distance_map(
+    shape: Sequence[int], boxes: Sequence[Box], distances: Sequence[float], gaussian: np.ndarray, *, aggregation: str
+) -> np.ndarray:
+    """Voxel map from per-patch distances (used by calibration, which has distances but no network run)."""
+    acc = DistanceAccumulator(shape, gaussian, aggregation=aggregation)
+    for box, d in zip(boxes, distances):
+        acc.add(box, float(d))
+    return acc.result()
+
+
+def crop_box(array: np.ndarray, box: Box) -> np.ndarray:
+    """Cut the unpadded volume back out of a padded ``(..., Z, Y, X)`` array."""
+    lead = (slice(None),) * (array.ndim - len(box))
+    return array[(*lead, *_slices(box))]
+
+
+def importance_for(patch_size: Sequence[int], *, sigma_scale: float, value_scaling_factor: float) -> np.ndarray:
+    return gaussian_importance_map(tuple(int(p) for p in patch_size), sigma_scale=sigma_scale,
+                                   value_scaling_factor=value_scaling_factor)
+
+
+def patch_count(shape: Sequence[int], patch_size: Sequence[int], step_size: float) -> int:
+    padded = [max(s, p) for s, p in zip(shape, patch_size)]
+    return math.prod(len(s) for s in compute_steps(padded, patch_size, step_size))
