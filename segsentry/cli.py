@@ -22,7 +22,6 @@ from rich.table import Table
 from segsentry.errors import SegsentryError
 
 console = Console(stderr=True)
-stdout = Console()
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_OOD = 0, 1, 2, 3
 
@@ -164,12 +163,12 @@ def run_command(
             result = run_batch(bundle, inputs, output, backend=backend, batch_size=batch_size, threads=threads,
                                on_case=lambda _o: progress.advance(task))
         if as_json:
-            stdout.print_json(json.dumps({
+            typer.echo(json.dumps({
                 "backend": result.backend,
                 "output": str(result.output_dir),
                 "cases": [{"case": o.case_id, "status": o.status, "error": o.error, **o.report}
                           for o in result.outcomes],
-            }))
+            }, indent=2))
         else:
             _print_run_table(result)
         return result.exit_code()

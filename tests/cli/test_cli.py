@@ -1,0 +1,192 @@
+"""CLI behaviour: exit codes, one-line errors for bad input, nothing half-written, batches go on."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+import SimpleITK as sitk
+from onnx import helper, numpy_helper
+from typer.testing import CliRunner
+
+from factory import write_volume
+from segsentry.cli import app
+
+runner = CliRunner()
+
+
+def _run(*args: str):
+    result = runner.invoke(app, [str(a) for a in args])
+    assert "Traceback" not in _text(result)
+    return result
+
+
+def _text(result) -> str:
+    return " ".join(result.output.split())  # rich wraps at 80 columns outside a terminal
+
+
+def _only_outputs(folder):
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+def test_run_exit_code_and_outputs(ct_pipeline, test_cases, tmp_path):
+    files = [f for fs in test_cases["ct"].values() for f in fs]
+    result = _run("run", ct_pipeline.ood_onnx, *files, "-o", tmp_path / "out", "--json")
+    assert result.exit_code in (0, 3)
+    payload = json.loads(result.stdout)
+    assert payload["backend"] == "onnxruntime"
+    assert {c["case"] for c in payload["cases"]} == set(test_cases["ct"])
+    expected_code = 3 if any(c["ood"] for c in payload["cases"]) else 0
+    assert result.exit_code == expected_code
+    names = _only_outputs(tmp_path / "out")
+    for case in test_cases["ct"]:
+        assert {f"{case}.nii.gz", f"{case}_uncertainty.nii.gz", f"{case}.json"} <= set(names)
+    assert "summary.csv" in names
+    assert not [n for n in names if n.startswith(".")]  # no temp files left
+
+
+def test_far_ood_volume_is_flagged(ct_pipeline, tmp_path):
+    """A volume unlike the training CTs (uniform noise in MR-like range) must be flagged: exit code 3."""
+    rng = np.random.default_rng(3)
+    noise = rng.uniform(0, 2000, (12, 80, 70)).astype(np.int16)
+    f = write_volume(tmp_path / "in" / "noise_0000.nii.gz", noise, spacing_xyz=(0.8, 0.75, 4.0))
+    result = _run("run", ct_pipeline.ood_onnx, f, "-o", tmp_path / "out", "--json")
+    report = json.loads(result.stdout)["cases"][0]
+    assert report["ood"] is True and report["uncertainty"] > report["threshold"]
+    assert result.exit_code == 3
+
+
+def test_batch_continues_past_bad_cases(mr_pipeline, test_cases, tmp_path):
+    good = next(iter(test_cases["mr"].values()))
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for f in good:
+        shutil.copy(f, inputs / f.name)
+    # missing second channel
+    shutil.copy(good[0], inputs / "lonely_0000.nii.gz")
+    # unreadable file
+    (inputs / "garbage_0000.nii.gz").write_bytes(b"not an image at all")
+    (inputs / "garbage_0001.nii.gz").write_bytes(b"not an image at all")
+    # NaN voxels
+    arr = sitk.GetArrayFromImage(sitk.ReadImage(str(good[0]))).astype(np.float32)
+    arr[3, 4, 5] = np.nan
+    write_volume(inputs / "nan_0000.mha", arr, spacing_xyz=(1.0, 1.1, 1.3))  # NIfTI drops NaN
+    sitk.WriteImage(sitk.ReadImage(str(good[1])), str(inputs / "nan_0001.mha"))
+    # 2D image
+    two_d = sitk.GetImageFromArray(np.ones((20, 20), np.float32))
+    sitk.WriteImage(two_d, str(inputs / "flat_0000.nii.gz"))
+    sitk.WriteImage(two_d, str(inputs / "flat_0001.nii.gz"))
+
+    result = _run("run", mr_pipeline.ood_onnx, inputs, "-o", tmp_path / "out", "--json")
+    assert result.exit_code == 1
+    cases = {c["case"]: c for c in json.loads(result.stdout)["cases"]}
+    good_id = good[0].name.split("_")[0]
+    assert cases[good_id]["status"] == "ok"
+    assert "expected channel files _0000, _0001, found _0000" in cases["lonely"]["error"]
+    assert "cannot read" in cases["garbage"]["error"]
+    assert "NaN or infinite" in cases["nan"]["error"]
+    assert "2D image" in cases["flat"]["error"]
+    names = _only_outputs(tmp_path / "out")
+    for bad in ("lonely", "garbage", "nan", "flat"):
+        assert not [n for n in names if n.startswith(bad)], f"{bad} left outputs behind"
+        assert "\n" not in cases[bad]["error"]
+    assert f"{good_id}.nii.gz" in names
+    summary = (tmp_path / "out" / "summary.csv").read_text().splitlines()
+    assert len(summary) == 1 + 5
+    assert not [n for n in names if n.startswith(".")]
+
+
+def test_wrong_channel_count_single_file(ct_pipeline, mr_pipeline, test_cases, tmp_path):
+    ct_file = next(iter(test_cases["ct"].values()))[0]
+    result = _run("run", mr_pipeline.ood_onnx, ct_file, "-o", tmp_path / "out")
+    assert result.exit_code == 1
+    assert "expected channel files _0000, _0001" in _text(result)
+
+
+def test_bundle_without_manifest(tmp_path, test_cases):
+    graph = helper.make_graph([helper.make_node("Identity", ["image"], ["logits"])], "g",
+                              [helper.make_tensor_value_info("image", onnx.TensorProto.FLOAT, None)],
+                              [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, None)])
+    path = tmp_path / "plain.onnx"
+    onnx.save(helper.make_model(graph), str(path))
+    result = _run("run", path, next(iter(test_cases["ct"].values()))[0], "-o", tmp_path / "out")
+    assert result.exit_code == 1
+    assert "no segsentry manifest" in _text(result)
+    assert len(result.output.strip().splitlines()) <= 2  # one message (rich may wrap it once)
+    assert not (tmp_path / "out").exists()
+
+
+def test_bundle_with_modified_weights(ct_pipeline, test_cases, tmp_path):
+    model = onnx.load(str(ct_pipeline.ood_onnx))
+    init = model.graph.initializer[0]
+    array = numpy_helper.to_array(init).copy()
+    array.flat[0] += 1.0
+    init.CopyFrom(numpy_helper.from_array(array, init.name))
+    path = tmp_path / "tampered.ood.onnx"
+    onnx.save(model, str(path))
+    result = _run("run", path, next(iter(test_cases["ct"].values()))[0], "-o", tmp_path / "out")
+    assert result.exit_code == 1
+    assert "weight hash mismatch" in _text(result)
+
+
+def test_not_an_onnx_file(tmp_path, test_cases):
+    path = tmp_path / "junk.onnx"
+    path.write_bytes(b"\x00\xff" * 100)
+    result = _run("run", path, next(iter(test_cases["ct"].values()))[0], "-o", tmp_path / "out")
+    assert result.exit_code == 1
+    assert "error:" in _text(result)
+
+
+def test_output_folder_may_not_be_input_folder(ct_pipeline, tmp_path, test_cases):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    src = next(iter(test_cases["ct"].values()))[0]
+    shutil.copy(src, folder / src.name)
+    before = (folder / src.name).read_bytes()
+    result = _run("run", ct_pipeline.ood_onnx, folder, "-o", folder)
+    assert result.exit_code == 1
+    assert "never overwritten" in _text(result)
+    assert (folder / src.name).read_bytes() == before
+
+
+def test_usage_error_exit_code_2(ct_pipeline):
+    result = _run("run", ct_pipeline.ood_onnx)
+    assert result.exit_code == 2
+
+
+def test_unknown_backend_is_a_clear_error(ct_pipeline, test_cases, tmp_path):
+    result = _run("run", ct_pipeline.ood_onnx, next(iter(test_cases["ct"].values()))[0], "-o", tmp_path / "o",
+                  "--backend", "tensorrt")
+    assert result.exit_code == 1
+    assert "not implemented yet" in _text(result)
+
+
+def test_calib_refuses_calibrated_bundle(ct_pipeline, tmp_path):
+    result = _run("calib", ct_pipeline.ood_onnx, ct_pipeline.images, "-o", tmp_path / "again.onnx")
+    assert result.exit_code == 1
+    assert "already calibrated" in _text(result)
+    assert not (tmp_path / "again.onnx").exists()
+
+
+def test_shell_end_to_end(ct_pipeline, test_cases, tmp_path):
+    """ood-export -> ood-calib -> ood-run as console scripts, from the shell."""
+    bindir = __import__("pathlib").Path(sys.executable).parent
+    features = tmp_path / "m.features.onnx"
+    ood = tmp_path / "m.ood.onnx"
+    steps = [
+        [bindir / "ood-export", ct_pipeline.model_dir, "--fold", "0", "-o", features],
+        [bindir / "ood-calib", features, ct_pipeline.images, "-o", ood, "--estimator", "empirical",
+         "--aggregation", "paper"],
+        [bindir / "ood-run", ood, *next(iter(test_cases["ct"].values())), "-o", tmp_path / "out"],
+    ]
+    for step in steps:
+        proc = subprocess.run([str(s) for s in step], capture_output=True, text=True, timeout=300)
+        assert "Traceback" not in proc.stderr + proc.stdout
+        assert proc.returncode in (0, 3), proc.stderr
+    report = json.loads(next((tmp_path / "out").glob("*.json")).read_text())
+    assert report["aggregation"] == "paper"

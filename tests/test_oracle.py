@@ -1,0 +1,107 @@
+"""Real oracles for the whole spine: nnU-Net's own predictor for masks, sklearn for distances.
+
+Tolerances:
+- masks: at most max(2, 1e-4 · n_voxels) voxels may differ from ``nnUNetPredictor`` (use_mirroring=False,
+  CPU, step 0.5). Both accumulate logits in float16; onnxruntime's and torch's convolutions differ by ~1e-6,
+  which can flip a voxel whose two best float16 logits tie.
+- distances: fused ONNX head (float32) vs sklearn's float64 Mahalanobis on the same features, rtol 1e-3.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from factory import nnunet_predict
+
+pytest.importorskip("nnunetv2")
+sklearn_covariance = pytest.importorskip("sklearn.covariance")
+
+
+def _mask_tolerance(n: int) -> int:
+    return max(2, int(1e-4 * n))
+
+
+@pytest.mark.parametrize("kind", ["ct", "mr"])
+def test_masks_match_nnunet_predictor(kind, request, test_cases, tmp_path):
+    from segsentry.runtime import run_batch
+
+    pipeline = request.getfixturevalue(f"{kind}_pipeline")
+    cases = test_cases[kind]
+    inputs = [f for files in cases.values() for f in files]
+    result = run_batch(pipeline.ood_onnx, inputs, tmp_path / "out")
+    assert [o.status for o in result.outcomes] == ["ok"] * len(cases)
+    for case_id, files in cases.items():
+        ours_image = sitk.ReadImage(str(tmp_path / "out" / f"{case_id}.nii.gz"))
+        reference_image = sitk.ReadImage(str(files[0]))
+        # written with the input geometry
+        assert ours_image.GetSize() == reference_image.GetSize()
+        np.testing.assert_allclose(ours_image.GetSpacing(), reference_image.GetSpacing())
+        np.testing.assert_allclose(ours_image.GetOrigin(), reference_image.GetOrigin())
+        np.testing.assert_allclose(ours_image.GetDirection(), reference_image.GetDirection())
+        ours = sitk.GetArrayFromImage(ours_image)
+        expected = nnunet_predict(pipeline.model_dir, files)
+        assert ours.shape == expected.shape
+        mismatches = int((ours != expected).sum())
+        assert mismatches <= _mask_tolerance(ours.size), f"{case_id}: {mismatches} of {ours.size} voxels differ"
+        assert len(np.unique(expected)) > 1, "test network should predict more than one class"
+        uncertainty = sitk.ReadImage(str(tmp_path / "out" / f"{case_id}_uncertainty.nii.gz"))
+        assert uncertainty.GetPixelID() == sitk.sitkFloat32
+        assert uncertainty.GetSize() == reference_image.GetSize()
+
+
+def _patch_features_and_distances(bundle_path, case_files, num_channels):
+    """Run a bundle over one case through the runtime core; return per-patch outputs."""
+    from segsentry.runtime import load_bundle, read_case
+    from segsentry.runtime.backends import create_backend
+    from segsentry.runtime.io import CaseInput
+    from segsentry.runtime.pipeline import infer_volume
+    from segsentry.runtime.preprocess import preprocess
+
+    bundle = load_bundle(bundle_path)
+    m = bundle.manifest
+    loaded = read_case(CaseInput("c", tuple(case_files)), num_channels=num_channels)
+    data, _ = preprocess(loaded.image, loaded.spacing, m.preprocessing)
+    with create_backend("onnxruntime", bundle.model_bytes, channels=num_channels, patch_size=m.patch_size) as b:
+        return infer_volume(data, b, m, accumulate_logits=False, collect_features="features" in m.outputs)
+
+
+@pytest.mark.parametrize("kind", ["ct", "mr"])
+def test_fused_distances_match_sklearn(kind, request, test_cases):
+    pipeline = request.getfixturevalue(f"{kind}_pipeline")
+    channels = len(pipeline.spec.channels)
+    train = np.concatenate([
+        _patch_features_and_distances(pipeline.features_onnx, files, channels).features
+        for files in pipeline.cases.values()
+    ]).astype(np.float64)
+    test_files = next(iter(test_cases[kind].values()))
+
+    kept = _patch_features_and_distances(pipeline.features_kept_onnx, test_files, channels)
+    expected = sklearn_covariance.EmpiricalCovariance().fit(train).mahalanobis(kept.features.astype(np.float64))
+    np.testing.assert_allclose(kept.distances, expected, rtol=1e-3)
+
+    test_features = _patch_features_and_distances(pipeline.features_onnx, test_files, channels).features
+    fused = _patch_features_and_distances(pipeline.ood_onnx, test_files, channels).distances
+    expected = sklearn_covariance.LedoitWolf().fit(train).mahalanobis(test_features.astype(np.float64))
+    np.testing.assert_allclose(fused, expected, rtol=1e-3)
+
+
+def test_runtime_scores_training_cases_as_calibration_did(ct_pipeline, tmp_path):
+    """Calibration and ood-run share one sliding-window core: same case, same score."""
+    from segsentry.runtime import load_bundle, run_batch
+
+    calibration = load_bundle(ct_pipeline.ood_onnx).manifest.calibration
+    result = run_batch(ct_pipeline.ood_onnx, [ct_pipeline.images], tmp_path / "out")
+    scores = [o.report["score"] for o in result.outcomes]
+    np.testing.assert_allclose(sorted(scores), sorted(calibration.train_scores), rtol=1e-5)
+    report = json.loads((tmp_path / "out" / f"{result.outcomes[0].case_id}.json").read_text())
+    assert report["ood"] == (report["uncertainty"] > report["threshold"])
+    assert sum(o.report["ood"] for o in result.outcomes) <= 1  # 95 % TPR on 4 training cases
+    assert report["model_sha256"] == load_bundle(ct_pipeline.ood_onnx).weights_sha256
+    assert len(report["top_patches"]) >= 1
+    box = report["top_patches"][0]["box_zyx"]
+    shape = sitk.GetArrayViewFromImage(sitk.ReadImage(str(ct_pipeline.cases[result.outcomes[0].case_id][0]))).shape
+    assert all(0 <= lo < hi <= n for (lo, hi), n in zip(box, shape))
