@@ -1,0 +1,202 @@
+"""fold_mahalanobis_head: the ONNX head run by onnxruntime against scikit-learn's mahalanobis()."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from sklearn.covariance import OAS, EmpiricalCovariance, LedoitWolf
+
+from segsentry.calib.gaussian import GaussianFit, fit_gaussian, squared_mahalanobis
+from segsentry.calib.head import PREFIX, fold_mahalanobis_head, head_initializer_bytes
+from segsentry.errors import CalibrationError
+
+SKLEARN = {"empirical": EmpiricalCovariance, "ledoit-wolf": LedoitWolf, "oas": OAS}
+ESTIMATORS = tuple(SKLEARN)
+# float32 head vs float64 sklearn: relative error of each distance
+HEAD_RTOL = 1e-4
+
+
+def make_data(n: int, d: int, *, seed: int = 0, n_test: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """Correlated features with an offset mean, rounded to float32 (what a network emits), as float64."""
+    rng = np.random.default_rng(seed)
+    mixing = rng.normal(size=(d, d)) / np.sqrt(d) + 0.5 * np.eye(d)
+    offset = rng.normal(scale=3.0, size=d) + 2.0
+    x = rng.normal(size=(n, d)) @ mixing + offset
+    z = rng.normal(size=(n_test, d)) @ mixing * 1.5 + offset
+    return x.astype(np.float32).astype(np.float64), z.astype(np.float32).astype(np.float64)
+
+
+def tiny_model(d: int, *, opset: int = 18, features_dtype: int = TensorProto.FLOAT) -> onnx.ModelProto:
+    """x [batch, D] float32 -> logits = Relu(x), features = Identity(x) (or Cast(x) to float16)."""
+    nodes = [helper.make_node("Relu", ["x"], ["logits"], name="relu")]
+    if features_dtype == TensorProto.FLOAT:
+        nodes.append(helper.make_node("Identity", ["x"], ["features"], name="feat"))
+    else:
+        nodes.append(helper.make_node("Cast", ["x"], ["features"], name="feat", to=features_dtype))
+    graph = helper.make_graph(
+        nodes,
+        "tiny",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", d])],
+        [
+            helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", d]),
+            helper.make_tensor_value_info("features", features_dtype, ["batch", d]),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=9)
+    helper.set_model_props(model, {"segsentry.bundle": "test", "patch_size": "64,64,64"})
+    onnx.checker.check_model(model)
+    return model
+
+
+def run(model: onnx.ModelProto, x: np.ndarray) -> dict[str, np.ndarray]:
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    return dict(zip(names, sess.run(names, {"x": x.astype(np.float32)})))
+
+
+def assert_distance_close(got: np.ndarray, ref: np.ndarray) -> None:
+    assert got.dtype == np.float32 and got.shape == ref.shape
+    assert np.all(np.isfinite(got))
+    np.testing.assert_allclose(got.astype(np.float64), ref, rtol=HEAD_RTOL, atol=0)
+
+
+@pytest.mark.parametrize("n,d", [(200, 50), (40, 120), (300, 1000)])
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_head_matches_sklearn(n: int, d: int, estimator: str) -> None:
+    x, z = make_data(n, d, seed=n + d)
+    fit = fit_gaussian(x, estimator=estimator)
+    ref = SKLEARN[estimator]().fit(x)
+    folded = fold_mahalanobis_head(tiny_model(d), fit)
+    out = run(folded, z)
+    assert set(out) == {"logits", "distance"}
+    assert_distance_close(out["distance"], ref.mahalanobis(z))
+    np.testing.assert_allclose(out["distance"], squared_mahalanobis(fit, z), rtol=HEAD_RTOL)
+    np.testing.assert_array_equal(out["logits"], np.maximum(z, 0).astype(np.float32))
+    has_complement = n <= d and estimator != "empirical"
+    assert any(node.name.startswith(PREFIX + "complement") for node in folded.graph.node) == has_complement
+
+
+@pytest.mark.parametrize("n,d", [(200, 50), (40, 120)])
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_head_large_distances(n: int, d: int, estimator: str) -> None:
+    """Far-out patches (distances ~1e2..1e6) stay finite and accurate in the float32 head."""
+    x, _ = make_data(n, d, seed=1)
+    fit = fit_gaussian(x, estimator=estimator)
+    ref = SKLEARN[estimator]().fit(x)
+    rng = np.random.default_rng(2)
+    mean = x.mean(axis=0)
+    # mix of directions inside the training span and random ones, scaled to reach d ~ 1e6
+    directions = np.concatenate([x[:8] - mean, rng.normal(size=(8, d))])
+    base = ref.mahalanobis(mean + directions)
+    scales = np.sqrt(np.geomspace(1e2, 1e6, len(directions)) / base)
+    z = (mean + directions * scales[:, None]).astype(np.float32).astype(np.float64)
+    expected = ref.mahalanobis(z)
+    assert expected.max() > 5e5
+    assert_distance_close(run(fold_mahalanobis_head(tiny_model(d), fit), z)["distance"], expected)
+
+
+@pytest.mark.parametrize("opset", [17, 18])
+@pytest.mark.parametrize("estimator", ["empirical", "ledoit-wolf"])
+def test_opset_variants(opset: int, estimator: str) -> None:
+    x, z = make_data(40, 120, seed=4)
+    fit = fit_gaussian(x, estimator=estimator)
+    folded = fold_mahalanobis_head(tiny_model(120, opset=opset), fit)
+    assert folded.opset_import[0].version == opset
+    rss = [node for node in folded.graph.node if node.op_type == "ReduceSumSquare"]
+    assert rss
+    for node in rss:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if opset >= 18:
+            assert "axes" not in attrs and len(node.input) == 2
+        else:
+            assert attrs["axes"] == [1] and len(node.input) == 1
+        assert attrs["keepdims"] == 0
+    ref = SKLEARN[estimator]().fit(x)
+    assert_distance_close(run(folded, z)["distance"], ref.mahalanobis(z))
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_float16_features(estimator: str) -> None:
+    x, z = make_data(200, 50, seed=8)
+    fit = fit_gaussian(x, estimator=estimator)
+    folded = fold_mahalanobis_head(tiny_model(50, features_dtype=TensorProto.FLOAT16), fit, keep_features=True)
+    casts = [node for node in folded.graph.node if node.op_type == "Cast" and node.name.startswith(PREFIX)]
+    assert len(casts) == 1 and casts[0].input[0] == "features"
+    out = run(folded, z)
+    assert out["features"].dtype == np.float16
+    z16 = out["features"].astype(np.float64)  # the head sees the float16-rounded features
+    ref = SKLEARN[estimator]().fit(x)
+    assert_distance_close(out["distance"], ref.mahalanobis(z16))
+    dist_vi = next(o for o in folded.graph.output if o.name == "distance")
+    assert dist_vi.type.tensor_type.elem_type == TensorProto.FLOAT
+
+
+def test_keep_features_and_input_untouched() -> None:
+    x, z = make_data(200, 50, seed=3)
+    fit = fit_gaussian(x, estimator="oas")
+    model = tiny_model(50)
+    before = model.SerializeToString()
+
+    dropped = fold_mahalanobis_head(model, fit)
+    assert [o.name for o in dropped.graph.output] == ["logits", "distance"]
+    kept = fold_mahalanobis_head(model, fit, keep_features=True, distance_output="ood")
+    assert [o.name for o in kept.graph.output] == ["logits", "features", "ood"]
+    out = run(kept, z)
+    np.testing.assert_array_equal(out["features"], z.astype(np.float32))
+    np.testing.assert_allclose(out["ood"], run(dropped, z)["distance"], rtol=1e-6)
+
+    assert model.SerializeToString() == before
+    assert dropped is not model and kept is not model
+    # the distance output keeps the symbolic batch dimension
+    dim = dropped.graph.output[-1].type.tensor_type.shape.dim
+    assert len(dim) == 1 and dim[0].dim_param == "batch"
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_initializers_metadata_and_names(estimator: str) -> None:
+    x, _ = make_data(40, 120, seed=6)
+    fit = fit_gaussian(x, estimator=estimator)
+    model = tiny_model(120)
+    folded = fold_mahalanobis_head(model, fit)
+    props = {p.key: p.value for p in folded.metadata_props}
+    assert props == {"segsentry.bundle": "test", "patch_size": "64,64,64"}
+    assert folded.ir_version == model.ir_version
+    head_nodes = folded.graph.node[len(model.graph.node) :]
+    assert head_nodes and all(node.name.startswith(PREFIX) for node in head_nodes)
+    float_bytes = 0
+    for init in folded.graph.initializer:
+        assert init.name.startswith(PREFIX)
+        arr = numpy_helper.to_array(init)
+        if init.name != PREFIX + "axes":
+            assert arr.dtype == np.float32
+            float_bytes += arr.nbytes
+    assert float_bytes == head_initializer_bytes(fit)
+    onnx.checker.check_model(folded, full_check=True)
+
+
+def test_errors() -> None:
+    x, _ = make_data(100, 20, seed=0)
+    fit = fit_gaussian(x)
+    with pytest.raises(CalibrationError, match="no graph output named 'feat'"):
+        fold_mahalanobis_head(tiny_model(20), fit, features_output="feat")
+    with pytest.raises(CalibrationError, match="D=21"):
+        fold_mahalanobis_head(tiny_model(21), fit)
+    with pytest.raises(CalibrationError, match="logits"):
+        fold_mahalanobis_head(tiny_model(20), fit, distance_output="logits")
+    folded = fold_mahalanobis_head(tiny_model(20), fit, keep_features=True)
+    with pytest.raises(CalibrationError, match="already contains an OOD head"):
+        fold_mahalanobis_head(folded, fit, distance_output="distance2")
+    with pytest.raises(CalibrationError, match="float32 or float16"):
+        fold_mahalanobis_head(tiny_model(20, features_dtype=TensorProto.DOUBLE), fit)
+
+
+def test_fit_without_complement_has_no_basis_initializer() -> None:
+    x, _ = make_data(200, 50, seed=0)
+    fit = fit_gaussian(x, estimator="ledoit-wolf")
+    assert isinstance(fit, GaussianFit) and fit.basis is None
+    folded = fold_mahalanobis_head(tiny_model(50), fit)
+    names = {init.name for init in folded.graph.initializer}
+    assert names == {PREFIX + "mean", PREFIX + "components_t", PREFIX + "axes"}
