@@ -49,6 +49,32 @@ MR_SPEC = ModelSpec(
     strides=((1, 1, 1), (2, 2, 2), (2, 2, 2), (2, 2, 2)),
 )
 
+# Benchmark presets. SMALL: the reduced plan used for the demo model (features 8..128, patch 32x64x64).
+# FULLRES: a 3d_fullres-sized CT network (6 stages 32..320, patch 64x128x128, ~31 M parameters, D = 2560).
+SMALL_SPEC = ModelSpec(
+    name="Dataset911_BenchSmall",
+    channels={"0": "CT"},
+    labels={"background": 0, "lesion": 1},
+    patch_size=(32, 64, 64),
+    spacing=(2.5, 0.8, 0.8),
+    normalization=("CTNormalization",),
+    use_mask_for_norm=(False,),
+    features=(8, 16, 32, 64, 128),
+    strides=((1, 1, 1), (1, 2, 2), (2, 2, 2), (2, 2, 2), (2, 2, 2)),
+)
+
+FULLRES_SPEC = ModelSpec(
+    name="Dataset912_BenchFullres",
+    channels={"0": "CT"},
+    labels={"background": 0, "lesion": 1},
+    patch_size=(64, 128, 128),
+    spacing=(2.5, 0.8, 0.8),
+    normalization=("CTNormalization",),
+    use_mask_for_norm=(False,),
+    features=(32, 64, 128, 256, 320, 320),
+    strides=((1, 1, 1), (2, 2, 2), (2, 2, 2), (2, 2, 2), (2, 2, 2), (1, 2, 2)),
+)
+
 CT_PROPERTIES = {"0": {"max": 1500.0, "mean": -350.0, "median": -300.0, "min": -1024.0,
                        "percentile_00_5": -1000.0, "percentile_99_5": 900.0, "std": 420.0}}
 

@@ -1,0 +1,206 @@
+"""End-to-end CPU benchmark: nnU-Net's own ``nnUNetPredictor`` vs ``ood-run`` on the same checkpoint and volume.
+
+    python benchmarks/e2e_cpu.py --preset small            # 1.4 M-parameter plan, ~1 minute
+    python benchmarks/e2e_cpu.py --preset fullres          # 3d_fullres-sized (30.8 M), long
+
+Each measured run is a fresh child process (so peak RSS is per pipeline): nnU-Net = build predictor from the
+model folder, read the image with its SimpleITKIO, predict (no mirroring, step 0.5, CPU), write the mask;
+segsentry = ``run_batch`` (load bundle, read, preprocess, sliding window with the fused OOD head, scores,
+write mask + uncertainty map + report). Repeats alternate between the two; medians and ratios are written
+to ``benchmarks/results/e2e_cpu_<preset>.json`` and ``.md``, with machine and package versions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PRESETS = {
+    # (model spec name, phantom shape z, y, x)
+    "small": ("SMALL_SPEC", (60, 256, 256)),
+    "fullres": ("FULLRES_SPEC", (120, 384, 384)),
+}
+
+
+def _child(args: argparse.Namespace) -> None:
+    """One measured pipeline run; prints a JSON line with wall seconds and peak RSS."""
+    out = Path(args.out)
+    image = Path(args.image)
+    if args.variant == "nnunet":
+        from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+
+        from segsentry.devtools.nnunet_reference import make_predictor
+
+        start = time.perf_counter()
+        predictor = make_predictor(Path(args.model_dir))
+        img, props = SimpleITKIO().read_images([str(image)])
+        mask = predictor.predict_single_npy_array(img, props)
+        SimpleITKIO().write_seg(mask, str(out / "mask.nii.gz"), props)
+        seconds = time.perf_counter() - start
+    else:
+        from segsentry.runtime import run_batch
+
+        start = time.perf_counter()
+        result = run_batch(args.bundle, [image], out, threads=args.threads)
+        seconds = time.perf_counter() - start
+        assert result.outcomes[0].status == "ok", result.outcomes[0].error
+        timings = result.outcomes[0].report["timings_s"]
+        (out / "timings.json").write_text(json.dumps(timings))
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print("RESULT " + json.dumps({"seconds": seconds, "peak_rss_mb": peak_mb}))
+
+
+def _measure(variant: str, workdir: Path, run: int, **paths: str) -> dict:
+    out = workdir / f"{variant}_{run}"
+    out.mkdir()
+    cmd = [sys.executable, __file__, "child", "--variant", variant, "--out", str(out)]
+    for key, value in paths.items():
+        cmd += [f"--{key.replace('_', '-')}", str(value)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{variant} run failed:\n{proc.stderr[-3000:]}")
+    line = next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))
+    return {**json.loads(line[7:]), "out": out}
+
+
+def _versions() -> dict:
+    names = ["segsentry", "numpy", "SimpleITK", "onnx", "onnxruntime", "torch", "nnunetv2", "scipy", "scikit-image"]
+    found = {}
+    for name in names:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def _machine() -> dict:
+    import os
+
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="cmd")
+    child = sub.add_parser("child")
+    child.add_argument("--variant", choices=["nnunet", "segsentry"], required=True)
+    for name in ("out", "image", "model-dir", "bundle"):
+        child.add_argument(f"--{name}")
+    child.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="small")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="onnxruntime threads (default: all cores)")
+    args = parser.parse_args(argv)
+    if args.cmd == "child":
+        _child(args)
+        return 0
+
+    import SimpleITK as sitk
+
+    from segsentry.calib import calibrate
+    from segsentry.devtools import nnunet_folder
+    from segsentry.export import export_nnunet
+    from segsentry.phantoms import make_chest_ct
+
+    spec_name, shape = PRESETS[args.preset]
+    spec = getattr(nnunet_folder, spec_name)
+    with tempfile.TemporaryDirectory(prefix="segsentry-bench-") as tmp:
+        work = Path(tmp)
+        model_dir = nnunet_folder.make_model_folder(work / "results", spec)
+        train = work / "imagesTr"
+        train.mkdir()
+        for seed in (101, 102):
+            image, _ = make_chest_ct(seed=seed, cohort="id", shape=shape).to_sitk()
+            sitk.WriteImage(image, str(train / f"train{seed}_0000.nii.gz"))
+        image, _ = make_chest_ct(seed=7, cohort="id", shape=shape).to_sitk()
+        case = work / "case_0000.nii.gz"
+        sitk.WriteImage(image, str(case))
+        t0 = time.perf_counter()
+        features = export_nnunet(model_dir, work / "m.features.onnx").path
+        export_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        bundle = calibrate(features, [train], work / "m.ood.onnx").path
+        calib_s = time.perf_counter() - t0
+
+        runs: dict[str, list[dict]] = {"nnunet": [], "segsentry": []}
+        for r in range(args.repeats):
+            runs["nnunet"].append(_measure("nnunet", work, r, image=case, model_dir=model_dir))
+            extra = {"threads": args.threads} if args.threads else {}
+            runs["segsentry"].append(_measure("segsentry", work, r, image=case, bundle=bundle, **extra))
+        ref = sitk.GetArrayFromImage(sitk.ReadImage(str(runs["nnunet"][0]["out"] / "mask.nii.gz")))
+        ours = sitk.GetArrayFromImage(sitk.ReadImage(str(runs["segsentry"][0]["out"] / "case.nii.gz")))
+        stage = json.loads((runs["segsentry"][0]["out"] / "timings.json").read_text())
+        report = json.loads((runs["segsentry"][0]["out"] / "case.json").read_text())
+
+    med = {k: statistics.median(r["seconds"] for r in v) for k, v in runs.items()}
+    rss = {k: statistics.median(r["peak_rss_mb"] for r in v) for k, v in runs.items()}
+    result = {
+        "benchmark": "e2e_cpu",
+        "preset": args.preset,
+        "model": {"spec": spec.name, "patch_size": list(spec.patch_size), "features": list(spec.features)},
+        "volume_shape_zyx": list(shape),
+        "n_patches": report["n_patches"],
+        "repeats": args.repeats,
+        "seconds": {k: [round(r["seconds"], 3) for r in v] for k, v in runs.items()},
+        "median_seconds": {k: round(v, 3) for k, v in med.items()},
+        "speedup_vs_nnunet": round(med["nnunet"] / med["segsentry"], 3),
+        "median_peak_rss_mb": {k: round(v, 1) for k, v in rss.items()},
+        "rss_ratio_vs_nnunet": round(rss["segsentry"] / rss["nnunet"], 3),
+        "segsentry_stage_seconds": stage,
+        "mask_agreement": float(np.mean(ours == ref)),
+        "mask_mismatched_voxels": int(np.sum(ours != ref)),
+        "export_seconds": round(export_s, 2),
+        "calibration_seconds": round(calib_s, 2),
+        "machine": _machine(),
+        "versions": _versions(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "notes": "Random-weight nnU-Net folder (same checkpoint for both); synthetic chest-CT phantom. nnU-Net "
+                 "time includes building the predictor from the folder; segsentry time includes loading the "
+                 "bundle and writing mask, uncertainty map and report.",
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"e2e_cpu_{args.preset}.json").write_text(json.dumps(result, indent=2) + "\n")
+    md = [
+        f"# End-to-end CPU, preset `{args.preset}` ({result['date']})",
+        "",
+        f"{result['machine']['cpu']}, {result['machine']['cores']} cores; volume {shape} (z, y, x), "
+        f"{result['n_patches']} patches of {list(spec.patch_size)}; {args.repeats} runs each, medians.",
+        "",
+        "| pipeline | median s | peak RSS MB |",
+        "|---|---|---|",
+        f"| nnUNetPredictor (no mirroring) | {med['nnunet']:.2f} | {rss['nnunet']:.0f} |",
+        f"| ood-run (onnxruntime CPU, with OOD head) | {med['segsentry']:.2f} | {rss['segsentry']:.0f} |",
+        f"| ratio | {result['speedup_vs_nnunet']:.2f}x faster | {result['rss_ratio_vs_nnunet']:.2f}x RSS |",
+        "",
+        f"Mask agreement {result['mask_agreement']:.6f} ({result['mask_mismatched_voxels']} voxels differ). "
+        f"ood-run stages (s): " + ", ".join(f"{k} {v:.2f}" for k, v in stage.items()),
+        "",
+    ]
+    (RESULTS / f"e2e_cpu_{args.preset}.md").write_text("\n".join(md))
+    print("\n".join(md))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
