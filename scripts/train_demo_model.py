@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         "nnUNet_raw": str(work / "raw"),
         "nnUNet_preprocessed": str(work / "preprocessed"),
         "nnUNet_results": str(work / "results"),
-        "nnUNet_n_proc_DA": "0",
+        "nnUNet_n_proc_DA": "2",  # planning calls torch.set_num_threads with it; 0 (fastest here) for training
         "nnUNet_compile": "false",
     })
     import numpy as np
@@ -158,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
             self.num_iterations_per_epoch = args.iterations
             self.num_val_iterations_per_epoch = 10
 
+    os.environ["nnUNet_n_proc_DA"] = "0"  # single-threaded augmentation is fastest on 2 cores
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     dataset_json = json.loads((work / "preprocessed" / DATASET / "dataset.json").read_text())

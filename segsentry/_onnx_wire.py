@@ -1,7 +1,8 @@
 """Just enough of the protobuf wire format to read an ONNX ``ModelProto`` without the onnx package.
 
 The torch-free runtime needs two things from a bundle before handing it to a backend: the manifest in
-``metadata_props`` (field 14) and the exact bytes of the graph (field 7) to check the weight hash.
+``metadata_props`` (field 14) and the exact bytes of the graph (field 7) to check the weight hash. Backends
+that do not report ONNX names themselves (OpenVINO) read the graph output names (graph field 12).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from collections.abc import Iterator
 
 GRAPH_FIELD = 7
 METADATA_FIELD = 14
+GRAPH_OUTPUT_FIELD = 12  # GraphProto.output (ValueInfoProto; its name is field 1)
 
 
 def _varint(data: bytes | memoryview, pos: int) -> tuple[int, int]:
@@ -71,3 +73,13 @@ def metadata_props(model_bytes: bytes) -> dict[str, str]:
             entry = {n: bytes(v).decode("utf-8") for n, w, v in iter_fields(value) if w == 2}  # type: ignore[arg-type]
             props[entry.get(1, "")] = entry.get(2, "")
     return props
+
+
+def graph_output_names(model_bytes: bytes) -> list[str]:
+    """Names of the graph outputs (``GraphProto.output``), in graph order."""
+    names: list[str] = []
+    for number, wire, value in iter_fields(graph_bytes(model_bytes)):
+        if number == GRAPH_OUTPUT_FIELD and wire == 2:
+            name = next((bytes(v).decode("utf-8") for n, w, v in iter_fields(value) if n == 1 and w == 2), "")
+            names.append(name)
+    return names

@@ -32,7 +32,8 @@ VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Log progress 
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show full tracebacks for unexpected errors.")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Patches per backend call.")]
 ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads for the backend.")]
-BackendOpt = Annotated[str, typer.Option("--backend", help="Inference backend: auto, onnxruntime.")]
+BackendOpt = Annotated[str, typer.Option(
+    "--backend", help="Inference backend: auto (openvino if installed, else onnxruntime), onnxruntime, openvino, torch.")]
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -140,9 +141,11 @@ def calib_command(
 
 
 def run_command(
-    bundle: Annotated[Path, typer.Argument(help="A calibrated .ood.onnx (or an uncalibrated .features.onnx).")],
-    inputs: Annotated[list[Path], typer.Argument(help="Image files (CASE_0000.nii.gz…), folders, or DICOM series folders.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Output folder.")],
+    bundle: Annotated[Optional[Path], typer.Argument(help="A calibrated .ood.onnx (or an uncalibrated .features.onnx).")] = None,
+    inputs: Annotated[Optional[list[Path]], typer.Argument(help="Image files (CASE_0000.nii.gz…), folders, or DICOM series folders.")] = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output folder.")] = ...,
+    demo: Annotated[bool, typer.Option("--demo", help="Run the embedded demo model on generated phantom CTs.")] = False,
+    qa: Annotated[bool, typer.Option("--qa/--no-qa", help="Write the QA page (qa.html + PNGs).")] = True,
     backend: BackendOpt = "auto",
     batch_size: BatchOpt = 1,
     threads: ThreadsOpt = None,
@@ -150,8 +153,12 @@ def run_command(
     verbose: VerboseOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Segment cases, score them for OOD, write masks, uncertainty maps and reports."""
+    """Segment cases, score them for OOD, write masks, uncertainty maps, reports and a QA page."""
     _setup_logging(verbose)
+    if demo and (bundle is not None or inputs):
+        raise typer.BadParameter("--demo takes no BUNDLE or INPUTS")
+    if not demo and (bundle is None or not inputs):
+        raise typer.BadParameter("give a BUNDLE and at least one INPUT (or --demo)")
 
     def body() -> int:
         from rich.progress import Progress
@@ -160,17 +167,26 @@ def run_command(
 
         with Progress(console=console, transient=True, disable=as_json) as progress:
             task = progress.add_task("cases", total=None)
-            result = run_batch(bundle, inputs, output, backend=backend, batch_size=batch_size, threads=threads,
-                               on_case=lambda _o: progress.advance(task))
+            advance = lambda _o: progress.advance(task)  # noqa: E731
+            if demo:
+                from segsentry.demo import run_demo
+
+                result = run_demo(output, backend=backend, threads=threads, on_case=advance)
+            else:
+                result = run_batch(bundle, inputs, output, backend=backend, batch_size=batch_size, threads=threads,
+                                   qa=qa, on_case=advance)
         if as_json:
             typer.echo(json.dumps({
                 "backend": result.backend,
                 "output": str(result.output_dir),
+                "qa_page": str(result.qa_page) if result.qa_page else None,
                 "cases": [{"case": o.case_id, "status": o.status, "error": o.error, **o.report}
                           for o in result.outcomes],
             }, indent=2))
         else:
             _print_run_table(result)
+            if result.qa_page:
+                console.print(f"QA page: {result.qa_page}", highlight=False)
         return result.exit_code()
 
     _guarded(debug, body)
@@ -192,9 +208,61 @@ def _print_run_table(result) -> None:  # noqa: ANN001 - BatchResult, imported la
     console.print(table)
 
 
+def bench_command(
+    bundle: Annotated[Path, typer.Argument(help="A bundle (.ood.onnx or .features.onnx).")],
+    backends: Annotated[Optional[list[str]], typer.Option("--backend", help="Backend to measure (repeatable; default: auto).")] = None,
+    batch_sizes: Annotated[Optional[list[int]], typer.Option("--batch", min=1, help="Batch size (repeatable; default 1, 2, 4).")] = None,
+    repeats: Annotated[int, typer.Option("--repeats", min=1, help="Timed calls per measurement.")] = 10,
+    warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed calls first.")] = 2,
+    volume: Annotated[Optional[Path], typer.Option("--volume", help="A case (CASE_0000.nii.gz) for the end-to-end time.")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the results as JSON here.")] = None,
+    threads: ThreadsOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON on stdout.")] = False,
+    verbose: VerboseOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Measure per-patch latency, throughput, end-to-end stages and OOD-head overhead per backend."""
+    _setup_logging(verbose)
+
+    def body() -> int:
+        from segsentry._atomic import write_text_atomic
+        from segsentry.bench import run_bench
+
+        with console.status("benchmarking…"):
+            results = run_bench(bundle, backends=backends or ["auto"], batch_sizes=batch_sizes or [1, 2, 4],
+                                warmup=warmup, repeats=repeats, threads=threads, volume=volume)
+        text = json.dumps(results, indent=2)
+        if output:
+            write_text_atomic(output, text + "\n")
+        if as_json:
+            typer.echo(text)
+            return EXIT_OK
+        table = Table(title=f"ood-bench {bundle.name} (patch {results['patch_size']}, D={results['feature_dim']})")
+        for column in ("backend", "batch", "p50 ms/call", "p95 ms/call", "patches/s", "head overhead"):
+            table.add_column(column)
+        for r in results["results"]:
+            for b in r["batches"]:
+                table.add_row(r["backend"], str(b["batch"]), f"{b['p50_s_per_call'] * 1e3:.1f}",
+                              f"{b['p95_s_per_call'] * 1e3:.1f}", f"{b['patches_per_s']:.2f}",
+                              f"{100 * b['head_overhead_fraction']:+.2f} %")
+        console.print(table)
+        for r in results["results"]:
+            if "volume" in r:
+                v = r["volume"]
+                stages = ", ".join(f"{k} {t:.2f}" for k, t in v["stages_s"].items())
+                share = v.get("ood_overhead_fraction_of_e2e")
+                console.print(f"{r['backend']}: {v['n_patches']} patches, {v['wall_s']:.2f} s end to end ({stages})"
+                              + (f"; OOD head + aggregation {100 * share:.2f} % of it" if share is not None else ""),
+                              highlight=False)
+        return EXIT_OK
+
+    _guarded(debug, body)
+
+
 app.command("export")(export_command)
 app.command("calib")(calib_command)
 app.command("run")(run_command)
+app.command("bench")(bench_command)
 
 
 def _single(command: Callable[..., None]) -> typer.Typer:
@@ -206,6 +274,7 @@ def _single(command: Callable[..., None]) -> typer.Typer:
 export_app = _single(export_command)
 calib_app = _single(calib_command)
 run_app = _single(run_command)
+bench_app = _single(bench_command)
 
 
 if __name__ == "__main__":  # pragma: no cover

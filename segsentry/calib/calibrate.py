@@ -90,7 +90,7 @@ def calibrate(
     patches: list[_CasePatches] = []
     with FeatureStore(directory=workdir) as store, create_backend(
         resolve_backend_name(backend), bundle.model_bytes, channels=manifest.num_channels,
-        patch_size=manifest.patch_size, threads=threads,
+        patch_size=manifest.patch_size, threads=threads, manifest=manifest,
     ) as engine:
         for case in cases:
             try:

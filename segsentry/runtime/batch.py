@@ -21,6 +21,7 @@ from segsentry.runtime.backends import create_backend, resolve_backend_name
 from segsentry.runtime.bundle import Bundle, load_bundle
 from segsentry.runtime.io import CaseInput, collect_cases, guard_outputs, read_case, write_image
 from segsentry.runtime.pipeline import CasePrediction, predict_case
+from segsentry.runtime.qa import CaseView, render_case, write_qa_page
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ class CaseOutcome:
     status: str  # "ok" or "failed"
     report: dict = field(default_factory=dict)
     error: str | None = None
+    qa_view: CaseView | None = None
 
     @property
     def ood(self) -> bool:
@@ -44,6 +46,7 @@ class BatchResult:
     outcomes: list[CaseOutcome]
     output_dir: Path
     backend: str
+    qa_page: Path | None = None
 
     @property
     def failed(self) -> list[CaseOutcome]:
@@ -89,11 +92,13 @@ def run_batch(
     backend: str = "auto",
     batch_size: int = 1,
     threads: int | None = None,
+    qa: bool = True,
     on_case: Callable[[CaseOutcome], None] | None = None,
 ) -> BatchResult:
-    """Run every case found in ``inputs``; write ``CASE<ending>``, ``CASE_uncertainty<ending>``, ``CASE.json``
-    and ``summary.csv`` into ``output_dir``. Raises only for problems that stop the whole batch (bundle,
-    backend, no inputs); per-case problems are recorded in the result.
+    """Run every case found in ``inputs``; write ``CASE<ending>``, ``CASE_uncertainty<ending>``, ``CASE.json``,
+    ``summary.csv`` and (unless ``qa=False``) the QA page ``qa.html`` with its PNGs in ``qa/``, into
+    ``output_dir``. Raises only for problems that stop the whole batch (bundle, backend, no inputs);
+    per-case problems are recorded in the result.
     """
     output_dir = Path(output_dir)
     bundle = load_bundle(bundle_path)
@@ -106,19 +111,26 @@ def run_batch(
     output_dir.mkdir(parents=True, exist_ok=True)
     outcomes: list[CaseOutcome] = []
     with create_backend(backend_name, bundle.model_bytes, channels=manifest.num_channels,
-                        patch_size=manifest.patch_size, threads=threads) as engine:
+                        patch_size=manifest.patch_size, threads=threads, manifest=manifest) as engine:
         for case in cases:
-            outcome = _run_case(case, bundle, engine, output_dir, backend_name, batch_size)
+            outcome = _run_case(case, bundle, engine, output_dir, backend_name, batch_size, qa)
             outcomes.append(outcome)
             if on_case is not None:
                 on_case(outcome)
     result = BatchResult(outcomes=outcomes, output_dir=output_dir, backend=backend_name)
     write_summary(result)
+    if qa:
+        result.qa_page = write_qa_page(
+            [o.qa_view for o in outcomes if o.qa_view is not None],
+            {o.case_id: o.error or "" for o in outcomes if o.status != "ok"},
+            qa_dir=output_dir / "qa", page=output_dir / "qa.html", calibration=manifest.calibration,
+            bundle_name=bundle.path.name, backend=backend_name,
+        )
     return result
 
 
 def _run_case(case: CaseInput, bundle: Bundle, engine, output_dir: Path, backend_name: str,
-              batch_size: int) -> CaseOutcome:
+              batch_size: int, qa: bool) -> CaseOutcome:
     start = time.perf_counter()
     try:
         t0 = time.perf_counter()
@@ -137,7 +149,12 @@ def _run_case(case: CaseInput, bundle: Bundle, engine, output_dir: Path, backend
         timings["total"] = time.perf_counter() - start
         report = _case_report(bundle, prediction, case, backend_name, timings)
         write_text_atomic(output_dir / f"{case.case_id}.json", json.dumps(report, indent=2))
-        return CaseOutcome(case_id=case.case_id, status="ok", report=report)
+        view = None
+        if qa:
+            view = render_case(case.case_id, loaded.image[0], prediction.mask, prediction.uncertainty,
+                               spacing_zyx=loaded.spacing, modality=bundle.manifest.channels.get("0", ""),
+                               qa_dir=output_dir / "qa", report=report, distance_range=_distance_range(bundle))
+        return CaseOutcome(case_id=case.case_id, status="ok", report=report, qa_view=view)
     except SegsentryError as exc:
         log.error("case %s failed: %s", case.case_id, exc)
         return CaseOutcome(case_id=case.case_id, status="failed", error=str(exc),
@@ -146,6 +163,11 @@ def _run_case(case: CaseInput, bundle: Bundle, engine, output_dir: Path, backend
         log.error("case %s failed: %s", case.case_id, exc)
         return CaseOutcome(case_id=case.case_id, status="failed", error=f"{type(exc).__name__}: {exc}",
                            report={"seconds": time.perf_counter() - start})
+
+
+def _distance_range(bundle: Bundle) -> tuple[float, float] | None:
+    c = bundle.manifest.calibration
+    return (c.train_score_min, 2 * c.train_score_max) if c else None
 
 
 def write_summary(result: BatchResult) -> Path:

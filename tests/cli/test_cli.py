@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 from factory import write_volume
 from segsentry.cli import app
+from segsentry.runtime.backends import resolve_backend_name
 
 runner = CliRunner()
 
@@ -39,7 +40,7 @@ def test_run_exit_code_and_outputs(ct_pipeline, test_cases, tmp_path):
     result = _run("run", ct_pipeline.ood_onnx, *files, "-o", tmp_path / "out", "--json")
     assert result.exit_code in (0, 3)
     payload = json.loads(result.stdout)
-    assert payload["backend"] == "onnxruntime"
+    assert payload["backend"] == resolve_backend_name("auto")  # the concrete engine 'auto' picked
     assert {c["case"] for c in payload["cases"]} == set(test_cases["ct"])
     expected_code = 3 if any(c["ood"] for c in payload["cases"]) else 0
     assert result.exit_code == expected_code

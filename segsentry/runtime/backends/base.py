@@ -6,12 +6,14 @@ backend validates batches the same way.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Sequence
+from types import ModuleType
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from segsentry.errors import BackendError
+from segsentry.errors import BackendError, MissingDependencyError
 
 
 @runtime_checkable
@@ -37,6 +39,18 @@ def check_batch(batch: np.ndarray, *, channels: int, patch_size: Sequence[int]) 
     if batch.shape[0] < 1:
         raise BackendError("backend input batch is empty")
     return np.ascontiguousarray(batch, dtype=np.float32)
+
+
+def import_optional(module: str, *, package: str, extra: str, purpose: str) -> ModuleType:
+    """Import an optional engine lazily; raise :class:`MissingDependencyError` naming the pip extra if absent.
+
+    Goes through :func:`importlib.import_module`, so a module blocked with ``sys.modules[name] = None`` counts
+    as missing too.
+    """
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise MissingDependencyError(package, extra, purpose) from exc
 
 
 class BackendBase:

@@ -1,0 +1,169 @@
+"""``ood-bench``: latency, throughput, stage times, memory and OOD-head overhead of a bundle per backend.
+
+Everything runs through the runtime's own backends and sliding-window core. Per backend:
+- per-patch latency (p50 / p95 over ``repeats`` after ``warmup``) at each batch size, and throughput;
+- the same for the network alone (the bundle pruned to its ``logits`` output), which gives the cost of the
+  fused Mahalanobis head;
+- end-to-end time of one volume with its stage breakdown (read, preprocess, inference, scoring, resample back,
+  write), the distance-aggregation time, and the process's peak RSS.
+"""
+
+from __future__ import annotations
+
+import platform
+import resource
+import statistics
+import tempfile
+import time
+from collections.abc import Sequence
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+from segsentry.runtime.backends import create_backend, resolve_backend_name
+from segsentry.runtime.bundle import Bundle, load_bundle
+
+
+def network_only(bundle: Bundle) -> bytes:
+    """The bundle's graph pruned to the ``logits`` output (no features, no head): the baseline for overhead."""
+    import onnx
+    from onnx.utils import Extractor
+
+    model = onnx.load_model_from_string(bundle.model_bytes)
+    inputs = [i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
+    return Extractor(model).extract_model(inputs, ["logits"]).SerializeToString()
+
+
+def _percentile(values: Sequence[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q))
+
+
+def _latency(engine, batch: np.ndarray, *, warmup: int, repeats: int) -> list[float]:
+    for _ in range(warmup):
+        engine.run(batch)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        engine.run(batch)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def bench_backend(
+    bundle: Bundle, backend: str, *, batch_sizes: Sequence[int], warmup: int, repeats: int, threads: int | None,
+    volume: Path | None,
+) -> dict:
+    """All measurements for one backend (see module docstring). Times in seconds."""
+    m = bundle.manifest
+    name = resolve_backend_name(backend)
+    rng = np.random.default_rng(0)
+    result: dict = {"backend": name, "batches": []}
+    plain = network_only(bundle)
+    with create_backend(name, bundle.model_bytes, channels=m.num_channels, patch_size=m.patch_size,
+                        threads=threads, manifest=m) as full, \
+            create_backend(name, plain, channels=m.num_channels, patch_size=m.patch_size, threads=threads,
+                           manifest=m) as bare:
+        for n in batch_sizes:
+            batch = rng.standard_normal((n, m.num_channels, *m.patch_size)).astype(np.float32)
+            with_head = _latency(full, batch, warmup=warmup, repeats=repeats)
+            without = _latency(bare, batch, warmup=warmup, repeats=repeats)
+            p50, p50_bare = statistics.median(with_head), statistics.median(without)
+            result["batches"].append({
+                "batch": n,
+                "p50_s_per_call": p50,
+                "p95_s_per_call": _percentile(with_head, 95),
+                "p50_s_per_patch": p50 / n,
+                "patches_per_s": n / p50,
+                "network_only_p50_s_per_call": p50_bare,
+                "head_overhead_fraction": (p50 - p50_bare) / p50_bare,
+            })
+    if volume is not None:
+        result["volume"] = bench_volume(bundle, name, volume, threads=threads)
+    result["process_peak_rss_mb_so_far"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return result
+
+
+def bench_volume(bundle: Bundle, backend: str, volume: Path, *, threads: int | None) -> dict:
+    """End-to-end time of one case through ``run_batch`` (stage breakdown) and the aggregation cost alone."""
+    from segsentry.runtime.batch import run_batch
+    from segsentry.runtime.sliding import DistanceAccumulator, importance_for, tile_boxes
+
+    with tempfile.TemporaryDirectory(prefix="segsentry-bench-") as tmp:
+        start = time.perf_counter()
+        result = run_batch(bundle.path, [volume], Path(tmp), backend=backend, threads=threads, qa=False)
+        total = time.perf_counter() - start
+        outcome = result.outcomes[0]
+        if outcome.status != "ok":
+            raise RuntimeError(f"benchmark volume failed: {outcome.error}")
+        report = outcome.report
+    m = bundle.manifest
+    out = {"volume": str(volume), "n_patches": report["n_patches"], "wall_s": total, "stages_s": report["timings_s"]}
+    if m.calibration is not None:
+        # the distance map alone: the same number of patch adds on the padded volume shape
+        gaussian = importance_for(m.patch_size, sigma_scale=m.tiling.sigma_scale,
+                                  value_scaling_factor=m.tiling.value_scaling_factor)
+        shape = _preprocessed_shape(volume, bundle)
+        boxes = tile_boxes(shape, m.patch_size, m.tiling.step_size)
+        start = time.perf_counter()
+        acc = DistanceAccumulator(shape, gaussian, aggregation=m.calibration.aggregation)
+        for box in boxes:
+            acc.add(box, 1.0)
+        acc.result()
+        out["distance_aggregation_s"] = time.perf_counter() - start
+        out["ood_overhead_fraction_of_e2e"] = None  # filled by the caller from the head overhead
+    return out
+
+
+def _preprocessed_shape(volume: Path, bundle: Bundle) -> tuple[int, ...]:
+    from segsentry.runtime.io import collect_cases, read_case
+    from segsentry.runtime.preprocess import preprocess
+
+    m = bundle.manifest
+    case = collect_cases([volume], num_channels=m.num_channels)[0]
+    loaded = read_case(case, num_channels=m.num_channels)
+    data, _ = preprocess(loaded.image, loaded.spacing, m.preprocessing)
+    return tuple(max(s, p) for s, p in zip(data.shape[1:], m.patch_size))
+
+
+def run_bench(
+    bundle_path: str | Path, *, backends: Sequence[str], batch_sizes: Sequence[int] = (1, 2, 4), warmup: int = 2,
+    repeats: int = 10, threads: int | None = None, volume: Path | None = None,
+) -> dict:
+    bundle = load_bundle(bundle_path)
+    results = []
+    for backend in backends:
+        r = bench_backend(bundle, backend, batch_sizes=batch_sizes, warmup=warmup, repeats=repeats,
+                          threads=threads, volume=volume)
+        if "volume" in r and "distance_aggregation_s" in r["volume"]:
+            v = r["volume"]
+            head = r["batches"][0]["p50_s_per_call"] - r["batches"][0]["network_only_p50_s_per_call"]
+            v["ood_overhead_fraction_of_e2e"] = (max(head, 0.0) * v["n_patches"] + v["distance_aggregation_s"]) / v["wall_s"]
+        results.append(r)
+    return {
+        "bundle": str(bundle.path),
+        "model_sha256": bundle.weights_sha256,
+        "patch_size": bundle.manifest.patch_size,
+        "feature_dim": bundle.manifest.features.dim,
+        "results": results,
+        "machine": {"cpu": _cpu_name(), "python": platform.python_version(), "platform": platform.platform()},
+        "versions": {p: _version(p) for p in ("segsentry", "numpy", "onnxruntime", "openvino", "torch")},
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()

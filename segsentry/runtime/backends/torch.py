@@ -1,0 +1,210 @@
+"""The reference PyTorch backend (the ``export`` extra): the real nnU-Net network, not the ONNX graph.
+
+The network is rebuilt from the nnU-Net v2 model folder recorded in the bundle manifest's ``source``
+(``model_dir``, ``fold``, ``checkpoint``, ``configuration``) and wrapped in the same :class:`FeatureTap`
+(feature ``layer`` and pooling plan from the manifest) that ``ood-export`` traced. A calibrated bundle's
+Mahalanobis head is applied in torch from the bundle's own ``ood_head/*`` initializers, with the formula of
+:mod:`segsentry.calib.head` in float32::
+
+    delta = features - mean
+    distance = sum((delta @ components_t) ** 2, 1) [+ complement_scale * sum((delta - (delta @ V) @ V^T) ** 2, 1)]
+
+So this backend only works on a machine that holds the model folder. It runs eager, under
+``torch.inference_mode()``, on ``device`` (default ``"cpu"``), with optional fp16 autocast on CUDA only.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from segsentry.errors import BackendError, ModelFolderError
+from segsentry.manifest import Manifest
+from segsentry.runtime.backends.base import BackendBase, import_optional
+
+log = logging.getLogger(__name__)
+
+HEAD_PREFIX = "ood_head/"  # segsentry.calib.head.PREFIX (not imported: that module needs the onnx package eagerly)
+PURPOSE = "The torch backend"
+
+
+def bundle_initializers(model: bytes) -> dict[str, np.ndarray]:
+    """Every initializer of the bundle graph as a numpy array, keyed by name (needs the ``onnx`` package)."""
+    onnx = import_optional("onnx", package="onnx", extra="export", purpose=PURPOSE)
+    numpy_helper = import_optional("onnx.numpy_helper", package="onnx", extra="export", purpose=PURPOSE)
+    try:
+        proto = onnx.load_model_from_string(model)
+    except Exception as exc:  # onnx raises DecodeError/ValueError
+        raise BackendError(f"torch backend: not a valid ONNX model ({exc})") from exc
+    return {init.name: numpy_helper.to_array(init) for init in proto.graph.initializer}
+
+
+def read_head(initializers: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The Mahalanobis-head initializers, keyed without the ``ood_head/`` prefix, as float32.
+
+    ``mean`` ``(D,)``, ``components_t`` ``(D, k)`` and, for shrinkage fits with ``N <= D``, ``basis``
+    ``(D, r)`` and ``complement_scale`` (one value). Empty for an uncalibrated bundle.
+    """
+    return {name[len(HEAD_PREFIX):]: np.array(value, dtype=np.float32)  # a writable copy, for torch.from_numpy
+            for name, value in initializers.items() if name.startswith(HEAD_PREFIX)}
+
+
+def _source_folder(manifest: Manifest) -> Path:
+    source = manifest.source
+    kind = source.get("kind")
+    if kind != "nnunetv2":
+        raise BackendError(
+            f"the torch backend rebuilds the network from an nnU-Net v2 model folder, but this bundle's source is "
+            f"kind '{kind}'; use --backend onnxruntime"
+        )
+    model_dir = Path(str(source.get("model_dir", "")))
+    if not source.get("model_dir") or not model_dir.is_dir():
+        raise BackendError(
+            f"the torch backend needs the nnU-Net model folder '{model_dir}' recorded in the bundle, which does not "
+            "exist on this machine; use --backend onnxruntime"
+        )
+    return model_dir
+
+
+class TorchBackend(BackendBase):
+    """Eager PyTorch inference of the bundle's source network plus its calibrated head.
+
+    ``run(batch)``: ``batch`` is ``(n, channels, *patch_size)`` float32; returns float32 arrays keyed by the
+    bundle's ONNX output names: ``logits`` ``(n, classes, *patch_size)``, ``distance`` ``(n,)`` when the
+    bundle is calibrated, ``features`` ``(n, D)`` when the manifest lists that output.
+
+    ``threads`` calls ``torch.set_num_threads`` (process-wide). ``fp16=True`` turns on float16 autocast for
+    the network on CUDA devices only; the head always runs in float32.
+    """
+
+    name = "torch"
+
+    def __init__(
+        self,
+        model: bytes,
+        *,
+        manifest: Manifest | None,
+        channels: int,
+        patch_size: Sequence[int],
+        input_name: str = "image",
+        threads: int | None = None,
+        device: str = "cpu",
+        fp16: bool = False,
+    ) -> None:
+        super().__init__(channels=channels, patch_size=patch_size)
+        if manifest is None:
+            raise BackendError("the torch backend needs the bundle manifest (create_backend(..., manifest=...))")
+        model_dir = _source_folder(manifest)
+        torch = import_optional("torch", package="torch", extra="export", purpose=PURPOSE)
+        import_optional("dynamic_network_architectures", package="dynamic-network-architectures", extra="export",
+                        purpose=PURPOSE)
+        from segsentry.export.nnunet import load_model_folder
+        from segsentry.export.wrapper import FeatureTap
+
+        self._torch = torch
+        try:
+            self.device = torch.device(device)
+        except (RuntimeError, TypeError) as exc:
+            raise BackendError(f"torch backend: invalid device '{device}'") from exc
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise BackendError(f"torch backend: device '{device}' requested but CUDA is not available")
+        if fp16 and self.device.type != "cuda":
+            raise BackendError(f"torch backend: fp16 autocast is supported on CUDA only, not on device '{device}'")
+        self.fp16 = fp16
+        if threads:
+            torch.set_num_threads(int(threads))
+
+        source = manifest.source
+        try:
+            nnunet = load_model_folder(model_dir, fold=source.get("fold", 0),
+                                       checkpoint=source.get("checkpoint", "checkpoint_final.pth"),
+                                       configuration=source.get("configuration"))
+        except ModelFolderError as exc:
+            raise BackendError(f"the torch backend cannot rebuild the network from {model_dir}: {exc}") from exc
+        if len(nnunet.channels) != channels or nnunet.patch_size != list(self.patch_size) \
+                or len(nnunet.labels) != manifest.num_classes:
+            raise BackendError(
+                f"the model folder {model_dir} no longer matches the bundle (channels {len(nnunet.channels)}, patch "
+                f"{nnunet.patch_size}, classes {len(nnunet.labels)} vs {channels}, {list(self.patch_size)}, "
+                f"{manifest.num_classes}); re-export it"
+            )
+        initializers = bundle_initializers(model)
+        self._check_weights(nnunet.network, initializers)
+        self.tap = FeatureTap(nnunet.network, layer=manifest.features.layer,
+                              pooling=manifest.features.pooling).eval().to(self.device)
+
+        self.output_names = dict(manifest.outputs)  # role -> ONNX output name
+        head = read_head(initializers) if "distance" in self.output_names else {}
+        if "distance" in self.output_names and not {"mean", "components_t"} <= head.keys():
+            raise BackendError("the bundle lists a 'distance' output but has no ood_head/mean and "
+                               "ood_head/components_t initializers")
+        del initializers
+        self._head = {k: torch.from_numpy(v).to(self.device) for k, v in head.items()
+                      if k in ("mean", "components_t", "basis")}
+        scale = head.get("complement_scale")
+        self._complement_scale = float(scale.reshape(-1)[0]) if scale is not None and scale.size else 0.0
+        self.input_name = input_name
+        log.debug("torch backend: %s fold %s on %s (fp16=%s, head=%s)", model_dir, source.get("fold"),
+                  self.device, fp16, sorted(self._head))
+
+    @staticmethod
+    def _check_weights(network: Any, initializers: dict[str, np.ndarray]) -> None:
+        """Refuse a checkpoint that changed since export: parameters found by name in the bundle must be equal.
+
+        The exporter names initializers ``network.<parameter path>``, but may dedupe or fold some, so only the
+        names present are compared (a bundle without any is logged and accepted).
+        """
+        compared = 0
+        for name, tensor in network.state_dict().items():
+            init = initializers.get(f"network.{name}")
+            if init is None:
+                continue
+            compared += 1
+            if not np.array_equal(init, tensor.detach().cpu().numpy()):
+                raise BackendError(
+                    f"the checkpoint's '{name}' differs from the bundle's weights; the model folder changed since "
+                    "export (re-export it, or use --backend onnxruntime)"
+                )
+        if compared == 0:
+            log.warning("torch backend: no bundle initializer matched a network parameter; weights not verified")
+        else:
+            log.debug("torch backend: %d network parameters equal the bundle's initializers", compared)
+
+    def _head_distance(self, features: Any) -> Any:
+        """Squared Mahalanobis distance ``(n,)`` float32 of ``features`` ``(n, D)``, as the folded ONNX head."""
+        delta = features.float() - self._head["mean"]
+        y = delta @ self._head["components_t"]
+        distance = (y * y).sum(1)
+        basis = self._head.get("basis")
+        if basis is not None and self._complement_scale != 0.0:
+            resid = delta - (delta @ basis) @ basis.T
+            distance = distance + self._complement_scale * (resid * resid).sum(1)
+        return distance
+
+    def _run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        torch = self._torch
+        if self.tap is None:
+            raise BackendError("the torch backend was closed")
+        try:
+            with torch.inference_mode():
+                x = torch.from_numpy(batch if batch.flags.writeable else batch.copy()).to(self.device)
+                with torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=self.fp16):
+                    logits, features = self.tap(x)
+                roles: dict[str, Any] = {"logits": logits.float(), "features": features.float()}
+                if "distance" in self.output_names:
+                    roles["distance"] = self._head_distance(features)
+                return {name: roles[role].cpu().numpy().astype(np.float32, copy=False)
+                        for role, name in self.output_names.items() if role in roles}
+        except BackendError:
+            raise
+        except Exception as exc:  # torch raises RuntimeError/ExportError with long messages
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise BackendError(f"torch inference failed: {first}") from exc
+
+    def close(self) -> None:
+        self.tap = None
+        self._head = {}

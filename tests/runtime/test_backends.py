@@ -1,0 +1,327 @@
+"""Every backend that can run here agrees with onnxruntime CPU, and backend selection fails clearly.
+
+Tolerances (``other`` vs onnxruntime, same inputs):
+
+* logits and features: ``max |other - ort| <= 1e-3 * max(1, max |ort|)`` -- per patch, and on a whole case
+  after nnU-Net's float16 Gaussian accumulation (one float16 ulp at |logit| in [4, 8) is 3.9e-3, still inside);
+* distances (per patch, and the voxel distance map): ``rtol = 1e-3``;
+* masks written by ``run_batch``: identical except at most ``max(2, 1e-4 * n_voxels)`` voxels (argmax ties).
+
+The OpenVINO tests skip without ``openvino``; the torch tests skip without torch and
+dynamic-network-architectures (the ``export`` extra).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from segsentry.errors import BackendError, MissingDependencyError
+from segsentry.runtime.backends import (
+    AVAILABLE,
+    PLANNED,
+    create_backend,
+    resolve_auto,
+    resolve_backend_name,
+)
+from segsentry.runtime.bundle import Bundle, load_bundle
+
+LOGIT_RTOL = 1e-3
+DISTANCE_RTOL = 1e-3
+
+
+def _requires(backend: str) -> None:
+    if backend == "openvino":
+        pytest.importorskip("openvino")
+    elif backend == "torch":
+        pytest.importorskip("torch")
+        pytest.importorskip("dynamic_network_architectures")
+
+
+OTHER_BACKENDS = ["openvino", "torch"]
+BUNDLES = ["features_onnx", "ood_onnx", "features_kept_onnx"]
+
+
+def _engine(name: str, bundle: Bundle, **kwargs):
+    m = bundle.manifest
+    return create_backend(name, bundle.model_bytes, channels=m.num_channels, patch_size=m.patch_size,
+                          manifest=m, **kwargs)
+
+
+def assert_outputs_match(got: dict[str, np.ndarray], expected: dict[str, np.ndarray], *, where: str) -> None:
+    """Same output names, shapes and float32 dtype; logits/features within 1e-3 of scale, distances rtol 1e-3."""
+    assert set(got) == set(expected), where
+    for name, ref in expected.items():
+        out = got[name]
+        assert out.shape == ref.shape and out.dtype == np.float32, (where, name, out.shape, out.dtype)
+        if name == "distance":
+            np.testing.assert_allclose(out, ref, rtol=DISTANCE_RTOL, err_msg=f"{where}: {name}")
+        else:
+            diff = float(np.max(np.abs(out.astype(np.float64) - ref)))
+            scale = float(np.max(np.abs(ref)))
+            assert diff <= LOGIT_RTOL * max(1.0, scale), f"{where}: {name} differs by {diff:.3g} (scale {scale:.3g})"
+
+
+# -- per-patch parity --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bundle_attr", BUNDLES)
+@pytest.mark.parametrize("kind", ["ct", "mr"])
+@pytest.mark.parametrize("backend", OTHER_BACKENDS)
+def test_patch_parity_with_onnxruntime(backend, kind, bundle_attr, request):
+    _requires(backend)
+    pipeline = request.getfixturevalue(f"{kind}_pipeline")
+    bundle = load_bundle(getattr(pipeline, bundle_attr))
+    m = bundle.manifest
+    rng = np.random.default_rng(11)
+    batches = [rng.standard_normal((n, m.num_channels, *m.patch_size)).astype(np.float32) for n in (3, 1, 2)]
+    with _engine("onnxruntime", bundle) as ref, _engine(backend, bundle) as other:
+        assert other.name == backend
+        for i, batch in enumerate(batches):  # varying batch sizes: the batch axis is dynamic in every engine
+            assert_outputs_match(other.run(batch), ref.run(batch), where=f"{backend}/{kind}/{bundle_attr}#{i}")
+
+
+def test_openvino_throughput_hint_and_thread_limit(ct_pipeline):
+    _requires("openvino")
+    bundle = load_bundle(ct_pipeline.ood_onnx)
+    m = bundle.manifest
+    batch = np.random.default_rng(2).standard_normal((2, m.num_channels, *m.patch_size)).astype(np.float32)
+    from segsentry.runtime.backends.openvino import OpenvinoBackend
+
+    with _engine("onnxruntime", bundle) as ref, OpenvinoBackend(
+        bundle.model_bytes, channels=m.num_channels, patch_size=m.patch_size, threads=1, performance_hint="throughput"
+    ) as ov:
+        assert_outputs_match(ov.run(batch), ref.run(batch), where="openvino/throughput")
+    with pytest.raises(BackendError, match="performance hint"):
+        OpenvinoBackend(bundle.model_bytes, channels=m.num_channels, patch_size=m.patch_size,
+                        performance_hint="fast")  # type: ignore[arg-type]
+
+
+def test_openvino_reads_from_a_temporary_file_when_bytes_are_refused(ct_pipeline):
+    """Older OpenVINO builds cannot read ONNX from memory: the backend falls back to a temporary file."""
+    ov = pytest.importorskip("openvino")
+    from segsentry.runtime.backends.openvino import _read_model
+
+    real = ov.Core()
+    seen: list[object] = []
+
+    class BytesRefusingCore:
+        def read_model(self, model, weights=None):
+            seen.append(model)
+            if isinstance(model, bytes):
+                raise RuntimeError("reading ONNX from bytes is not supported")
+            assert Path(model).is_file()
+            return real.read_model(model)
+
+    network = _read_model(BytesRefusingCore(), load_bundle(ct_pipeline.ood_onnx).model_bytes)
+    assert {"logits", "distance"} <= {n for port in network.outputs for n in port.get_names()}
+    assert len(seen) == 2 and not Path(str(seen[1])).exists()  # the temporary file is removed
+
+
+def test_backend_input_checks_are_shared(ct_pipeline):
+    _requires("openvino")
+    bundle = load_bundle(ct_pipeline.ood_onnx)
+    with _engine("openvino", bundle) as ov:
+        with pytest.raises(BackendError, match="backend input must be"):
+            ov.run(np.zeros((1, 2, 4, 4, 4), dtype=np.float32))
+
+
+# -- whole-case parity -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["ct", "mr"])
+@pytest.mark.parametrize("backend", OTHER_BACKENDS)
+def test_volume_parity_with_onnxruntime(backend, kind, request, test_cases):
+    """``infer_volume`` on a held-out case: accumulated logits, patch distances, distance map and features."""
+    _requires(backend)
+    from segsentry.runtime import read_case
+    from segsentry.runtime.io import CaseInput
+    from segsentry.runtime.pipeline import infer_volume
+    from segsentry.runtime.preprocess import preprocess
+
+    pipeline = request.getfixturevalue(f"{kind}_pipeline")
+    bundle = load_bundle(pipeline.features_kept_onnx)
+    m = bundle.manifest
+    case_id, files = next(iter(test_cases[kind].items()))
+    loaded = read_case(CaseInput(case_id, tuple(files)), num_channels=m.num_channels)
+    data, _ = preprocess(loaded.image, loaded.spacing, m.preprocessing)
+    results = {}
+    for name in ("onnxruntime", backend):
+        with _engine(name, bundle) as engine:
+            results[name] = infer_volume(data, engine, m, batch_size=2, aggregation="normalised",
+                                         collect_features=True)
+    ref, got = results["onnxruntime"], results[backend]
+    assert len(ref.boxes) > 1
+    def outputs(v):
+        return {"logits": v.logits.astype(np.float32), "features": v.features,
+                "distance": v.distances.astype(np.float32)}
+
+    assert_outputs_match(outputs(got), outputs(ref), where=f"{backend}/{kind} volume")
+    np.testing.assert_allclose(got.distance_map, ref.distance_map, rtol=DISTANCE_RTOL)
+
+
+@pytest.mark.parametrize("backend", OTHER_BACKENDS)
+def test_run_batch_masks_match_onnxruntime(backend, ct_pipeline, test_cases, tmp_path):
+    _requires(backend)
+    from segsentry.runtime.batch import run_batch
+
+    files = [f for fs in test_cases["ct"].values() for f in fs]
+    ref = run_batch(ct_pipeline.ood_onnx, files, tmp_path / "ort", backend="onnxruntime", qa=False)
+    got = run_batch(ct_pipeline.ood_onnx, files, tmp_path / backend, backend=backend, qa=False, batch_size=2)
+    assert got.backend == backend and not got.failed and not ref.failed
+    for a, b in zip(ref.outcomes, got.outcomes):
+        assert b.report["backend"] == backend
+        mask_ref = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "ort" / f"{a.case_id}.nii.gz")))
+        mask_got = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / backend / f"{a.case_id}.nii.gz")))
+        assert mask_got.shape == mask_ref.shape
+        differing = int(np.count_nonzero(mask_got != mask_ref))
+        assert differing <= max(2, 1e-4 * mask_ref.size), f"{a.case_id}: {differing} of {mask_ref.size} voxels"
+        np.testing.assert_allclose(b.report["score"], a.report["score"], rtol=DISTANCE_RTOL)
+        np.testing.assert_allclose(b.report["uncertainty"], a.report["uncertainty"], rtol=DISTANCE_RTOL)
+        assert b.report["ood"] == a.report["ood"]
+
+
+# -- selection ---------------------------------------------------------------------------------------------
+
+def test_auto_picks_openvino_when_importable():
+    pytest.importorskip("openvino")
+    assert resolve_backend_name("auto") == "openvino" == resolve_auto()
+    assert resolve_backend_name("AUTO") == "openvino"
+
+
+def test_auto_falls_back_to_onnxruntime(monkeypatch):
+    monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino -> ImportError
+    assert resolve_backend_name("auto") == "onnxruntime"
+
+
+def test_auto_never_picks_torch():
+    assert resolve_backend_name("auto") in ("openvino", "onnxruntime")
+
+
+def test_auto_backend_records_its_concrete_name(ct_pipeline, monkeypatch):
+    bundle = load_bundle(ct_pipeline.ood_onnx)
+    with _engine("auto", bundle) as engine:
+        assert engine.name == resolve_backend_name("auto")
+    monkeypatch.setitem(sys.modules, "openvino", None)
+    with _engine("auto", bundle) as engine:
+        assert engine.name == "onnxruntime"
+
+
+@pytest.mark.parametrize("alias,name", [("ort", "onnxruntime"), ("CPU", "onnxruntime"), ("onnxruntime", "onnxruntime"),
+                                        ("ov", "openvino"), ("OpenVINO", "openvino"), ("pytorch", "torch")])
+def test_aliases(alias, name):
+    assert resolve_backend_name(alias) == name
+
+
+def test_available_and_planned_names():
+    assert AVAILABLE == ("onnxruntime", "openvino", "torch")
+    assert set(PLANNED) == {"ort-gpu", "tensorrt"}
+
+
+@pytest.mark.parametrize("name", ["ort-gpu", "tensorrt", "TensorRT"])
+def test_planned_backend_is_not_implemented_yet(name, ct_pipeline):
+    with pytest.raises(BackendError, match=rf"backend '{name}' is not implemented yet.*--backend onnxruntime"):
+        resolve_backend_name(name)
+    with pytest.raises(BackendError, match="not implemented yet"):
+        _engine(name, load_bundle(ct_pipeline.ood_onnx))
+
+
+def test_unknown_backend_lists_the_choices():
+    with pytest.raises(BackendError) as info:
+        resolve_backend_name("coreml")
+    message = str(info.value)
+    assert message.startswith("unknown backend 'coreml'")
+    assert "onnxruntime, openvino, torch, auto" in message and "\n" not in message
+
+
+# -- missing packages --------------------------------------------------------------------------------------
+
+def test_missing_openvino_names_the_extra(ct_pipeline, monkeypatch):
+    monkeypatch.setitem(sys.modules, "openvino", None)
+    with pytest.raises(MissingDependencyError) as info:
+        _engine("openvino", load_bundle(ct_pipeline.ood_onnx))
+    assert info.value.extra == "openvino" and info.value.package == "openvino"
+    assert "pip install 'segsentry[openvino]'" in str(info.value)
+
+
+@pytest.mark.parametrize("module,package", [("torch", "torch"),
+                                            ("dynamic_network_architectures", "dynamic-network-architectures")])
+def test_missing_torch_names_the_export_extra(module, package, ct_pipeline, monkeypatch):
+    bundle = load_bundle(ct_pipeline.ood_onnx)  # its model folder exists, so the import is what fails
+    monkeypatch.setitem(sys.modules, module, None)
+    with pytest.raises(MissingDependencyError) as info:
+        _engine("torch", bundle)
+    assert info.value.extra == "export" and info.value.package == package
+    assert "The torch backend needs" in str(info.value) and "segsentry[export]" in str(info.value)
+
+
+def test_missing_package_via_import_module(ct_pipeline, monkeypatch):
+    """The same error when the import itself fails (e.g. a broken install), simulated on ``import_module``."""
+    import importlib
+
+    real = importlib.import_module
+
+    def fake(name, package=None):
+        if name.split(".")[0] == "openvino":
+            raise ImportError("libopenvino.so: cannot open shared object file")
+        return real(name, package)
+
+    monkeypatch.setattr(importlib, "import_module", fake)
+    assert resolve_backend_name("auto") == "onnxruntime"
+    with pytest.raises(MissingDependencyError, match=r"segsentry\[openvino\]"):
+        _engine("openvino", load_bundle(ct_pipeline.ood_onnx))
+
+
+# -- torch backend refusals --------------------------------------------------------------------------------
+
+def _with_source(bundle: Bundle, **source) -> Bundle:
+    manifest = bundle.manifest.replace(source={**bundle.manifest.source, **source})
+    return dataclasses.replace(bundle, manifest=manifest)
+
+
+def test_torch_needs_the_manifest(ct_pipeline):
+    bundle = load_bundle(ct_pipeline.ood_onnx)
+    m = bundle.manifest
+    with pytest.raises(BackendError, match="needs the bundle manifest"):
+        create_backend("torch", bundle.model_bytes, channels=m.num_channels, patch_size=m.patch_size)
+
+
+def test_torch_refuses_a_non_nnunet_source(ct_pipeline):
+    bundle = _with_source(load_bundle(ct_pipeline.ood_onnx), kind="torch")
+    with pytest.raises(BackendError, match="source is kind 'torch'; use --backend onnxruntime"):
+        _engine("torch", bundle)
+
+
+def test_torch_refuses_a_missing_model_folder(ct_pipeline, tmp_path):
+    bundle = _with_source(load_bundle(ct_pipeline.ood_onnx), model_dir=str(tmp_path / "elsewhere"))
+    with pytest.raises(BackendError, match="does not exist on this machine"):
+        _engine("torch", bundle)
+
+
+def test_torch_refuses_a_changed_checkpoint(ct_pipeline, tmp_path):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("dynamic_network_architectures")
+    folder = tmp_path / "model"
+    shutil.copytree(ct_pipeline.model_dir, folder)
+    checkpoint = folder / "fold_0" / "checkpoint_final.pth"
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    state["network_weights"] = {k: v * 1.01 if v.is_floating_point() else v
+                                for k, v in state["network_weights"].items()}
+    torch.save(state, checkpoint)
+    bundle = _with_source(load_bundle(ct_pipeline.ood_onnx), model_dir=str(folder))
+    with pytest.raises(BackendError, match="model folder changed since export"):
+        _engine("torch", bundle)
+
+
+def test_torch_fp16_is_cuda_only(ct_pipeline):
+    _requires("torch")
+    from segsentry.runtime.backends.torch import TorchBackend
+
+    bundle = load_bundle(ct_pipeline.ood_onnx)
+    m = bundle.manifest
+    with pytest.raises(BackendError, match="fp16 autocast is supported on CUDA only"):
+        TorchBackend(bundle.model_bytes, manifest=m, channels=m.num_channels, patch_size=m.patch_size, fp16=True)
