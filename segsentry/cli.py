@@ -259,10 +259,36 @@ def bench_command(
     _guarded(debug, body)
 
 
+def phantoms_command(
+    output: Annotated[Path, typer.Argument(help="Folder for the nnU-Net raw layout (imagesTr/, labelsTr/, dataset.json).")],
+    cohort: Annotated[str, typer.Option("--cohort", help="id | dataset-shift | diagnostic-shift | far-ood")] = "id",
+    n: Annotated[int, typer.Option("--n", min=1, help="Number of cases.")] = 10,
+    seed: Annotated[int, typer.Option("--seed", help="Cohort seed (case i always gets the same volume).")] = 0,
+    prefix: Annotated[str, typer.Option("--prefix", help="Case id prefix.")] = "PH",
+    verbose: VerboseOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Generate a cohort of procedural chest-CT phantoms (with lesion labels) in nnU-Net raw layout."""
+    _setup_logging(verbose)
+    from segsentry.phantoms import COHORTS, write_cohort
+
+    if cohort not in COHORTS:
+        raise typer.BadParameter(f"--cohort must be one of {', '.join(COHORTS)}")
+
+    def body() -> int:
+        with console.status(f"writing {n} {cohort} phantoms…"):
+            ids = write_cohort(output, cohort=cohort, n=n, seed=seed, prefix=prefix)
+        console.print(f"[green]wrote[/] {len(ids)} {cohort} cases to {output}", highlight=False)
+        return EXIT_OK
+
+    _guarded(debug, body)
+
+
 app.command("export")(export_command)
 app.command("calib")(calib_command)
 app.command("run")(run_command)
 app.command("bench")(bench_command)
+app.command("phantoms")(phantoms_command)
 
 
 def _single(command: Callable[..., None]) -> typer.Typer:

@@ -191,3 +191,33 @@ def test_shell_end_to_end(ct_pipeline, test_cases, tmp_path):
         assert proc.returncode in (0, 3), proc.stderr
     report = json.loads(next((tmp_path / "out").glob("*.json")).read_text())
     assert report["aggregation"] == "paper"
+
+
+def test_bench_reports_latency_and_head_overhead(ct_pipeline, test_cases, tmp_path):
+    case = next(iter(test_cases["ct"].values()))[0]
+    out = tmp_path / "bench.json"
+    result = _run("bench", ct_pipeline.ood_onnx, "--backend", "onnxruntime", "--batch", "1", "--batch", "2",
+                  "--repeats", "2", "--warmup", "1", "--volume", case, "-o", out)
+    assert result.exit_code == 0
+    data = json.loads(out.read_text())
+    (r,) = data["results"]
+    assert r["backend"] == "onnxruntime"
+    assert [b["batch"] for b in r["batches"]] == [1, 2]
+    for b in r["batches"]:
+        assert b["p50_s_per_call"] > 0 and b["p95_s_per_call"] >= b["p50_s_per_call"] * 0.5
+        assert b["network_only_p50_s_per_call"] > 0
+    stages = r["volume"]["stages_s"]
+    assert {"read", "preprocess", "inference", "resample_back", "write", "total"} <= set(stages)
+    assert 0 <= r["volume"]["ood_overhead_fraction_of_e2e"] < 1
+
+
+def test_phantoms_command_writes_nnunet_raw_layout(tmp_path):
+    result = _run("phantoms", tmp_path / "cohort", "--cohort", "dataset-shift", "--n", "2", "--seed", "5")
+    assert result.exit_code == 0
+    dataset = json.loads((tmp_path / "cohort" / "dataset.json").read_text())
+    assert dataset["numTraining"] == 2 and dataset["channel_names"] == {"0": "CT"}
+    image = sitk.ReadImage(str(tmp_path / "cohort" / "imagesTr" / "PH_000_0000.nii.gz"))
+    label = sitk.ReadImage(str(tmp_path / "cohort" / "labelsTr" / "PH_000.nii.gz"))
+    assert image.GetSize() == label.GetSize()
+    assert image.GetSpacing()[2] == pytest.approx(8.0, abs=0.5)  # dataset shift: thick slices
+    assert _run("phantoms", tmp_path / "x", "--cohort", "mars").exit_code == 2
