@@ -53,7 +53,7 @@ def _child(args: argparse.Namespace) -> None:
         from segsentry.runtime import run_batch
 
         start = time.perf_counter()
-        result = run_batch(args.bundle, [image], out, threads=args.threads)
+        result = run_batch(args.bundle, [image], out, backend=args.backend, threads=args.threads, qa=False)
         seconds = time.perf_counter() - start
         assert result.outcomes[0].status == "ok", result.outcomes[0].error
         timings = result.outcomes[0].report["timings_s"]
@@ -62,8 +62,8 @@ def _child(args: argparse.Namespace) -> None:
     print("RESULT " + json.dumps({"seconds": seconds, "peak_rss_mb": peak_mb}))
 
 
-def _measure(variant: str, workdir: Path, run: int, **paths: str) -> dict:
-    out = workdir / f"{variant}_{run}"
+def _measure(variant: str, workdir: Path, run: int, tag: str = "", **paths: str) -> dict:
+    out = workdir / f"{variant}{tag}_{run}"
     out.mkdir()
     cmd = [sys.executable, __file__, "child", "--variant", variant, "--out", str(out)]
     for key, value in paths.items():
@@ -108,9 +108,12 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("out", "image", "model-dir", "bundle"):
         child.add_argument(f"--{name}")
     child.add_argument("--threads", type=int, default=None)
+    child.add_argument("--backend", default="onnxruntime")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="small")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=None, help="onnxruntime threads (default: all cores)")
+    parser.add_argument("--threads", type=int, default=None, help="backend threads (default: all cores)")
+    parser.add_argument("--backends", nargs="+", default=["onnxruntime", "openvino"],
+                        help="segsentry CPU backends to compare with nnU-Net")
     args = parser.parse_args(argv)
     if args.cmd == "child":
         _child(args)
@@ -143,15 +146,21 @@ def main(argv: list[str] | None = None) -> int:
         bundle = calibrate(features, [train], work / "m.ood.onnx").path
         calib_s = time.perf_counter() - t0
 
-        runs: dict[str, list[dict]] = {"nnunet": [], "segsentry": []}
+        runs: dict[str, list[dict]] = {"nnunet": [], **{f"segsentry_{b}": [] for b in args.backends}}
+        extra = {"threads": args.threads} if args.threads else {}
         for r in range(args.repeats):
             runs["nnunet"].append(_measure("nnunet", work, r, image=case, model_dir=model_dir))
-            extra = {"threads": args.threads} if args.threads else {}
-            runs["segsentry"].append(_measure("segsentry", work, r, image=case, bundle=bundle, **extra))
+            for b in args.backends:
+                runs[f"segsentry_{b}"].append(_measure("segsentry", work, r, image=case, bundle=bundle, backend=b,
+                                                       tag=b, **extra))
         ref = sitk.GetArrayFromImage(sitk.ReadImage(str(runs["nnunet"][0]["out"] / "mask.nii.gz")))
-        ours = sitk.GetArrayFromImage(sitk.ReadImage(str(runs["segsentry"][0]["out"] / "case.nii.gz")))
-        stage = json.loads((runs["segsentry"][0]["out"] / "timings.json").read_text())
-        report = json.loads((runs["segsentry"][0]["out"] / "case.json").read_text())
+        agreement, stages = {}, {}
+        for b in args.backends:
+            out = runs[f"segsentry_{b}"][0]["out"]
+            ours = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "case.nii.gz")))
+            agreement[b] = {"fraction": float(np.mean(ours == ref)), "mismatched_voxels": int(np.sum(ours != ref))}
+            stages[b] = json.loads((out / "timings.json").read_text())
+        report = json.loads((runs[f"segsentry_{args.backends[0]}"][0]["out"] / "case.json").read_text())
 
     med = {k: statistics.median(r["seconds"] for r in v) for k, v in runs.items()}
     rss = {k: statistics.median(r["peak_rss_mb"] for r in v) for k, v in runs.items()}
@@ -164,39 +173,39 @@ def main(argv: list[str] | None = None) -> int:
         "repeats": args.repeats,
         "seconds": {k: [round(r["seconds"], 3) for r in v] for k, v in runs.items()},
         "median_seconds": {k: round(v, 3) for k, v in med.items()},
-        "speedup_vs_nnunet": round(med["nnunet"] / med["segsentry"], 3),
+        "speedup_vs_nnunet": {k: round(med["nnunet"] / v, 3) for k, v in med.items() if k != "nnunet"},
         "median_peak_rss_mb": {k: round(v, 1) for k, v in rss.items()},
-        "rss_ratio_vs_nnunet": round(rss["segsentry"] / rss["nnunet"], 3),
-        "segsentry_stage_seconds": stage,
-        "mask_agreement": float(np.mean(ours == ref)),
-        "mask_mismatched_voxels": int(np.sum(ours != ref)),
+        "rss_ratio_vs_nnunet": {k: round(v / rss["nnunet"], 3) for k, v in rss.items() if k != "nnunet"},
+        "segsentry_stage_seconds": stages,
+        "mask_agreement_vs_nnunet": agreement,
         "export_seconds": round(export_s, 2),
         "calibration_seconds": round(calib_s, 2),
         "machine": _machine(),
         "versions": _versions(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "notes": "Random-weight nnU-Net folder (same checkpoint for both); synthetic chest-CT phantom. nnU-Net "
-                 "time includes building the predictor from the folder; segsentry time includes loading the "
-                 "bundle and writing mask, uncertainty map and report.",
+        "notes": "Random-weight nnU-Net folder (same checkpoint for all); synthetic chest-CT phantom. Each run is "
+                 "a fresh process. nnU-Net time includes building the predictor from the folder; segsentry time "
+                 "includes loading the bundle and writing mask, uncertainty map and report (QA page off).",
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"e2e_cpu_{args.preset}.json").write_text(json.dumps(result, indent=2) + "\n")
     md = [
         f"# End-to-end CPU, preset `{args.preset}` ({result['date']})",
         "",
-        f"{result['machine']['cpu']}, {result['machine']['cores']} cores; volume {shape} (z, y, x), "
-        f"{result['n_patches']} patches of {list(spec.patch_size)}; {args.repeats} runs each, medians.",
+        f"{result['machine']['cpu']}, {result['machine']['cores']} cores; volume {list(shape)} (z, y, x), "
+        f"{result['n_patches']} patches of {list(spec.patch_size)}; {args.repeats} run(s) each, medians.",
         "",
-        "| pipeline | median s | peak RSS MB |",
-        "|---|---|---|",
-        f"| nnUNetPredictor (no mirroring) | {med['nnunet']:.2f} | {rss['nnunet']:.0f} |",
-        f"| ood-run (onnxruntime CPU, with OOD head) | {med['segsentry']:.2f} | {rss['segsentry']:.0f} |",
-        f"| ratio | {result['speedup_vs_nnunet']:.2f}x faster | {result['rss_ratio_vs_nnunet']:.2f}x RSS |",
-        "",
-        f"Mask agreement {result['mask_agreement']:.6f} ({result['mask_mismatched_voxels']} voxels differ). "
-        f"ood-run stages (s): " + ", ".join(f"{k} {v:.2f}" for k, v in stage.items()),
-        "",
+        "| pipeline | median s | speed-up vs nnU-Net | peak RSS MB | RSS vs nnU-Net | mask agreement |",
+        "|---|---|---|---|---|---|",
+        f"| nnUNetPredictor (torch, no mirroring) | {med['nnunet']:.2f} | 1.00x | {rss['nnunet']:.0f} | 1.00x | – |",
     ]
+    for b in args.backends:
+        k = f"segsentry_{b}"
+        md.append(f"| ood-run --backend {b} (with OOD head) | {med[k]:.2f} | {result['speedup_vs_nnunet'][k]:.2f}x | "
+                  f"{rss[k]:.0f} | {result['rss_ratio_vs_nnunet'][k]:.2f}x | {agreement[b]['fraction']:.6f} "
+                  f"({agreement[b]['mismatched_voxels']} voxels differ) |")
+    md += ["", "ood-run stages (s, first run): " + "; ".join(
+        f"{b}: " + ", ".join(f"{k} {v:.2f}" for k, v in stages[b].items()) for b in args.backends), ""]
     (RESULTS / f"e2e_cpu_{args.preset}.md").write_text("\n".join(md))
     print("\n".join(md))
     return 0

@@ -143,6 +143,17 @@ def _top_patches(inference: VolumeInference, geometry: Geometry, manifest: Manif
     return out
 
 
+def argmax_labels(logits: np.ndarray, dtype: type, *, slab: int = 16) -> np.ndarray:
+    """Per-voxel argmax over classes of ``(k, Z, Y, X)`` logits, slab by slab along Z (no int64 volume).
+
+    nnU-Net labels are consecutive integers from 0, so the class index is the label value.
+    """
+    out = np.empty(logits.shape[1:], dtype=dtype)
+    for z in range(0, logits.shape[1], slab):
+        out[z:z + slab] = logits[:, z:z + slab].argmax(0)
+    return out
+
+
 def predict_case(
     loaded: LoadedCase, backend: Backend, manifest: Manifest, *, batch_size: int = 1, with_uncertainty_map: bool = True
 ) -> CasePrediction:
@@ -171,11 +182,9 @@ def predict_case(
     t0 = time.perf_counter()
     spec = manifest.preprocessing
     logits = resample_to_cropped(inference.logits, geometry, spec)
-    labels = logits.argmax(0)
+    dtype = np.uint8 if max(manifest.labels.values()) < 255 else np.uint16
+    mask = to_input_geometry(argmax_labels(logits, dtype), geometry, spec)
     del logits
-    label_values = np.array(sorted(manifest.labels.values()))
-    dtype = np.uint8 if label_values.max() < 255 else np.uint16
-    mask = to_input_geometry(label_values[labels].astype(dtype), geometry, spec)
     uncertainty = None
     if with_uncertainty_map and inference.distance_map is not None:
         cropped = resample_to_cropped(inference.distance_map[None], geometry, spec)[0]
