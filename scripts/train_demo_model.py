@@ -63,6 +63,19 @@ def _reduce_plan(plans_path: Path) -> dict:
     return plans
 
 
+def _training_seconds_from_log(fold_dir: Path) -> float:
+    """Wall time of a finished nnU-Net training, from its log (first entry to 'Training done.')."""
+    from datetime import datetime
+
+    stamps = []
+    for log in sorted(fold_dir.glob("training_log_*.txt")):
+        for line in log.read_text().splitlines():
+            if line[:4].isdigit() and ": " in line:
+                stamps.append((datetime.strptime(line.split(": ", 1)[0], "%Y-%m-%d %H:%M:%S.%f"), line))
+    done = [t for t, line in stamps if "Training done" in line]
+    return (done[-1] - stamps[0][0]).total_seconds() if stamps and done else float("nan")
+
+
 def _dice(a, b) -> float:
     import numpy as np
 
@@ -109,13 +122,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-cases", type=int, default=8)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--resume", action="store_true",
+                        help="reuse --work's trained checkpoint: validate, export, calibrate and evaluate only")
     args = parser.parse_args(argv)
 
     work = args.work.resolve()
-    if work.exists():
-        shutil.rmtree(work)
-    for name in ("raw", "preprocessed", "results"):
-        (work / name).mkdir(parents=True)
+    if not args.resume:
+        if work.exists():
+            shutil.rmtree(work)
+        for name in ("raw", "preprocessed", "results"):
+            (work / name).mkdir(parents=True)
     os.environ.update({
         "nnUNet_raw": str(work / "raw"),
         "nnUNet_preprocessed": str(work / "preprocessed"),
@@ -129,9 +145,10 @@ def main(argv: list[str] | None = None) -> int:
     from segsentry.phantoms import write_cohort
 
     timings: dict[str, float] = {}
-    t0 = time.perf_counter()
-    write_cohort(work / "raw" / DATASET, cohort="id", n=args.cases, seed=args.seed, prefix="PH")
-    timings["phantoms"] = time.perf_counter() - t0
+    if not args.resume:
+        t0 = time.perf_counter()
+        write_cohort(work / "raw" / DATASET, cohort="id", n=args.cases, seed=args.seed, prefix="PH")
+        timings["phantoms"] = time.perf_counter() - t0
 
     from nnunetv2.experiment_planning.plan_and_preprocess_api import (
         extract_fingerprints,
@@ -140,13 +157,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-    t0 = time.perf_counter()
-    extract_fingerprints([DATASET_ID], num_processes=2, check_dataset_integrity=True)
-    plan_experiments([DATASET_ID])
     plans_path = work / "preprocessed" / DATASET / "nnUNetPlans.json"
-    plans = _reduce_plan(plans_path)
-    preprocess([DATASET_ID], configurations=("3d_fullres",), num_processes=(2,))
-    timings["plan_and_preprocess"] = time.perf_counter() - t0
+    if not args.resume:
+        t0 = time.perf_counter()
+        extract_fingerprints([DATASET_ID], num_processes=2, check_dataset_integrity=True)
+        plan_experiments([DATASET_ID])
+        _reduce_plan(plans_path)
+        preprocess([DATASET_ID], configurations=("3d_fullres",), num_processes=(2,))
+        timings["plan_and_preprocess"] = time.perf_counter() - t0
 
     class DemoTrainer(nnUNetTrainer):
         """nnU-Net's default trainer with a short schedule (everything else unchanged)."""
@@ -164,10 +182,18 @@ def main(argv: list[str] | None = None) -> int:
     dataset_json = json.loads((work / "preprocessed" / DATASET / "dataset.json").read_text())
     plans = json.loads(plans_path.read_text())
     plans["continue_training"] = False  # nnU-Net 2.8.1 pops this key in the trainer
-    t0 = time.perf_counter()
     trainer = DemoTrainer(plans, "3d_fullres", 0, dataset_json, device=torch.device("cpu"))
-    trainer.run_training()
-    timings["training"] = time.perf_counter() - t0
+    if args.resume:
+        trainer.initialize()
+        trainer.load_checkpoint(str(Path(trainer.output_folder) / "checkpoint_final.pth"))
+        timings["training"] = _training_seconds_from_log(Path(trainer.output_folder))
+    else:
+        t0 = time.perf_counter()
+        trainer.run_training()
+        timings["training"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    trainer.perform_actual_validation(False)  # nnU-Net's own prediction of the fold-0 validation cases
+    timings["nnunet_validation"] = time.perf_counter() - t0
     model_dir = Path(trainer.output_folder_base)
     validation = json.loads((Path(trainer.output_folder) / "validation" / "summary.json").read_text())
 
@@ -192,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         "dice_per_cohort_segsentry_runtime": {k: {kk: vv for kk, vv in v.items() if kk != "cases"}
                                               for k, v in dice.items()},
         "calibration": {"n_patches": calibration.calibration.n_patches, "n_cases": calibration.calibration.n_cases,
+                        "score_fit": calibration.calibration.score_fit,
                         "threshold": calibration.calibration.threshold, "D": calibration.fit.n_features,
                         "shrinkage": calibration.calibration.shrinkage},
         "bundle_bytes": args.out.stat().st_size,

@@ -105,6 +105,7 @@ def calib_command(
     estimator: Annotated[str, typer.Option("--estimator", help="ledoit-wolf | empirical (paper: pinv) | oas.")] = "ledoit-wolf",
     aggregation: Annotated[str, typer.Option("--aggregation", help="normalised (divide by weights) | paper (plain sum).")] = "normalised",
     keep_features: Annotated[bool, typer.Option("--keep-features", help="Keep the features output in the bundle.")] = False,
+    score_folds: Annotated[int, typer.Option("--score-folds", min=1, help="Score training cases out of sample with this many folds (1 = in-sample, as the paper).")] = 5,
     backend: BackendOpt = "auto",
     batch_size: BatchOpt = 1,
     threads: ThreadsOpt = None,
@@ -129,12 +130,13 @@ def calib_command(
 
             result = calibrate(bundle, images, output, estimator=estimator, aggregation=aggregation,
                                keep_features=keep_features, backend=backend, batch_size=batch_size,
-                               threads=threads, on_case=on_case)
+                               threads=threads, score_folds=score_folds, on_case=on_case)
         c = result.calibration
         console.print(f"[green]wrote[/] {result.path}: {c.n_patches} patches from {c.n_cases} cases, D="
                       f"{result.fit.n_features}, {c.estimator} (shrinkage {c.shrinkage:.4g}, rank {c.rank}), "
                       f"train scores [{c.train_score_min:.4g}, {c.train_score_max:.4g}], "
-                      f"threshold U > {c.threshold:.4f} ({c.aggregation})", highlight=False)
+                      f"threshold U > {c.threshold:.4f} ({c.aggregation}; training scores {c.score_fit})",
+                      highlight=False)
         return EXIT_FAILED if result.failed else EXIT_OK
 
     _guarded(debug, body)
@@ -194,7 +196,8 @@ def run_command(
 
 def _print_run_table(result) -> None:  # noqa: ANN001 - BatchResult, imported lazily
     table = Table(title=f"ood-run ({result.backend}) -> {result.output_dir}")
-    for column in ("case", "status", "U", "threshold", "flag", "patches", "seconds"):
+    table.add_column("case", no_wrap=True)
+    for column in ("status", "U", "threshold", "flag", "patches", "seconds"):
         table.add_column(column)
     for o in result.outcomes:
         r = o.report

@@ -82,6 +82,7 @@ class Calibration:
     threshold: float  # on the normalised uncertainty U in [0, 1]
     train_scores: list[float]  # raw subject scores u of the training cases
     train_uncertainties: list[float]  # normalised U of the training cases
+    score_fit: str = "in-sample"  # how the training scores were computed (in-sample or cross-fit by case)
 
 
 @dataclass(frozen=True)

@@ -66,14 +66,23 @@ def calibrate(
     batch_size: int = 1,
     threads: int | None = None,
     workdir: str | Path | None = None,
+    score_folds: int = 5,
     on_case: Callable[[str, int, str | None], None] | None = None,
 ) -> CalibrationResult:
     """Calibrate ``features_bundle`` (from ood-export) on the training ``images`` and write ``output``.
+
+    The deployed Gaussian is always fitted on every training patch. The training cases' subject scores,
+    which set the normalisation range and the threshold, are computed out of sample when
+    ``score_folds >= 2``: cases are split into that many folds and each fold is scored by a Gaussian fitted on
+    the other folds. ``score_folds=1`` scores the training cases with the Gaussian fitted on them (the
+    authors' procedure); with fewer patches than features that makes every unseen case look far away.
 
     ``on_case(case_id, n_patches, error)`` is called after each training case (for progress display).
     """
     if estimator not in ESTIMATORS:
         raise CalibrationError(f"unknown estimator '{estimator}'; choose one of {', '.join(ESTIMATORS)}")
+    if score_folds < 1:
+        raise CalibrationError(f"score_folds must be >= 1 (1 = in-sample scores), got {score_folds}")
     if aggregation not in AGGREGATIONS:
         raise CalibrationError(f"unknown aggregation '{aggregation}'; choose one of {', '.join(AGGREGATIONS)}")
     bundle = load_bundle(features_bundle)
@@ -116,9 +125,10 @@ def calibrate(
         fit = fit_gaussian(features, estimator=estimator)
         gaussian = importance_for(manifest.patch_size, sigma_scale=manifest.tiling.sigma_scale,
                                   value_scaling_factor=manifest.tiling.value_scaling_factor)
+        case_fits = _score_fits(features, patches, fit, estimator=estimator, folds=score_folds)
         scores = []
-        for case in patches:
-            d = squared_mahalanobis(fit, np.asarray(features[case.rows], dtype=np.float64))
+        for case, case_fit in zip(patches, case_fits):
+            d = squared_mahalanobis(case_fit, np.asarray(features[case.rows], dtype=np.float64))
             voxel_map = distance_map(case.padded_shape, case.boxes, d, gaussian, aggregation=aggregation)
             scores.append(subject_score(crop_box(voxel_map, case.pad_box)))
         n_patches = store.n_samples
@@ -139,6 +149,7 @@ def calibrate(
         threshold=float(tpr95_threshold(uncertainties)),
         train_scores=[float(s) for s in scores],
         train_uncertainties=[float(u) for u in uncertainties],
+        score_fit=_score_fit_label(score_folds, len(patches)),
     )
     model = onnx.load_model_from_string(bundle.model_bytes)
     fused = fold_mahalanobis_head(model, fit, keep_features=keep_features)
@@ -152,6 +163,29 @@ def calibrate(
              estimator, calibration.threshold)
     return CalibrationResult(path=Path(output), calibration=calibration, fit=fit,
                              case_ids=[p.case_id for p in patches], failed=failed, head_check_max_rel_error=check)
+
+
+def _effective_folds(folds: int, n_cases: int) -> int:
+    return min(folds, n_cases) if folds >= 2 and n_cases >= 2 else 1
+
+
+def _score_fit_label(folds: int, n_cases: int) -> str:
+    k = _effective_folds(folds, n_cases)
+    return "in-sample" if k == 1 else f"cross-fit, {k} folds by case"
+
+
+def _score_fits(features: np.ndarray, patches: Sequence[_CasePatches], full: GaussianFit, *, estimator: str,
+                folds: int) -> list[GaussianFit]:
+    """The Gaussian that scores each training case: ``full`` (in-sample) or one fitted without its fold."""
+    k = _effective_folds(folds, len(patches))
+    if k == 1:
+        return [full] * len(patches)
+    fold_of = [i % k for i in range(len(patches))]
+    fits: dict[int, GaussianFit] = {}
+    for f in range(k):
+        rows = np.concatenate([np.arange(c.rows.start, c.rows.stop) for c, g in zip(patches, fold_of) if g != f])
+        fits[f] = fit_gaussian(np.asarray(features[rows]), estimator=estimator)
+    return [fits[g] for g in fold_of]
 
 
 def _check_fused_head(fused: bytes, features_model: bytes, fit: GaussianFit, channels: int,
