@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -26,7 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
+from segsentry.bench import peak_rss_mb  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results"
+
 PRESETS = {
     # (model spec name, phantom shape z, y, x)
     "small": ("SMALL_SPEC", (60, 256, 256)),
@@ -58,7 +60,7 @@ def _child(args: argparse.Namespace) -> None:
         assert result.outcomes[0].status == "ok", result.outcomes[0].error
         timings = result.outcomes[0].report["timings_s"]
         (out / "timings.json").write_text(json.dumps(timings))
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_mb = peak_rss_mb()
     print("RESULT " + json.dumps({"seconds": seconds, "peak_rss_mb": peak_mb}))
 
 

@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from segsentry.bench import peak_rss_mb  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results"
+
 
 
 def _child(bundle: str, image: str, out: str) -> None:
@@ -29,11 +31,11 @@ def _child(bundle: str, image: str, out: str) -> None:
     load_bundle(bundle)
     import onnxruntime  # noqa: F401  (imports counted in the baseline)
 
-    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    baseline = peak_rss_mb()
     start = time.perf_counter()
     result = run_batch(bundle, [Path(image)], Path(out), backend="onnxruntime", qa=False)
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_rss_mb()
     report = result.outcomes[0].report
     print("RESULT " + json.dumps({"baseline_mb": baseline, "peak_mb": peak, "seconds": seconds,
                                   "n_patches": report.get("n_patches"), "timings": report.get("timings_s"),

@@ -241,13 +241,16 @@ def bench_command(
             typer.echo(text)
             return EXIT_OK
         table = Table(title=f"ood-bench {bundle.name} (patch {results['patch_size']}, D={results['feature_dim']})")
-        for column in ("backend", "batch", "p50 ms/call", "p95 ms/call", "patches/s", "head overhead"):
+        for column in ("backend", "batch", "p50 ms/call", "p95 ms/call", "patches/s", "network only p50 ms",
+                       "head alone ms"):
             table.add_column(column)
         for r in results["results"]:
             for b in r["batches"]:
+                head = b["head_only_p50_s_per_call"]
                 table.add_row(r["backend"], str(b["batch"]), f"{b['p50_s_per_call'] * 1e3:.1f}",
                               f"{b['p95_s_per_call'] * 1e3:.1f}", f"{b['patches_per_s']:.2f}",
-                              f"{100 * b['head_overhead_fraction']:+.2f} %")
+                              f"{b['network_only_p50_s_per_call'] * 1e3:.1f}",
+                              "–" if head is None else f"{head * 1e3:.3f}")
         console.print(table)
         for r in results["results"]:
             if "volume" in r:
