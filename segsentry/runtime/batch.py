@@ -139,9 +139,6 @@ def _run_case(case: CaseInput, bundle: Bundle, engine, output_dir: Path, backend
         prediction = predict_case(loaded, engine, bundle.manifest, batch_size=batch_size)
         t0 = time.perf_counter()
         ending = loaded.output_ending
-        for f in case.files:
-            if f.resolve().parent == output_dir.resolve():
-                raise SegsentryError(f"refusing to write next to input {f}")
         write_image(prediction.mask, loaded.reference, output_dir / f"{case.case_id}{ending}")
         if prediction.uncertainty is not None:
             write_image(prediction.uncertainty, loaded.reference, output_dir / f"{case.case_id}_uncertainty{ending}")

@@ -1,0 +1,33 @@
+"""Evaluation of OOD detection and segmentation calibration (numpy only; see :mod:`.metrics`)."""
+
+from segsentry.evaluation.metrics import (
+    EvaluationError,
+    auc,
+    detection_error,
+    detection_summary,
+    dice,
+    energy_score,
+    esce,
+    fpr_at_threshold,
+    kl_uniform_uncertainty,
+    max_softmax_uncertainty,
+    temperature_scaling_search,
+    tpr95_threshold,
+    tpr_at_threshold,
+)
+
+__all__ = [
+    "EvaluationError",
+    "auc",
+    "detection_error",
+    "detection_summary",
+    "dice",
+    "energy_score",
+    "esce",
+    "fpr_at_threshold",
+    "kl_uniform_uncertainty",
+    "max_softmax_uncertainty",
+    "temperature_scaling_search",
+    "tpr95_threshold",
+    "tpr_at_threshold",
+]
