@@ -77,6 +77,7 @@ def _case_report(bundle: Bundle, prediction: CasePrediction, case: CaseInput, ba
         if prediction.uncertainty is not None else None,
         "n_patches": prediction.n_patches,
         "top_patches": prediction.top_patches,
+        "baselines": prediction.baselines,
         "timings_s": {k: round(v, 4) for k, v in timings.items()},
         "backend": backend,
         "model_sha256": bundle.weights_sha256,

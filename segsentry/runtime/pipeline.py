@@ -108,6 +108,7 @@ class CasePrediction:
     threshold: float | None
     n_patches: int
     top_patches: list[dict]
+    baselines: dict[str, float] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -141,6 +142,20 @@ def _top_patches(inference: VolumeInference, geometry: Geometry, manifest: Manif
             "centre_mm": [float(c) for c in reference.TransformContinuousIndexToPhysicalPoint(centre_xyz)],
         })
     return out
+
+
+def output_baselines(logits: np.ndarray) -> dict[str, float]:
+    """The paper's output-based baselines from the aggregated logits ``(k, Z, Y, X)`` (network space).
+
+    Each is a subject-level uncertainty averaged over all voxels: 1 - max softmax (temperature 1, 10, 100),
+    1 - KL(softmax || uniform) / log k, and the energy ``-T logsumexp(logits / T)`` (T = 1, raw).
+    """
+    from segsentry.evaluation.metrics import energy_score, kl_uniform_uncertainty, max_softmax_uncertainty
+
+    out = {f"max_softmax_T{t}": max_softmax_uncertainty(logits, temperature=float(t)) for t in (1, 10, 100)}
+    out["kl_uniform"] = kl_uniform_uncertainty(logits)
+    out["energy"] = energy_score(logits)
+    return {k: float(v) for k, v in out.items()}
 
 
 def argmax_labels(logits: np.ndarray, dtype: type, *, slab: int = 16) -> np.ndarray:
@@ -177,6 +192,7 @@ def predict_case(
         U = normalise_score(score, train_min=calibration.train_score_min, train_max=calibration.train_score_max)
         threshold = calibration.threshold
         ood = bool(U > threshold)
+    baselines = output_baselines(inference.logits)
     timings["scoring"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -201,5 +217,6 @@ def predict_case(
         threshold=threshold,
         n_patches=len(inference.boxes),
         top_patches=_top_patches(inference, geometry, manifest, loaded.reference),
+        baselines=baselines,
         timings=timings,
     )
