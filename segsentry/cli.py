@@ -290,6 +290,43 @@ def phantoms_command(
     _guarded(debug, body)
 
 
+def eval_run_command(
+    bundle: Annotated[Path, typer.Argument(help="A calibrated .ood.onnx bundle.")],
+    id_set: Annotated[Path, typer.Option("--id", help="In-distribution test set (nnU-Net raw layout; labelsTr/ optional).")],
+    ood: Annotated[list[str], typer.Option("--ood", help="An OOD set as NAME=FOLDER (repeatable).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Report folder.")],
+    backend: BackendOpt = "auto",
+    threads: ThreadsOpt = None,
+    verbose: VerboseOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Compare the Mahalanobis score with the output baselines on an ID set and named OOD sets."""
+    _setup_logging(verbose)
+    sets = {}
+    for item in ood:
+        name, sep, folder = item.partition("=")
+        if not sep or not name or not folder:
+            raise typer.BadParameter(f"--ood expects NAME=FOLDER, got {item!r}")
+        sets[name] = Path(folder)
+
+    def body() -> int:
+        from segsentry.evaluation.evaluate import evaluate
+
+        with console.status("evaluating…"):
+            result = evaluate(bundle, id_set, sets, output, backend=backend, threads=threads)
+        for name, rows in result["scenarios"].items():
+            table = Table(title=f"{name}")
+            for column in ("method", "ESCE", "Error", "FPR", "AUC"):
+                table.add_column(column)
+            for r in rows:
+                table.add_row(r["method"], *("–" if r[k] is None else f"{r[k]:.3f}" for k in ("esce", "error", "fpr", "auc")))
+            console.print(table)
+        console.print(f"report: {output / 'report.html'}", highlight=False)
+        return EXIT_OK
+
+    _guarded(debug, body)
+
+
 app.command("export")(export_command)
 app.command("calib")(calib_command)
 app.command("run")(run_command)
@@ -307,6 +344,9 @@ export_app = _single(export_command)
 calib_app = _single(calib_command)
 run_app = _single(run_command)
 bench_app = _single(bench_command)
+eval_app = typer.Typer(help="Evaluate OOD detection against the paper's baselines and metrics.", **_settings)
+eval_app.command("run")(eval_run_command)
+app.add_typer(eval_app, name="eval")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -140,12 +140,15 @@ def _run_case(case: CaseInput, bundle: Bundle, engine, output_dir: Path, backend
         prediction = predict_case(loaded, engine, bundle.manifest, batch_size=batch_size)
         t0 = time.perf_counter()
         ending = loaded.output_ending
-        write_image(prediction.mask, loaded.reference, output_dir / f"{case.case_id}{ending}")
+        outputs = {"mask": output_dir / f"{case.case_id}{ending}"}
+        write_image(prediction.mask, loaded.reference, outputs["mask"])
         if prediction.uncertainty is not None:
-            write_image(prediction.uncertainty, loaded.reference, output_dir / f"{case.case_id}_uncertainty{ending}")
+            outputs["uncertainty_map"] = output_dir / f"{case.case_id}_uncertainty{ending}"
+            write_image(prediction.uncertainty, loaded.reference, outputs["uncertainty_map"])
         timings = {"read": read_s, **prediction.timings, "write": time.perf_counter() - t0}
         timings["total"] = time.perf_counter() - start
         report = _case_report(bundle, prediction, case, backend_name, timings)
+        report["outputs"] = {k: str(v) for k, v in outputs.items()}
         write_text_atomic(output_dir / f"{case.case_id}.json", json.dumps(report, indent=2))
         view = None
         if qa:

@@ -1,0 +1,50 @@
+"""ood-eval on the embedded demo model and small phantom cohorts (ID vs far-OOD)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from segsentry.cli import app
+from segsentry.demo import demo_bundle_path
+from segsentry.phantoms import write_cohort
+
+
+@pytest.fixture(scope="module")
+def cohorts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cohorts")
+    write_cohort(root / "id", cohort="id", n=3, seed=11, prefix="ID")
+    write_cohort(root / "far", cohort="far-ood", n=3, seed=12, prefix="FO")
+    return root
+
+
+def test_eval_report(cohorts, tmp_path):
+    result = CliRunner().invoke(app, ["eval", "run", str(demo_bundle_path()), "--id", str(cohorts / "id"),
+                                      "--ood", f"far={cohorts / 'far'}", "-o", str(tmp_path / "report")])
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "report" / "results.json").read_text())
+    rows = {r["method"]: r for r in data["scenarios"]["far"]}
+    assert set(rows) >= {"mahalanobis", "kl uniform", "energy"}
+    assert any(m.startswith("max softmax (T=") for m in rows)
+    for r in rows.values():
+        assert 0 <= r["auc"] <= 1 and 0 <= r["fpr"] <= 1 and 0 <= r["error"] <= 1
+    assert rows["mahalanobis"]["esce"] is not None and rows["energy"]["esce"] is None
+    assert 0 <= data["mean_dice"]["id"] <= 1
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "| method | ESCE | Error | FPR | AUC |" in md
+    html = (tmp_path / "report" / "report.html").read_text()
+    assert "<svg" in html and "silent failures" in html
+    lines = (tmp_path / "report" / "cases.csv").read_text().splitlines()
+    assert len(lines) == 1 + 6
+
+
+def test_eval_usage_errors(cohorts, tmp_path):
+    runner = CliRunner()
+    bad = runner.invoke(app, ["eval", "run", str(demo_bundle_path()), "--id", str(cohorts / "id"), "--ood", "nofolder",
+                              "-o", str(tmp_path / "r")])
+    assert bad.exit_code == 2
+    reserved = runner.invoke(app, ["eval", "run", str(demo_bundle_path()), "--id", str(cohorts / "id"),
+                                   "--ood", f"id={cohorts / 'far'}", "-o", str(tmp_path / "r")])
+    assert reserved.exit_code == 1 and "reserved" in reserved.output
