@@ -327,6 +327,33 @@ def eval_run_command(
     _guarded(debug, body)
 
 
+def eval_shift_command(
+    input_dir: Annotated[Path, typer.Argument(help="A set in nnU-Net raw layout (imagesTr/, optional labelsTr/).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="New folder for the shifted set.")],
+    kind: Annotated[str, typer.Option("--kind", help="artefact | affine")] = "artefact",
+    level: Annotated[str, typer.Option("--level", help="weak | medium | strong")] = "strong",
+    seed: Annotated[int, typer.Option("--seed", help="Random seed (per case derived from it).")] = 0,
+    verbose: VerboseOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Apply a transformation shift (paper Table 4, TorchIO) to images and labels, in nnU-Net raw layout."""
+    _setup_logging(verbose)
+    if kind not in ("artefact", "affine") or level not in ("weak", "medium", "strong"):
+        raise typer.BadParameter("--kind must be artefact|affine and --level weak|medium|strong")
+
+    def body() -> int:
+        from segsentry.evaluation.shifts import shift_folder
+
+        with console.status(f"{kind} shift ({level})…"):
+            failed = shift_folder(input_dir, output, kind=kind, level=level, seed=seed)
+        for case in failed:
+            console.print(f"[yellow]failed[/] {case}", highlight=False)
+        console.print(f"[green]wrote[/] {output} ({kind}, {level}, seed {seed})", highlight=False)
+        return EXIT_FAILED if failed else EXIT_OK
+
+    _guarded(debug, body)
+
+
 app.command("export")(export_command)
 app.command("calib")(calib_command)
 app.command("run")(run_command)
@@ -346,6 +373,7 @@ run_app = _single(run_command)
 bench_app = _single(bench_command)
 eval_app = typer.Typer(help="Evaluate OOD detection against the paper's baselines and metrics.", **_settings)
 eval_app.command("run")(eval_run_command)
+eval_app.command("shift")(eval_shift_command)
 app.add_typer(eval_app, name="eval")
 
 

@@ -1,4 +1,8 @@
-"""Evaluation of OOD detection and segmentation calibration (numpy only; see :mod:`.metrics`)."""
+"""Evaluation of OOD detection and segmentation calibration.
+
+:mod:`.metrics` (numpy only) holds the paper's metrics and output baselines; :mod:`.evaluate` runs ``ood-eval``
+through the runtime; :mod:`.shifts` builds TorchIO transformation shifts (``eval`` extra, imported lazily).
+"""
 
 from segsentry.evaluation.metrics import (
     EvaluationError,

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import zlib
 from collections.abc import Mapping
 from pathlib import Path
@@ -293,7 +292,6 @@ def shift_folder(in_dir: Path, out_dir: Path, *, kind: str, level: str, seed: in
     out_dir.mkdir(parents=True, exist_ok=True)
     failed: list[str] = []
     written = 0
-    has_labels = (in_dir / "labelsTr").is_dir()
     for case, channel_paths in cases.items():
         label_path = in_dir / "labelsTr" / f"{case}{ending}"
         case_seed = _case_seed(seed, case)
@@ -332,12 +330,6 @@ def shift_folder(in_dir: Path, out_dir: Path, *, kind: str, level: str, seed: in
         if "numTraining" in dataset:
             out_dataset["numTraining"] = written
         write_text_atomic(out_dir / "dataset.json", json.dumps(out_dataset, indent=4) + "\n")
-    elif has_labels:
-        (out_dir / "labelsTr").mkdir(exist_ok=True)
     if failed:
         log.warning("%d of %d case(s) failed: %s", len(failed), len(cases), ", ".join(failed))
     return failed
-
-
-def _copy_tree_unused() -> None:  # pragma: no cover
-    shutil.copy  # keep import for potential use

@@ -48,3 +48,19 @@ def test_eval_usage_errors(cohorts, tmp_path):
     reserved = runner.invoke(app, ["eval", "run", str(demo_bundle_path()), "--id", str(cohorts / "id"),
                                    "--ood", f"id={cohorts / 'far'}", "-o", str(tmp_path / "r")])
     assert reserved.exit_code == 1 and "reserved" in reserved.output
+
+
+def test_eval_shift_command(cohorts, tmp_path):
+    pytest.importorskip("torchio")
+    import SimpleITK as sitk
+
+    out = tmp_path / "shifted"
+    result = CliRunner().invoke(app, ["eval", "shift", str(cohorts / "id"), "-o", str(out), "--kind", "affine",
+                                      "--level", "strong", "--seed", "0"])
+    assert result.exit_code == 0, result.output
+    original = sitk.ReadImage(str(cohorts / "id" / "imagesTr" / "ID_000_0000.nii.gz"))
+    shifted = sitk.ReadImage(str(out / "imagesTr" / "ID_000_0000.nii.gz"))
+    assert shifted.GetSize() == original.GetSize()
+    assert (out / "labelsTr" / "ID_000.nii.gz").exists()
+    bad = CliRunner().invoke(app, ["eval", "shift", str(cohorts / "id"), "-o", str(tmp_path / "x"), "--kind", "wobble"])
+    assert bad.exit_code == 2
