@@ -295,6 +295,7 @@ def eval_run_command(
     id_set: Annotated[Path, typer.Option("--id", help="In-distribution test set (nnU-Net raw layout; labelsTr/ optional).")],
     ood: Annotated[list[str], typer.Option("--ood", help="An OOD set as NAME=FOLDER (repeatable).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Report folder.")],
+    tta: Annotated[bool, typer.Option("--tta", help="Add the TTA baseline (8 flipped passes per case: 8x slower).")] = False,
     backend: BackendOpt = "auto",
     threads: ThreadsOpt = None,
     verbose: VerboseOpt = False,
@@ -313,7 +314,7 @@ def eval_run_command(
         from segsentry.evaluation.evaluate import evaluate
 
         with console.status("evaluating…"):
-            result = evaluate(bundle, id_set, sets, output, backend=backend, threads=threads)
+            result = evaluate(bundle, id_set, sets, output, backend=backend, threads=threads, tta=tta)
         for name, rows in result["scenarios"].items():
             table = Table(title=f"{name}")
             for column in ("method", "ESCE", "Error", "FPR", "AUC"):

@@ -1,7 +1,7 @@
 """``ood-eval``: run a bundle on an in-distribution set and named OOD sets, compare OOD scores as in the paper.
 
 Every case goes through the runtime's ``run_batch`` (one sliding-window core), so the Mahalanobis score and the
-output baselines (max softmax at T = 1, 10, 100 — the lowest-ESCE T is reported, as the paper does —, KL from
+output baselines (and, with ``tta=True``, the TTA baseline: 8 flipped passes through the same core) (max softmax at T = 1, 10, 100 — the lowest-ESCE T is reported, as the paper does —, KL from
 uniform, energy) come from the same aggregated logits. Per OOD scenario, one table in the paper's layout:
 methods × ESCE, detection error, FPR and AUC. The detection threshold of every method is the 95 % TPR boundary
 of its scores on the in-distribution test set (the authors' rule), so methods are compared at the same TPR.
@@ -13,8 +13,9 @@ from __future__ import annotations
 import csv
 import html
 import io
+import itertools
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +33,12 @@ from segsentry.evaluation.metrics import (
     tpr95_threshold,
     tpr_at_threshold,
 )
+from segsentry.runtime.backends import create_backend
 from segsentry.runtime.batch import run_batch
+from segsentry.runtime.bundle import Bundle, load_bundle
+from segsentry.runtime.io import CaseInput, read_case
+from segsentry.runtime.pipeline import infer_volume
+from segsentry.runtime.preprocess import preprocess
 
 SILENT_FAILURE_DICE = 0.6
 METHODS = ("mahalanobis", "max_softmax", "kl_uniform", "energy")
@@ -56,9 +62,41 @@ def _images_and_labels(folder: Path) -> tuple[Path, Path | None]:
     return folder, None
 
 
-def run_set(bundle: Path, folder: Path, group: str, work: Path, *, backend: str, threads: int | None) -> list[CaseResult]:
+def tta_uncertainty(files: Sequence[Path], bundle: Bundle, engine) -> float:
+    """TTA baseline: 8 flip combinations of the preprocessed volume through the same sliding window; the
+    uncertainty is the voxel mean of the standard deviation of the foreground probability (1 - P(background))."""
+    m = bundle.manifest
+    loaded = read_case(CaseInput("tta", tuple(files)), num_channels=m.num_channels)
+    data, _ = preprocess(loaded.image, loaded.spacing, m.preprocessing)
+    total = total_sq = None
+    for axes in [c for r in range(4) for c in itertools.combinations((1, 2, 3), r)]:
+        flipped = np.ascontiguousarray(np.flip(data, axes)) if axes else data
+        logits = infer_volume(flipped, engine, m).logits
+        logits = np.flip(logits, axes) if axes else logits
+        fg = 1.0 - _softmax_background(logits)
+        total = fg if total is None else total + fg
+        total_sq = fg * fg if total_sq is None else total_sq + fg * fg
+    mean = total / 8
+    return float(np.mean(np.sqrt(np.maximum(total_sq / 8 - mean * mean, 0.0))))
+
+
+def _softmax_background(logits: np.ndarray) -> np.ndarray:
+    x = logits.astype(np.float32)
+    x -= x.max(0, keepdims=True)
+    np.exp(x, out=x)
+    return x[0] / x.sum(0)
+
+
+def run_set(bundle: Path, folder: Path, group: str, work: Path, *, backend: str, threads: int | None,
+            tta: bool = False) -> list[CaseResult]:
     images, labels = _images_and_labels(folder)
     result = run_batch(bundle, [images], work / group, backend=backend, threads=threads, qa=False)
+    loaded_bundle = load_bundle(bundle) if tta else None
+    engine = None
+    if tta:
+        m = loaded_bundle.manifest
+        engine = create_backend(backend, loaded_bundle.model_bytes, channels=m.num_channels, patch_size=m.patch_size,
+                                threads=threads, manifest=m)
     cases = []
     for o in result.outcomes:
         if o.status != "ok":
@@ -69,6 +107,8 @@ def run_set(bundle: Path, folder: Path, group: str, work: Path, *, backend: str,
         b = r["baselines"]
         scores = {"mahalanobis": r["uncertainty"], "kl_uniform": b["kl_uniform"], "energy": b["energy"],
                   **{f"max_softmax_T{t}": b[f"max_softmax_T{t}"] for t in (1, 10, 100)}}
+        if engine is not None:
+            scores["tta"] = tta_uncertainty([Path(f) for f in r["inputs"]], loaded_bundle, engine)
         case_dice = None
         if labels is not None:
             ref_path = next(iter(sorted(labels.glob(f"{o.case_id}.*"))), None)
@@ -77,6 +117,8 @@ def run_set(bundle: Path, folder: Path, group: str, work: Path, *, backend: str,
                 ref = sitk.GetArrayFromImage(sitk.ReadImage(str(ref_path)))
                 case_dice = dice(pred, ref)
         cases.append(CaseResult(o.case_id, group, scores, case_dice))
+    if engine is not None:
+        engine.close()
     if not cases:
         raise EvaluationError(f"evaluation set '{group}' ({folder}) holds no cases")
     return cases
@@ -101,7 +143,8 @@ def scenario_table(id_cases: list[CaseResult], ood_cases: list[CaseResult]) -> l
     rows = []
     everything = id_cases + ood_cases
     t_best = _best_temperature(everything)
-    for method in METHODS:
+    methods = [*METHODS, "tta"] if all("tta" in c.scores for c in everything) else list(METHODS)
+    for method in methods:
         key = f"max_softmax_T{t_best}" if method == "max_softmax" else method
         sid, sood = _method_scores(id_cases, key), _method_scores(ood_cases, key)
         threshold = tpr95_threshold(sid)
@@ -111,7 +154,8 @@ def scenario_table(id_cases: list[CaseResult], ood_cases: list[CaseResult]) -> l
         if with_dice and method != "energy":
             error_esce = esce(_method_scores(with_dice, key), np.array([c.dice for c in with_dice]))
         rows.append({
-            "method": f"max softmax (T={t_best})" if method == "max_softmax" else method.replace("_", " "),
+            "method": f"max softmax (T={t_best})" if method == "max_softmax" else
+            "TTA (8 flips)" if method == "tta" else method.replace("_", " "),
             "esce": error_esce, "error": detection_error(tpr, fpr), "fpr": fpr, "auc": auc(sid, sood),
             "threshold": threshold, "tpr": tpr,
         })
@@ -150,7 +194,7 @@ def _scatter_svg(id_cases: list[CaseResult], ood_cases: list[CaseResult], thresh
 
 def evaluate(
     bundle: str | Path, id_set: str | Path, ood_sets: Mapping[str, str | Path], output: str | Path, *,
-    backend: str = "auto", threads: int | None = None,
+    backend: str = "auto", threads: int | None = None, tta: bool = False,
 ) -> dict:
     """Run everything once, then write ``output/report.md``, ``report.html``, ``cases.csv``, ``results.json``."""
     output = Path(output)
@@ -159,11 +203,11 @@ def evaluate(
     if "id" in ood_sets:
         raise EvaluationError("'id' is reserved for the in-distribution set; rename that OOD set")
     work = output / "cases"
-    id_cases = run_set(Path(bundle), Path(id_set), "id", work, backend=backend, threads=threads)
+    id_cases = run_set(Path(bundle), Path(id_set), "id", work, backend=backend, threads=threads, tta=tta)
     scenarios = {}
     all_cases = list(id_cases)
     for name, folder in ood_sets.items():
-        ood_cases = run_set(Path(bundle), Path(folder), name, work, backend=backend, threads=threads)
+        ood_cases = run_set(Path(bundle), Path(folder), name, work, backend=backend, threads=threads, tta=tta)
         all_cases += ood_cases
         scenarios[name] = {"rows": scenario_table(id_cases, ood_cases), "cases": ood_cases}
     result = {

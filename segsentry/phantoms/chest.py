@@ -1257,7 +1257,9 @@ def _render_abdomen(g: _Grid, ab: _Abdomen, rng: np.random.Generator) -> tuple[F
     paths: list[tuple[npt.NDArray[np.float64], float, str]] = []
     for _ in range(int(rng.integers(5, 8))):
         for _try in range(50):
-            start = rng.uniform([-ac * 0.6, -ba * 0.7, ab.z_bot + 20], [ac * 0.6, y_back, -160])
+            low = np.array([-ac * 0.6, -ba * 0.7, ab.z_bot + 20])
+            high = np.array([ac * 0.6, y_back, -160.0])
+            start = rng.uniform(np.minimum(low, high), np.maximum(low, high))  # short/flat abdomens invert a bound
             if in_belly(start):
                 break
         paths.append((_bowel_path(rng, start, 28, 14.0, in_belly), rng.uniform(9, 13), "small"))
