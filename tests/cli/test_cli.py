@@ -221,3 +221,15 @@ def test_phantoms_command_writes_nnunet_raw_layout(tmp_path):
     assert image.GetSize() == label.GetSize()
     assert image.GetSpacing()[2] == pytest.approx(8.0, abs=0.5)  # dataset shift: thick slices
     assert _run("phantoms", tmp_path / "x", "--cohort", "mars").exit_code == 2
+
+
+def test_demo_runs_the_embedded_model(tmp_path):
+    """The README's demo: ID phantom kept, dataset-shift and far-OOD phantoms flagged (exit code 3)."""
+    result = _run("run", "--demo", "-o", tmp_path / "demo", "--json")
+    assert result.exit_code == 3
+    cases = {c["case"]: c for c in json.loads(result.stdout)["cases"]}
+    assert cases["demo_id"]["ood"] is False
+    assert cases["demo_dataset_shift"]["ood"] is True
+    assert cases["demo_far_ood"]["ood"] is True
+    assert (tmp_path / "demo" / "qa.html").exists()
+    assert _run("run", "--demo", "some.onnx", "-o", tmp_path / "x").exit_code == 2
