@@ -135,8 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         model_dir = nnunet_folder.make_model_folder(work / "results", spec)
         train = work / "imagesTr"
         train.mkdir()
-        for seed in (101, 102):
-            image, _ = make_chest_ct(seed=seed, cohort="id", shape=shape).to_sitk()
+        for seed in (101, 102):  # calibration only needs a working bundle: default-size phantoms
+            image, _ = make_chest_ct(seed=seed, cohort="id").to_sitk()
             sitk.WriteImage(image, str(train / f"train{seed}_0000.nii.gz"))
         image, _ = make_chest_ct(seed=7, cohort="id", shape=shape).to_sitk()
         case = work / "case_0000.nii.gz"
