@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -73,14 +71,13 @@ def main(argv: list[str] | None = None) -> int:
         })
         print(json.dumps(rows[-1]), flush=True)
 
-    cpu = platform.processor()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
+    from segsentry.bench import machine_info, package_versions
+
+    machine = machine_info()
+    cpu = machine["cpu"]
     result = {
-        "benchmark": "covariance", "rows": rows, "machine": {"cpu": cpu, "python": platform.python_version()},
-        "versions": {p: metadata.version(p) for p in ("numpy", "scikit-learn", "scipy")},
+        "benchmark": "covariance", "rows": rows, "machine": machine,
+        "versions": package_versions(("numpy", "scikit-learn", "scipy")),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)

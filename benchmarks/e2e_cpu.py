@@ -14,18 +14,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 
-from segsentry.bench import peak_rss_mb  # noqa: E402
+from segsentry.bench import machine_info, package_versions, peak_rss_mb  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -78,28 +76,8 @@ def _measure(variant: str, workdir: Path, run: int, tag: str = "", **paths: str)
 
 
 def _versions() -> dict:
-    names = ["segsentry", "numpy", "SimpleITK", "onnx", "onnxruntime", "torch", "nnunetv2", "scipy", "scikit-image"]
-    found = {}
-    for name in names:
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            found[name] = None
-    return found
-
-
-def _machine() -> dict:
-    import os
-
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}
+    return package_versions(["segsentry", "numpy", "SimpleITK", "onnx", "onnxruntime", "openvino", "torch",
+                             "nnunetv2", "scipy", "scikit-image"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -182,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         "mask_agreement_vs_nnunet": agreement,
         "export_seconds": round(export_s, 2),
         "calibration_seconds": round(calib_s, 2),
-        "machine": _machine(),
+        "machine": machine_info(),
         "versions": _versions(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "notes": "Random-weight nnU-Net folder (same checkpoint for all); synthetic chest-CT phantom. Each run is "

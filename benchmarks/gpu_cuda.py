@@ -23,7 +23,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from e2e_cpu import PRESETS, _machine, _versions  # noqa: E402
+from e2e_cpu import PRESETS, _versions  # noqa: E402
+
+from segsentry.bench import machine_info  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -103,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         "speedup_vs_nnunet": med["nnunet"] / med["segsentry_torch_cuda"],
         "mask_agreement": float(np.mean(ours.mask == ref)),
         "not_measured": {"tensorrt": "backend not implemented yet", "ort-gpu": "backend not implemented yet"},
-        "machine": _machine(), "versions": _versions(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "machine": machine_info(), "versions": _versions(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"gpu_cuda_{args.preset}.json").write_text(json.dumps(result, indent=2) + "\n")

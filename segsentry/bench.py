@@ -10,6 +10,7 @@ Everything runs through the runtime's own backends and sliding-window core. Per 
 
 from __future__ import annotations
 
+import os
 import platform
 import statistics
 import tempfile
@@ -185,24 +186,31 @@ def run_bench(
         "patch_size": bundle.manifest.patch_size,
         "feature_dim": bundle.manifest.features.dim,
         "results": results,
-        "machine": {"cpu": _cpu_name(), "python": platform.python_version(), "platform": platform.platform()},
-        "versions": {p: _version(p) for p in ("segsentry", "numpy", "onnxruntime", "openvino", "torch")},
+        "machine": machine_info(),
+        "versions": package_versions(("segsentry", "numpy", "onnxruntime", "openvino", "torch")),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
 
 
-def _version(package: str) -> str | None:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return None
+def package_versions(packages: Sequence[str]) -> dict[str, str | None]:
+    """Installed version of each package (None when absent), recorded with every benchmark result."""
+    found: dict[str, str | None] = {}
+    for package in packages:
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            found[package] = None
+    return found
 
 
-def _cpu_name() -> str:
+def machine_info() -> dict:
+    """CPU model, core count, Python and platform, recorded with every benchmark result."""
+    cpu = platform.processor()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+                cpu = line.split(":", 1)[1].strip()
+                break
     except OSError:
         pass
-    return platform.processor()
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}

@@ -8,7 +8,7 @@ them. They segment nothing meaningful: they exist to compare two inference pipel
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
