@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import subprocess
+import sys
+import textwrap
+
 import numpy as np
 import SimpleITK as sitk
 
@@ -48,3 +52,26 @@ def mr_volumes(rng: np.random.Generator, shape_zyx=(30, 40, 34)) -> list[np.ndar
     flair = np.where(head, 200 + rng.normal(0, 15, shape_zyx), 0).astype(np.float32)
     flair[lesion & head] += 250
     return [t1, flair]
+
+
+_BLOCKER = textwrap.dedent("""
+    import importlib.abc, sys
+    BLOCKED = set({blocked!r})
+
+    class Block(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in BLOCKED:
+                raise ModuleNotFoundError(f"No module named {{name!r}} (blocked by test)")
+            return None
+
+    sys.meta_path.insert(0, Block())
+""")
+
+
+def run_with_blocked_imports(blocked: list[str], body: str) -> subprocess.CompletedProcess:
+    """Run ``body`` in a child interpreter where importing any of ``blocked`` fails as if not installed.
+
+    ``body`` may use ``BLOCKED`` (the set) and ``sys``; it should print what the test checks.
+    """
+    code = _BLOCKER.format(blocked=blocked) + textwrap.dedent(body)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from factory import run_with_blocked_imports
 from segsentry.errors import MissingDependencyError, SegsentryError
 from segsentry.phantoms import (
     COHORTS,
@@ -299,22 +297,11 @@ def test_mni152_without_nilearn_raises_a_clear_error(monkeypatch):
 
 def test_phantoms_need_only_numpy_and_simpleitk():
     blocked = ["torch", "scipy", "nilearn", "nibabel", "sklearn", "skimage", "matplotlib", "nnunetv2"]
-    code = textwrap.dedent(f"""
-        import importlib.abc, sys
-        BLOCKED = set({blocked!r})
-
-        class Block(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] in BLOCKED:
-                    raise ModuleNotFoundError(f"No module named {{name!r}} (blocked by test)")
-                return None
-
-        sys.meta_path.insert(0, Block())
+    proc = run_with_blocked_imports(blocked, """
         import segsentry.phantoms as ph
         p = ph.make_chest_ct(seed=0, cohort="diagnostic-shift", shape=(12, 48, 48))
         loaded = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
         print("RESULT", p.image.shape, loaded)
     """)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "RESULT (12, 48, 48) []" in proc.stdout

@@ -7,39 +7,27 @@ they were not installed, then runs ``ood-run``'s code path on a real bundle.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import textwrap
 
+from factory import run_with_blocked_imports
 from segsentry.runtime.backends import resolve_backend_name
 
 BLOCKED = ["torch", "onnx", "onnxscript", "scipy", "sklearn", "skimage", "nnunetv2",
            "dynamic_network_architectures", "timm", "torchvision", "acvl_utils", "batchgenerators"]
 
-CHILD = textwrap.dedent("""
-    import importlib.abc, sys
-    BLOCKED = set({blocked!r})
-
-    class Block(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in BLOCKED:
-                raise ModuleNotFoundError(f"No module named {{name!r}} (blocked by test)")
-            return None
-
-    sys.meta_path.insert(0, Block())
-    import segsentry.runtime
-    from segsentry.cli import app
-    from typer.testing import CliRunner
-    result = CliRunner().invoke(app, ["run", {bundle!r}, {image!r}, "-o", {out!r}, "--json"])
-    loaded = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
-    print("RESULT", result.exit_code, loaded)
-""")
+CHILD = """
+import segsentry.runtime
+from segsentry.cli import app
+from typer.testing import CliRunner
+result = CliRunner().invoke(app, ["run", {bundle!r}, {image!r}, "-o", {out!r}, "--json"])
+loaded = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
+print("RESULT", result.exit_code, loaded)
+"""
 
 
 def test_runtime_runs_without_torch(ct_pipeline, test_cases, tmp_path):
     image = str(next(iter(test_cases["ct"].values()))[0])
-    code = CHILD.format(blocked=BLOCKED, bundle=str(ct_pipeline.ood_onnx), image=image, out=str(tmp_path / "out"))
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    proc = run_with_blocked_imports(
+        BLOCKED, CHILD.format(bundle=str(ct_pipeline.ood_onnx), image=image, out=str(tmp_path / "out")))
     assert proc.returncode == 0, proc.stderr
     line = next(line for line in proc.stdout.splitlines() if line.startswith("RESULT"))
     assert line.split(" ", 2)[1] in ("0", "3"), proc.stdout
