@@ -290,12 +290,30 @@ def phantoms_command(
     _guarded(debug, body)
 
 
+def _name_value_pairs(items: list[str], option: str, form: str) -> dict[str, Path]:
+    pairs = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name or not value:
+            raise typer.BadParameter(f"{option} expects {form}, got {item!r}")
+        if name in pairs:
+            raise typer.BadParameter(f"{option} name {name!r} given twice")
+        pairs[name] = Path(value)
+    return pairs
+
+
 def eval_run_command(
     bundle: Annotated[Path, typer.Argument(help="A calibrated .ood.onnx bundle.")],
     id_set: Annotated[Path, typer.Option("--id", help="In-distribution test set (nnU-Net raw layout; labelsTr/ optional).")],
     ood: Annotated[list[str], typer.Option("--ood", help="An OOD set as NAME=FOLDER (repeatable).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Report folder.")],
     tta: Annotated[bool, typer.Option("--tta", help="Add the TTA baseline (8 flipped passes per case: 8x slower).")] = False,
+    mc_dropout: Annotated[bool, typer.Option(
+        "--mc-dropout", help="Add the MC dropout baseline (p = 0.5 after the encoder stages, on onnxruntime).")] = False,
+    mc_passes: Annotated[int, typer.Option("--mc-passes", min=2, help="MC dropout passes per case.")] = 10,
+    layer: Annotated[Optional[list[str]], typer.Option(
+        "--layer", help="Feature-layer ablation: NAME=BUNDLE, another calibrated bundle of the same network "
+        "tapped at another layer (repeatable).")] = None,
     backend: BackendOpt = "auto",
     threads: ThreadsOpt = None,
     verbose: VerboseOpt = False,
@@ -303,18 +321,15 @@ def eval_run_command(
 ) -> None:
     """Compare the Mahalanobis score with the output baselines on an ID set and named OOD sets."""
     _setup_logging(verbose)
-    sets = {}
-    for item in ood:
-        name, sep, folder = item.partition("=")
-        if not sep or not name or not folder:
-            raise typer.BadParameter(f"--ood expects NAME=FOLDER, got {item!r}")
-        sets[name] = Path(folder)
+    sets = _name_value_pairs(ood, "--ood", "NAME=FOLDER")
+    layers = _name_value_pairs(layer or [], "--layer", "NAME=BUNDLE")
 
     def body() -> int:
         from segsentry.evaluation.evaluate import evaluate
 
         with console.status("evaluating…"):
-            result = evaluate(bundle, id_set, sets, output, backend=backend, threads=threads, tta=tta)
+            result = evaluate(bundle, id_set, sets, output, backend=backend, threads=threads, tta=tta,
+                              mc_dropout=mc_dropout, mc_passes=mc_passes, layers=layers)
         for name, rows in result["scenarios"].items():
             table = Table(title=f"{name}")
             for column in ("method", "ESCE", "Error", "FPR", "AUC"):
@@ -322,6 +337,9 @@ def eval_run_command(
             for r in rows:
                 table.add_row(r["method"], *("–" if r[k] is None else f"{r[k]:.3f}" for k in ("esce", "error", "fpr", "auc")))
             console.print(table)
+        for r in result.get("layer_ablation", []):
+            console.print(f"layer {r['layer']}: " + ", ".join(
+                f"{name} AUC {r[name]['auc']:.3f}" for name in result["scenarios"]), highlight=False)
         console.print(f"report: {output / 'report.html'}", highlight=False)
         return EXIT_OK
 

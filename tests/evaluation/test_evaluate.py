@@ -95,13 +95,83 @@ def test_tta_baseline_matches_a_direct_computation(cohorts):
     assert got == pytest.approx(float(np.mean(np.std(np.stack(probs), axis=0))), rel=1e-4)
 
 
-def test_eval_with_tta_adds_a_row(tmp_path):
+def test_eval_with_sampled_baselines_adds_rows(tmp_path):
     from segsentry.evaluation.evaluate import evaluate
 
-    write_cohort(tmp_path / "id", cohort="id", n=2, seed=21, prefix="ID")
-    write_cohort(tmp_path / "far", cohort="far-ood", n=1, seed=22, prefix="FO")
+    write_cohort(tmp_path / "id", cohort="id", n=2, seed=21, prefix="ID", shape=(24, 96, 96))
+    write_cohort(tmp_path / "far", cohort="far-ood", n=1, seed=22, prefix="FO", shape=(24, 96, 96))
     result = evaluate(demo_bundle_path(), tmp_path / "id", {"far": tmp_path / "far"}, tmp_path / "r", tta=True,
-                      backend="onnxruntime")
+                      mc_dropout=True, mc_passes=2, backend="onnxruntime")
     rows = {r["method"]: r for r in result["scenarios"]["far"]}
-    assert "TTA (8 flips)" in rows and 0 <= rows["TTA (8 flips)"]["auc"] <= 1
-    assert "tta" in (tmp_path / "r" / "cases.csv").read_text().splitlines()[0]
+    for method in ("TTA (8 flips)", "MC dropout"):
+        assert method in rows and 0 <= rows[method]["auc"] <= 1
+    header = (tmp_path / "r" / "cases.csv").read_text().splitlines()[0].split(",")
+    assert {"tta", "mc_dropout"} <= set(header)
+    assert set(result["distributions"]) >= {"tta", "mc_dropout", "mahalanobis"}
+    assert result["sampled_baselines"]["mc_dropout"] == {"passes": 2, "p": 0.5}
+    assert "MC dropout: p = 0.5 after every encoder stage, 2 passes" in (tmp_path / "r" / "report.md").read_text()
+
+
+def test_distributions_per_set(cohorts, tmp_path):
+    """Fig. 8: per method and set the median / quartiles of the scores, recomputed from cases.csv; one SVG
+    per method in the HTML report."""
+    import csv
+
+    import numpy as np
+
+    from segsentry.evaluation.evaluate import evaluate
+
+    result = evaluate(demo_bundle_path(), cohorts / "id", {"far": cohorts / "far"}, tmp_path / "r",
+                      backend="onnxruntime")
+    rows = list(csv.DictReader((tmp_path / "r" / "cases.csv").open()))
+    for key in ("mahalanobis", "kl_uniform", "energy"):
+        for group in ("id", "far"):
+            values = [float(r[key]) for r in rows if r["group"] == group]
+            got = result["distributions"][key][group]
+            assert got["n"] == 3
+            assert got["median"] == pytest.approx(float(np.median(values)), rel=1e-5)
+            assert got["q1"] == pytest.approx(float(np.percentile(values, 25)), rel=1e-5)
+    html = (tmp_path / "r" / "report.html").read_text()
+    assert html.count("<svg") == 1 + len(result["distributions"])  # scatter + one distribution figure per method
+    assert "Score distributions per set" in (tmp_path / "r" / "report.md").read_text()
+
+
+def test_feature_layer_ablation(ct_pipeline, tmp_path):
+    """Table 11: a second bundle tapped at another layer; its AUC per scenario equals sklearn's on cases.csv."""
+    import csv
+
+    import numpy as np
+    from sklearn.metrics import roc_auc_score
+
+    from factory import ct_volume, write_volume
+    from segsentry.calib import calibrate
+    from segsentry.export import export_nnunet
+
+    features = export_nnunet(ct_pipeline.model_dir, tmp_path / "stage1.features.onnx", layer="encoder.stages.1").path
+    other = calibrate(features, [ct_pipeline.images], tmp_path / "stage1.ood.onnx", score_folds=1).path
+    rng = np.random.default_rng(3)
+    for i in range(3):
+        write_volume(tmp_path / "ood" / f"odd{i}_0000.nii.gz", ct_volume(rng)[::-1] * 0.3 + 400.0,
+                     spacing_xyz=(0.8, 0.75, 4.0))
+    runner = CliRunner()
+    result = runner.invoke(app, ["eval", "run", str(ct_pipeline.ood_onnx), "--id", str(ct_pipeline.images),
+                                 "--ood", f"odd={tmp_path / 'ood'}", "--layer", f"stage1={other}",
+                                 "-o", str(tmp_path / "r"), "--backend", "onnxruntime"])
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "r" / "results.json").read_text())
+    ablation = {r["key"]: r for r in data["layer_ablation"]}
+    assert set(ablation) == {"mahalanobis", "mahalanobis[stage1]"}
+    assert "encoder.stages.1" in ablation["mahalanobis[stage1]"]["layer"]
+    rows = list(csv.DictReader((tmp_path / "r" / "cases.csv").open()))
+    labels = [r["group"] != "id" for r in rows]
+    for key, row in ablation.items():
+        scores = [float(r[key]) for r in rows]
+        assert row["odd"]["auc"] == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+    main = next(r for r in data["scenarios"]["odd"] if r["method"] == "mahalanobis")
+    assert main["auc"] == ablation["mahalanobis"]["odd"]["auc"]
+    assert [float(r["mahalanobis"]) for r in rows] != [float(r["mahalanobis[stage1]"]) for r in rows]
+    assert "Feature-layer ablation" in (tmp_path / "r" / "report.md").read_text()
+    bad = runner.invoke(app, ["eval", "run", str(ct_pipeline.ood_onnx), "--id", str(ct_pipeline.images),
+                              "--ood", f"odd={tmp_path / 'ood'}", "--layer", f"x={tmp_path / 'missing.onnx'}",
+                              "-o", str(tmp_path / "r2")])
+    assert bad.exit_code == 1 and "is not a file" in " ".join(bad.output.split())
