@@ -99,7 +99,7 @@ def bench_backend(
     result: dict = {"backend": name, "batches": []}
     plain = network_only(bundle)
     with create_backend(name, bundle.model_bytes, channels=m.num_channels, patch_size=m.patch_size,
-                        threads=threads, manifest=m) as full, \
+                        threads=threads, manifest=m, cache_dir=bundle.path) as full, \
             create_backend(name, plain, channels=m.num_channels, patch_size=m.patch_size, threads=threads,
                            manifest=m) as bare:
         for n in batch_sizes:

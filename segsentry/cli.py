@@ -33,7 +33,8 @@ DebugOpt = Annotated[bool, typer.Option("--debug", help="Show full tracebacks fo
 BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Patches per backend call.")]
 ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads for the backend.")]
 BackendOpt = Annotated[str, typer.Option(
-    "--backend", help="Inference backend: auto (openvino if installed, else onnxruntime), onnxruntime, openvino, torch.")]
+    "--backend", help="Inference backend: auto (tensorrt / ort-gpu when installed and a CUDA GPU is present, else "
+    "openvino if installed, else onnxruntime), onnxruntime, openvino, torch, ort-gpu, tensorrt.")]
 
 
 def _setup_logging(verbose: bool) -> None:

@@ -112,7 +112,8 @@ def run_batch(
     output_dir.mkdir(parents=True, exist_ok=True)
     outcomes: list[CaseOutcome] = []
     with create_backend(backend_name, bundle.model_bytes, channels=manifest.num_channels,
-                        patch_size=manifest.patch_size, threads=threads, manifest=manifest) as engine:
+                        patch_size=manifest.patch_size, threads=threads, manifest=manifest,
+                        cache_dir=bundle.path) as engine:  # TensorRT caches its engine beside the bundle
         for case in cases:
             outcome = _run_case(case, bundle, engine, output_dir, backend_name, batch_size, qa)
             outcomes.append(outcome)

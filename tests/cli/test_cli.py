@@ -162,9 +162,9 @@ def test_usage_error_exit_code_2(ct_pipeline):
 
 def test_unknown_backend_is_a_clear_error(ct_pipeline, test_cases, tmp_path):
     result = _run("run", ct_pipeline.ood_onnx, next(iter(test_cases["ct"].values()))[0], "-o", tmp_path / "o",
-                  "--backend", "tensorrt")
+                  "--backend", "coreml")
     assert result.exit_code == 1
-    assert "not implemented yet" in _text(result)
+    assert "unknown backend 'coreml'" in _text(result)
 
 
 def test_calib_refuses_calibrated_bundle(ct_pipeline, tmp_path):

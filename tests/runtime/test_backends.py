@@ -23,9 +23,10 @@ import pytest
 import SimpleITK as sitk
 
 from segsentry.errors import BackendError, MissingDependencyError
+from segsentry.runtime import backends
 from segsentry.runtime.backends import (
+    AUTO_ORDER,
     AVAILABLE,
-    PLANNED,
     create_backend,
     resolve_auto,
     resolve_backend_name,
@@ -187,22 +188,87 @@ def test_run_batch_masks_match_onnxruntime(backend, ct_pipeline, test_cases, tmp
 
 # -- selection ---------------------------------------------------------------------------------------------
 
-def test_auto_picks_openvino_when_importable():
+@pytest.fixture
+def no_gpu(monkeypatch):
+    """A machine whose NVIDIA driver reports no CUDA device, whatever this one has."""
+    monkeypatch.setattr(backends, "cuda_device_count", lambda: 0)
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """A machine with one CUDA device and the GPU engines usable unless a test blocks their packages."""
+    monkeypatch.setattr(backends, "cuda_device_count", lambda: 1)
+    real = backends._importable
+    monkeypatch.setattr(backends, "_importable",
+                        lambda module: module.split(".")[0] in ("tensorrt", "cuda", "onnx") or real(module))
+    monkeypatch.setattr(backends, "_cuda_provider_available", lambda: True)
+    return monkeypatch
+
+
+def test_auto_picks_openvino_when_importable(no_gpu):
     pytest.importorskip("openvino")
     assert resolve_backend_name("auto") == "openvino" == resolve_auto()
     assert resolve_backend_name("AUTO") == "openvino"
 
 
-def test_auto_falls_back_to_onnxruntime(monkeypatch):
+def test_auto_falls_back_to_onnxruntime(no_gpu, monkeypatch):
     monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino -> ImportError
     assert resolve_backend_name("auto") == "onnxruntime"
 
 
 def test_auto_never_picks_torch():
-    assert resolve_backend_name("auto") in ("openvino", "onnxruntime")
+    assert resolve_backend_name("auto") in AUTO_ORDER and "torch" not in AUTO_ORDER
 
 
-def test_auto_backend_records_its_concrete_name(ct_pipeline, monkeypatch):
+def test_auto_is_cpu_only_without_a_gpu(no_gpu, monkeypatch):
+    """Even with tensorrt and the CUDA provider 'installed', no CUDA device means a CPU engine."""
+    monkeypatch.setattr(backends, "_cuda_provider_available", lambda: True)
+    monkeypatch.setattr(backends, "_importable", lambda module: module.split(".")[0] in ("tensorrt", "cuda", "onnx"))
+    assert resolve_backend_name("auto") == "onnxruntime"
+
+
+def test_auto_prefers_tensorrt_then_ort_gpu_on_a_gpu(fake_gpu):
+    assert resolve_backend_name("auto") == "tensorrt"
+    fake_gpu.setattr(backends, "_importable", lambda module: module.split(".")[0] not in ("tensorrt", "openvino"))
+    assert resolve_backend_name("auto") == "ort-gpu"
+    fake_gpu.setattr(backends, "_cuda_provider_available", lambda: False)
+    assert resolve_backend_name("auto") == "onnxruntime"
+
+
+@pytest.mark.parametrize("missing", ["tensorrt", "cuda", "onnx"])
+def test_auto_skips_tensorrt_when_a_package_it_needs_is_missing(missing, fake_gpu):
+    real = backends._importable
+    fake_gpu.setattr(backends, "_importable", lambda module: module.split(".")[0] != missing and real(module))
+    assert resolve_backend_name("auto") == "ort-gpu"
+
+
+def test_cuda_device_count_reads_the_driver(monkeypatch):
+    """0 without a driver library or when cuInit fails; the driver's count otherwise (ctypes stand-ins)."""
+    import ctypes
+
+    class Driver:
+        def __init__(self, init: int, count: int) -> None:
+            self.init, self.count = init, count
+
+        def cuInit(self, flags):
+            return self.init
+
+        def cuDeviceGetCount(self, pointer):
+            ctypes.cast(pointer, ctypes.POINTER(ctypes.c_int))[0] = self.count
+            return 0
+
+    def missing(name):
+        raise OSError(f"{name}: cannot open shared object file")
+
+    monkeypatch.setattr(ctypes, "CDLL", missing)
+    assert backends.cuda_device_count() == 0
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: Driver(init=100, count=2))  # CUDA_ERROR_NO_DEVICE
+    assert backends.cuda_device_count() == 0
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: Driver(init=0, count=2))
+    assert backends.cuda_device_count() == 2
+
+
+def test_auto_backend_records_its_concrete_name(ct_pipeline, no_gpu, monkeypatch):
     bundle = load_bundle(ct_pipeline.ood_onnx)
     with _engine("auto", bundle) as engine:
         assert engine.name == resolve_backend_name("auto")
@@ -212,22 +278,30 @@ def test_auto_backend_records_its_concrete_name(ct_pipeline, monkeypatch):
 
 
 @pytest.mark.parametrize("alias,name", [("ort", "onnxruntime"), ("CPU", "onnxruntime"), ("onnxruntime", "onnxruntime"),
-                                        ("ov", "openvino"), ("OpenVINO", "openvino"), ("pytorch", "torch")])
+                                        ("ov", "openvino"), ("OpenVINO", "openvino"), ("pytorch", "torch"),
+                                        ("TensorRT", "tensorrt"), ("trt", "tensorrt"), ("onnxruntime-gpu", "ort-gpu"),
+                                        ("ORT-GPU", "ort-gpu")])
 def test_aliases(alias, name):
     assert resolve_backend_name(alias) == name
 
 
-def test_available_and_planned_names():
-    assert AVAILABLE == ("onnxruntime", "openvino", "torch")
-    assert set(PLANNED) == {"ort-gpu", "tensorrt"}
+def test_available_names():
+    assert AVAILABLE == ("onnxruntime", "openvino", "torch", "ort-gpu", "tensorrt")
+    assert AUTO_ORDER == ("tensorrt", "ort-gpu", "openvino", "onnxruntime")
 
 
-@pytest.mark.parametrize("name", ["ort-gpu", "tensorrt", "TensorRT"])
-def test_planned_backend_is_not_implemented_yet(name, ct_pipeline):
-    with pytest.raises(BackendError, match=rf"backend '{name}' is not implemented yet.*--backend onnxruntime"):
-        resolve_backend_name(name)
-    with pytest.raises(BackendError, match="not implemented yet"):
+@pytest.mark.parametrize("name,extra,package", [("tensorrt", "trt", "tensorrt"), ("trt", "trt", "tensorrt"),
+                                                ("ort-gpu", "gpu", "onnxruntime-gpu")])
+def test_gpu_backend_without_its_package_names_the_extra(name, extra, package, ct_pipeline, monkeypatch):
+    """The GPU backends are implemented: asking for one without its package names the pip extra."""
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    import onnxruntime
+
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    with pytest.raises(MissingDependencyError) as info:
         _engine(name, load_bundle(ct_pipeline.ood_onnx))
+    assert info.value.extra == extra and info.value.package == package
+    assert f"pip install 'segsentry[{extra}]'" in str(info.value)
 
 
 def test_unknown_backend_lists_the_choices():
@@ -235,7 +309,7 @@ def test_unknown_backend_lists_the_choices():
         resolve_backend_name("coreml")
     message = str(info.value)
     assert message.startswith("unknown backend 'coreml'")
-    assert "onnxruntime, openvino, torch, auto" in message and "\n" not in message
+    assert "onnxruntime, openvino, torch, ort-gpu, tensorrt, auto" in message and "\n" not in message
 
 
 # -- missing packages --------------------------------------------------------------------------------------
@@ -259,7 +333,7 @@ def test_missing_torch_names_the_export_extra(module, package, ct_pipeline, monk
     assert "The torch backend needs" in str(info.value) and "segsentry[export]" in str(info.value)
 
 
-def test_missing_package_via_import_module(ct_pipeline, monkeypatch):
+def test_missing_package_via_import_module(ct_pipeline, no_gpu, monkeypatch):
     """The same error when the import itself fails (e.g. a broken install), simulated on ``import_module``."""
     import importlib
 

@@ -1,17 +1,26 @@
 """Inference backends behind one protocol; ``create_backend`` picks one by name.
 
-Implemented: ``onnxruntime`` (CPU, always installed), ``openvino`` (CPU, the ``openvino`` extra) and ``torch``
-(the reference PyTorch network rebuilt from the bundle's nnU-Net model folder, the ``export`` extra).
-``auto`` resolves deterministically to the best installed CPU engine for the bundle: ``openvino`` if it can
-be imported, else ``onnxruntime`` (never ``torch``, which needs the model folder). The GPU and TensorRT
-backends are named so that asking for them gives a clear error instead of a silent fallback.
+CPU: ``onnxruntime`` (always installed), ``openvino`` (the ``openvino`` extra) and ``torch`` (the reference
+PyTorch network rebuilt from the bundle's nnU-Net model folder, the ``export`` extra). GPU: ``ort-gpu``
+(onnxruntime's CUDA execution provider, the ``gpu`` extra; float32 by default) and ``tensorrt`` (the ``trt``
+extra; FP16 network with an FP32 Mahalanobis head by default). The GPU backends have not run on GPU hardware
+yet (see their module docstrings for what was run where).
+
+``auto`` resolves deterministically to the first usable engine of :data:`AUTO_ORDER`: the GPU engines only
+when the NVIDIA driver reports a CUDA device (:func:`cuda_device_count`, a driver call through ctypes, no CUDA
+package needed) -- ``tensorrt`` if tensorrt, cuda-python and onnx import, else ``ort-gpu`` if onnxruntime has
+its CUDA provider -- then ``openvino`` if it imports, else ``onnxruntime`` (never ``torch``, which needs the
+model folder). On a machine without a GPU that is the CPU choice it always was.
 """
 
 from __future__ import annotations
 
+import ctypes
 import importlib
 import logging
+import os
 from collections.abc import Sequence
+from pathlib import Path
 
 from segsentry.errors import BackendError
 from segsentry.manifest import Manifest
@@ -19,26 +28,62 @@ from segsentry.runtime.backends.base import Backend, BackendBase, check_batch
 
 log = logging.getLogger(__name__)
 
-AVAILABLE = ("onnxruntime", "openvino", "torch")
-PLANNED = ("ort-gpu", "tensorrt")
-ALIASES = {"ort": "onnxruntime", "cpu": "onnxruntime", "ov": "openvino", "pytorch": "torch"}
-AUTO_ORDER = ("openvino", "onnxruntime")  # CPU engines ``auto`` tries, best first
+AVAILABLE = ("onnxruntime", "openvino", "torch", "ort-gpu", "tensorrt")
+ALIASES = {"ort": "onnxruntime", "cpu": "onnxruntime", "ov": "openvino", "pytorch": "torch",
+           "onnxruntime-gpu": "ort-gpu", "trt": "tensorrt"}
+AUTO_ORDER = ("tensorrt", "ort-gpu", "openvino", "onnxruntime")  # what ``auto`` tries, best first
+GPU_BACKENDS = ("tensorrt", "ort-gpu")  # tried by ``auto`` only when a CUDA device is present
+_DRIVER_LIBRARIES = ("nvcuda.dll",) if os.name == "nt" else ("libcuda.so.1", "libcuda.so")
 
 
 def _importable(module: str) -> bool:
     """Whether ``module`` really imports (a broken install counts as missing, so ``auto`` never picks it)."""
     try:
         importlib.import_module(module)
-    except Exception as exc:  # ImportError, or whatever a broken native install raises
+    except Exception as exc:  # noqa: BLE001 - ImportError, or whatever a broken native install raises
         log.debug("backend module '%s' is not importable: %s", module, exc)
         return False
     return True
 
 
+def cuda_device_count() -> int:
+    """CUDA devices the NVIDIA driver reports (``cuInit`` + ``cuDeviceGetCount`` via ctypes); 0 without a driver.
+
+    Cheap (no CUDA package, no context created) and honours ``CUDA_VISIBLE_DEVICES``.
+    """
+    for name in _DRIVER_LIBRARIES:
+        try:
+            driver = ctypes.CDLL(name)
+        except OSError:
+            continue
+        count = ctypes.c_int(0)
+        if driver.cuInit(0) != 0 or driver.cuDeviceGetCount(ctypes.byref(count)) != 0:
+            return 0
+        return max(count.value, 0)
+    return 0
+
+
+def _cuda_provider_available() -> bool:
+    import onnxruntime
+
+    return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+
+
+def _usable(name: str) -> bool:
+    """Whether ``auto`` may pick ``name`` (GPU engines: only asked once a CUDA device is known to exist)."""
+    if name == "tensorrt":  # the default FP16 engine is built from the onnx package's FP16 pass
+        return _importable("tensorrt") and _importable("onnx") and (
+            _importable("cuda.bindings.runtime") or _importable("cuda.cudart"))
+    if name == "ort-gpu":
+        return _cuda_provider_available()
+    return name == "onnxruntime" or _importable(name)
+
+
 def resolve_auto() -> str:
-    """The concrete backend ``auto`` stands for here: the first of :data:`AUTO_ORDER` that is importable."""
+    """The concrete backend ``auto`` stands for here: the first usable engine of :data:`AUTO_ORDER`."""
+    gpu = cuda_device_count() > 0
     for name in AUTO_ORDER:
-        if name == "onnxruntime" or _importable(name):
+        if (gpu or name not in GPU_BACKENDS) and _usable(name):
             return name
     return "onnxruntime"  # pragma: no cover - onnxruntime ends AUTO_ORDER
 
@@ -46,7 +91,7 @@ def resolve_auto() -> str:
 def resolve_backend_name(name: str) -> str:
     """Map a user-facing name (aliases, ``auto``) to a concrete implemented backend name, or raise.
 
-    ``auto`` returns the engine it picked (``openvino`` or ``onnxruntime``), so callers can record it.
+    ``auto`` returns the engine it picked (see :func:`resolve_auto`), so callers can record it.
     """
     key = name.strip().lower()
     if key == "auto":
@@ -56,8 +101,6 @@ def resolve_backend_name(name: str) -> str:
     key = ALIASES.get(key, key)
     if key in AVAILABLE:
         return key
-    if key in PLANNED:
-        raise BackendError(f"backend '{name}' is not implemented yet in this version; use --backend onnxruntime")
     raise BackendError(f"unknown backend '{name}'; choose one of: {', '.join((*AVAILABLE, 'auto'))}")
 
 
@@ -70,12 +113,19 @@ def create_backend(
     input_name: str = "image",
     threads: int | None = None,
     manifest: Manifest | None = None,
+    cache_dir: Path | None = None,
 ) -> Backend:
     """Create the backend ``name`` (resolved with :func:`resolve_backend_name`) for the bundle bytes ``model``.
 
     Every backend runs ``(n, channels, *patch_size)`` float32 batches. ``manifest`` is the bundle's manifest;
     the ``torch`` backend requires it (it rebuilds the network from ``manifest.source``), the others ignore it.
-    A backend whose package is missing raises :class:`~segsentry.errors.MissingDependencyError`.
+    ``cache_dir`` is where ``tensorrt`` caches its engine (``None``: built in memory on every creation) and
+    ``ort-gpu`` its TensorRT-provider engines; the CPU backends ignore it. The GPU backends run at their
+    default precision (``ort-gpu`` float32, ``tensorrt`` FP16 with an FP32 head); construct
+    :class:`~segsentry.runtime.backends.tensorrt.TensorrtBackend` or
+    :class:`~segsentry.runtime.backends.ort_gpu.OrtGpuBackend` directly for other settings.
+    A backend whose package is missing raises :class:`~segsentry.errors.MissingDependencyError`; a GPU backend
+    on a machine without a usable CUDA GPU raises :class:`~segsentry.errors.BackendError`.
     """
     key = resolve_backend_name(name)
     if key == "onnxruntime":
@@ -93,8 +143,18 @@ def create_backend(
 
         return TorchBackend(model, manifest=manifest, channels=channels, patch_size=patch_size,
                             input_name=input_name, threads=threads)
+    if key == "ort-gpu":
+        from segsentry.runtime.backends.ort_gpu import OrtGpuBackend
+
+        return OrtGpuBackend(model, channels=channels, patch_size=patch_size, input_name=input_name,
+                             threads=threads, cache_dir=cache_dir)
+    if key == "tensorrt":
+        from segsentry.runtime.backends.tensorrt import TensorrtBackend
+
+        return TensorrtBackend(model, channels=channels, patch_size=patch_size, input_name=input_name,
+                               cache_dir=cache_dir)
     raise BackendError(f"backend '{name}' cannot be created")  # unreachable: resolve_backend_name raised
 
 
-__all__ = ["AVAILABLE", "AUTO_ORDER", "PLANNED", "Backend", "BackendBase", "check_batch", "create_backend",
-           "resolve_auto", "resolve_backend_name"]
+__all__ = ["AUTO_ORDER", "AVAILABLE", "GPU_BACKENDS", "Backend", "BackendBase", "check_batch", "create_backend",
+           "cuda_device_count", "resolve_auto", "resolve_backend_name"]
