@@ -1,13 +1,16 @@
-"""GPU benchmark, for any CUDA machine: segsentry's torch backend on CUDA vs ``nnUNetPredictor`` on CUDA.
+"""GPU benchmark, for any CUDA machine: segsentry's GPU backends vs ``nnUNetPredictor`` on CUDA.
 
     python benchmarks/gpu_cuda.py --preset small      # or fullres
 
 Same random-weight nnU-Net checkpoint, same phantom volume, both on the first CUDA device: nnU-Net with
 ``perform_everything_on_device=True`` (its default GPU path, fp16 autocast, no mirroring) and segsentry's
 preprocessing + sliding window driving the ``torch`` backend on ``cuda`` (fp16 autocast, float32 OOD head),
-timed per call after a warm-up run, plus mask agreement. onnxruntime-GPU and TensorRT backends are not
-implemented yet: the results say so. Writes ``benchmarks/results/gpu_cuda_<preset>.json`` / ``.md`` with
-the card's name. Without CUDA it writes nothing and exits 2: GPU numbers are measured, never estimated.
+timed per call after a warm-up run, plus mask agreement. Where installed, the same volume also runs through
+``predict_case`` with the ``ort-gpu`` backend (onnxruntime CUDA provider, float32) and the ``tensorrt`` backend
+(FP16 network, FP32 OOD head, engine cached in the work folder; its build time is recorded separately); a
+backend whose package is missing is recorded as "not installed", one that fails to start with its error.
+Writes ``benchmarks/results/gpu_cuda_<preset>.json`` / ``.md`` with the card's name. Without CUDA it writes
+nothing and exits 2: GPU numbers are measured, never estimated.
 """
 
 from __future__ import annotations
@@ -28,12 +31,31 @@ from e2e_cpu import PRESETS, _versions  # noqa: E402
 from segsentry.bench import machine_info  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+GPU_BACKENDS = ("ort-gpu", "tensorrt")
+LABELS = {"ort-gpu": "ort-gpu backend (onnxruntime CUDA provider, fp32)",
+          "tensorrt": "tensorrt backend (FP16 network, FP32 OOD head, CUDA graph)"}
+
+
+def make_gpu_backend(name: str, bundle, *, cache_dir: Path, batch_size: int):
+    """``ort-gpu`` through ``create_backend``; ``tensorrt`` directly, its engine's max batch = ``batch_size`` so
+    every full batch replays the captured CUDA graph. Raises MissingDependencyError / BackendError."""
+    from segsentry.runtime.backends import create_backend
+    from segsentry.runtime.backends.tensorrt import TensorrtBackend
+
+    m = bundle.manifest
+    if name == "tensorrt":
+        return TensorrtBackend(bundle.model_bytes, channels=m.num_channels, patch_size=m.patch_size,
+                               max_batch=batch_size, cache_dir=cache_dir)
+    return create_backend(name, bundle.model_bytes, channels=m.num_channels, patch_size=m.patch_size,
+                          cache_dir=cache_dir)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="small")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=1,
+                        help="patches per call for segsentry's backends (and the TensorRT engine's max batch)")
     args = parser.parse_args(argv)
 
     import torch
@@ -47,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     from segsentry.calib import calibrate
     from segsentry.devtools import nnunet_folder
     from segsentry.devtools.nnunet_reference import make_predictor
+    from segsentry.errors import BackendError, MissingDependencyError
     from segsentry.export import export_nnunet
     from segsentry.phantoms import make_chest_ct
     from segsentry.runtime import load_bundle, read_case
@@ -78,6 +101,16 @@ def main(argv: list[str] | None = None) -> int:
         loaded = read_case(CaseInput("case", (case,)), num_channels=m.num_channels)
         backend = TorchBackend(bundle.model_bytes, manifest=m, channels=m.num_channels, patch_size=m.patch_size,
                                device="cuda", fp16=True)
+        others, setup_seconds, not_measured = {}, {}, {}
+        for name in GPU_BACKENDS:
+            start = time.perf_counter()
+            try:
+                others[name] = make_gpu_backend(name, bundle, cache_dir=work, batch_size=args.batch_size)
+                setup_seconds[name] = time.perf_counter() - start
+            except MissingDependencyError as exc:
+                not_measured[name] = f"not installed ({exc.package}: pip install 'segsentry[{exc.extra}]')"
+            except BackendError as exc:
+                not_measured[name] = f"failed to start: {exc}"
 
         def run_nnunet():
             out = predictor.predict_single_npy_array(image, props)
@@ -85,36 +118,50 @@ def main(argv: list[str] | None = None) -> int:
             return out
 
         def run_segsentry():
-            out = predict_case(loaded, backend, m)
+            out = predict_case(loaded, backend, m, batch_size=args.batch_size)
             torch.cuda.synchronize()
             return out
 
-        times = {"nnunet": [], "segsentry_torch_cuda": []}
-        ref, ours = run_nnunet(), run_segsentry()  # warm-up (cuDNN autotuning, allocator)
+        def run_backend(engine):
+            # outputs are copied to the host, so the call is synchronous
+            return lambda: predict_case(loaded, engine, m, batch_size=args.batch_size)
+
+        runners = {"nnunet": run_nnunet, "segsentry_torch_cuda": run_segsentry}
+        runners.update({f"segsentry_{name}": run_backend(engine) for name, engine in others.items()})
+        times = {name: [] for name in runners}
+        warm = {name: fn() for name, fn in runners.items()}  # warm-up (cuDNN autotuning, allocator, CUDA graphs)
+        ref, ours = warm["nnunet"], warm["segsentry_torch_cuda"]
         for _ in range(args.repeats):
-            for name, fn in (("nnunet", run_nnunet), ("segsentry_torch_cuda", run_segsentry)):
+            for name, fn in runners.items():
                 torch.cuda.reset_peak_memory_stats(device)
                 start = time.perf_counter()
                 fn()
                 times[name].append({"seconds": time.perf_counter() - start,
+                                    # torch's allocator only: onnxruntime and TensorRT memory is not counted
                                     "peak_gpu_mb": torch.cuda.max_memory_allocated(device) / 2**20})
+        for engine in others.values():
+            engine.close()
     med = {k: statistics.median(t["seconds"] for t in v) for k, v in times.items()}
+    agreement = {name: float(np.mean(pred.mask == ref)) for name, pred in warm.items() if name != "nnunet"}
     result = {
         "benchmark": "gpu_cuda", "preset": args.preset, "card": card, "volume_shape_zyx": list(shape),
-        "n_patches": ours.n_patches, "runs": times, "median_seconds": med,
-        "speedup_vs_nnunet": med["nnunet"] / med["segsentry_torch_cuda"],
-        "mask_agreement": float(np.mean(ours.mask == ref)),
-        "not_measured": {"tensorrt": "backend not implemented yet", "ort-gpu": "backend not implemented yet"},
+        "n_patches": ours.n_patches, "batch_size": args.batch_size, "runs": times, "median_seconds": med,
+        "speedup_vs_nnunet": {k: med["nnunet"] / v for k, v in med.items() if k != "nnunet"},
+        "mask_agreement": agreement["segsentry_torch_cuda"], "mask_agreement_vs_nnunet": agreement,
+        "setup_seconds": setup_seconds, "not_measured": not_measured,
         "machine": machine_info(), "versions": _versions(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"gpu_cuda_{args.preset}.json").write_text(json.dumps(result, indent=2) + "\n")
     md = [f"# GPU ({card}), preset `{args.preset}` ({result['date']})", "",
-          f"Volume {list(shape)}, {ours.n_patches} patches; predict-only times (model loaded), median of "
-          f"{args.repeats}.", "", "| pipeline | median s |", "|---|---|",
+          (f"Volume {list(shape)}, {ours.n_patches} patches; predict-only times (model loaded), median of "
+           f"{args.repeats}; segsentry batch size {args.batch_size}."), "", "| pipeline | median s |", "|---|---|",
           f"| nnUNetPredictor (CUDA, fp16 autocast, no mirroring) | {med['nnunet']:.3f} |",
           f"| segsentry torch backend (CUDA, fp16 autocast, fp32 OOD head) | {med['segsentry_torch_cuda']:.3f} |",
-          "", f"Mask agreement {result['mask_agreement']:.6f}. TensorRT and onnxruntime-GPU: not implemented yet.", ""]
+          *(f"| segsentry {LABELS[name]} | {med[f'segsentry_{name}']:.3f} |" for name in others),
+          "", "Mask agreement with nnU-Net: " + ", ".join(f"{k} {v:.6f}" for k, v in agreement.items()) + ".",
+          *(f"Setup (session / engine build) {name}: {sec:.1f} s." for name, sec in setup_seconds.items()),
+          *(f"{name}: {why}." for name, why in not_measured.items()), ""]
     (RESULTS / f"gpu_cuda_{args.preset}.md").write_text("\n".join(md))
     print("\n".join(md))
     return 0
