@@ -5,11 +5,14 @@ Everything runs through the runtime's own backends and sliding-window core. Per 
 - the same for the network alone (the bundle pruned to its ``logits`` output), which gives the cost of the
   fused Mahalanobis head;
 - end-to-end time of one volume with its stage breakdown (read, preprocess, inference, scoring, resample back,
-  write), the distance-aggregation time, and the process's peak RSS.
+  write), the distance-aggregation time, and the process's peak RSS;
+- for the GPU backends, the GPU memory in use (NVML, device-wide) before the engines are created and while
+  they are loaded, after the timed runs.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import platform
 import statistics
@@ -31,6 +34,35 @@ def peak_rss_mb() -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+GPU_BACKENDS = ("ort-gpu", "tensorrt")
+
+
+def gpu_memory_used_mb(device: int = 0) -> float | None:
+    """Memory in use on GPU ``device`` as the NVIDIA driver's NVML reports it (all processes), in MiB; ``None``
+    where there is no NVML (no NVIDIA driver) or it fails. A ctypes call: no CUDA package needed."""
+
+    class _Memory(ctypes.Structure):
+        _fields_ = [("total", ctypes.c_ulonglong), ("free", ctypes.c_ulonglong), ("used", ctypes.c_ulonglong)]
+
+    for name in ("libnvidia-ml.so.1", "libnvidia-ml.so", "nvml.dll"):
+        try:
+            nvml = ctypes.CDLL(name)
+        except OSError:
+            continue
+        handle, memory = ctypes.c_void_p(), _Memory()
+        if nvml.nvmlInit_v2() != 0:
+            return None
+        try:
+            if nvml.nvmlDeviceGetHandleByIndex_v2(ctypes.c_uint(device), ctypes.byref(handle)) != 0:
+                return None
+            if nvml.nvmlDeviceGetMemoryInfo(handle, ctypes.byref(memory)) != 0:
+                return None
+            return memory.used / 2**20
+        finally:
+            nvml.nvmlShutdown()
+    return None
 
 
 def network_only(bundle: Bundle) -> bytes:
@@ -97,6 +129,7 @@ def bench_backend(
     name = resolve_backend_name(backend)
     rng = np.random.default_rng(0)
     result: dict = {"backend": name, "batches": []}
+    gpu_before = gpu_memory_used_mb() if name in GPU_BACKENDS else None
     plain = network_only(bundle)
     with create_backend(name, bundle.model_bytes, channels=m.num_channels, patch_size=m.patch_size,
                         threads=threads, manifest=m, cache_dir=bundle.path) as full, \
@@ -117,6 +150,8 @@ def bench_backend(
                 "head_overhead_fraction": (p50 - p50_bare) / p50_bare,
                 "head_only_p50_s_per_call": time_head(bundle, batch=n, warmup=warmup, repeats=repeats),
             })
+        if name in GPU_BACKENDS:  # both engines (with and without the head) are loaded at this point
+            result["gpu_memory_used_mb"] = {"before_engines": gpu_before, "with_engines": gpu_memory_used_mb()}
     if volume is not None:
         result["volume"] = bench_volume(bundle, name, volume, threads=threads)
     result["process_peak_rss_mb_so_far"] = peak_rss_mb()

@@ -209,6 +209,19 @@ def test_bench_reports_latency_and_head_overhead(ct_pipeline, test_cases, tmp_pa
     stages = r["volume"]["stages_s"]
     assert {"read", "preprocess", "inference", "resample_back", "write", "total"} <= set(stages)
     assert 0 <= r["volume"]["ood_overhead_fraction_of_e2e"] < 1
+    assert "gpu_memory_used_mb" not in r  # CPU backend: no GPU memory entry
+
+
+def test_gpu_memory_probe_without_a_driver():
+    """NVML through ctypes: None without an NVIDIA driver, a plausible MiB figure with one."""
+    from segsentry.bench import gpu_memory_used_mb
+    from segsentry.runtime.backends import cuda_device_count
+
+    used = gpu_memory_used_mb()
+    if cuda_device_count() == 0:
+        assert used is None
+    else:
+        assert used is not None and 0 < used < 2**20
 
 
 def test_phantoms_command_writes_nnunet_raw_layout(tmp_path):
