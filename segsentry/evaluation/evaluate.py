@@ -43,6 +43,7 @@ from segsentry.evaluation.metrics import (
     tpr95_threshold,
     tpr_at_threshold,
 )
+from segsentry.manifest import Manifest
 from segsentry.runtime.backends import create_backend
 from segsentry.runtime.batch import run_batch
 from segsentry.runtime.bundle import Bundle, load_bundle
@@ -363,6 +364,7 @@ def evaluate(
             raise EvaluationError(f"layer name {name!r} must be non-empty without brackets")
         if not path.is_file():
             raise EvaluationError(f"layer bundle '{name}' ({path}) is not a file")
+    _check_same_network(Path(bundle), layers)
     sampled = SampledBaselines(tta=tta, mc_dropout=mc_dropout, mc_passes=mc_passes)
     work = output / "cases"
 
@@ -445,6 +447,26 @@ def evaluate(
                       f"<h1>ood-eval: {html.escape(Path(bundle).name)}</h1>{''.join(body)}"
                       f"<p>{html.escape(md[-1])}</p></body></html>\n")
     return result
+
+
+def _check_same_network(bundle: Path, layers: Mapping[str, Path]) -> None:
+    """Layer-ablation bundles must be the same network and pipeline as ``bundle``, tapped elsewhere."""
+    def fields(m: Manifest) -> dict:
+        source = {k: v for k, v in m.source.items() if k != "model_dir"}  # the folder may have moved
+        return {"source": source, "labels": m.labels, "channels": m.channels, "patch_size": m.patch_size,
+                "preprocessing": m.preprocessing, "tiling": m.tiling}
+
+    main = fields(load_bundle(bundle).manifest)
+    for name, path in layers.items():
+        other_manifest = load_bundle(path).manifest
+        other = fields(other_manifest)
+        for what in main:
+            if other[what] != main[what]:
+                raise EvaluationError(
+                    f"layer bundle '{name}' ({path}) differs from {bundle.name} in its {what}: the ablation compares "
+                    "feature layers of one network; export the same model folder with --layer and calibrate it")
+        if other_manifest.calibration is None:
+            raise EvaluationError(f"layer bundle '{name}' ({path}) is not calibrated; run ood-calib on it first")
 
 
 def _summary(values: Sequence[float]) -> dict[str, float]:
