@@ -282,7 +282,7 @@ def _scatter_svg(id_cases: list[CaseResult], ood_cases: list[CaseResult], thresh
 def _distribution_svg(groups: Sequence[tuple[str, np.ndarray]], threshold: float, title: str) -> str:
     """One method's score distribution per set (paper Fig. 8): box (quartiles, median) and the cases as dots;
     dashed line = the method's 95 % TPR threshold on the ID set. The y axis spans this method's scores."""
-    pad, band, h = 44, 74, 230
+    pad, band, h = 44, 86, 230
     w = 2 * pad + band * len(groups)
     values = np.concatenate([v for _, v in groups] + [np.array([threshold])])
     lo, hi = float(values.min()), float(values.max())
@@ -308,7 +308,7 @@ def _distribution_svg(groups: Sequence[tuple[str, np.ndarray]], threshold: float
             dx = ((j * 7919) % 23 - 11) * 1.2  # deterministic jitter
             parts.append(f'<circle cx="{cx + dx:.1f}" cy="{y(value):.1f}" r="2.5" fill="{colour}" '
                          f'fill-opacity="0.7"><title>{html.escape(name)}: {value:.4g}</title></circle>')
-        label = name if len(name) <= 12 else name[:11] + "…"
+        label = name if len(name) <= 16 else name[:15] + "…"
         parts.append(f'<text x="{cx:.1f}" y="{h - pad + 14}" font-size="9" text-anchor="middle">'
                      f'{html.escape(label)}</text>')
     parts.append(f'<line x1="{pad}" y1="{y(threshold):.1f}" x2="{w - pad}" y2="{y(threshold):.1f}" stroke="#000" '
