@@ -93,6 +93,7 @@ def run_batch(
     backend: str = "auto",
     batch_size: int = 1,
     threads: int | None = None,
+    low_memory: bool = False,
     qa: bool = True,
     on_case: Callable[[CaseOutcome], None] | None = None,
 ) -> BatchResult:
@@ -113,7 +114,7 @@ def run_batch(
     outcomes: list[CaseOutcome] = []
     with create_backend(backend_name, bundle.model_bytes, channels=manifest.num_channels,
                         patch_size=manifest.patch_size, threads=threads, manifest=manifest,
-                        cache_dir=bundle.path) as engine:  # TensorRT caches its engine beside the bundle
+                        cache_dir=bundle.path, low_memory=low_memory) as engine:  # TensorRT caches its engine beside the bundle
         # the engine holds its own copy of the graph: drop ours (the weights' size: 123 MB for a fullres net)
         bundle = replace(bundle, model_bytes=b"")
         for case in cases:

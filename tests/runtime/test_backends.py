@@ -124,6 +124,20 @@ def test_openvino_reads_from_a_temporary_file_when_bytes_are_refused(ct_pipeline
     assert len(seen) == 2 and not Path(str(seen[1])).exists()  # the temporary file is removed
 
 
+def test_onnxruntime_low_memory_turns_the_arena_off_and_changes_no_output(ct_pipeline):
+    bundle = load_bundle(ct_pipeline.ood_onnx)
+    m = bundle.manifest
+    batch = np.random.default_rng(4).normal(size=(2, m.num_channels, *m.patch_size)).astype(np.float32)
+    with create_backend("onnxruntime", bundle.model_bytes, channels=m.num_channels, patch_size=m.patch_size) as fast, \
+            create_backend("onnxruntime", bundle.model_bytes, channels=m.num_channels, patch_size=m.patch_size,
+                           low_memory=True) as lean:
+        assert fast.session.get_session_options().enable_cpu_mem_arena is True
+        assert lean.session.get_session_options().enable_cpu_mem_arena is False
+        a, b = fast.run(batch), lean.run(batch)
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name])
+
+
 def test_backend_input_checks_are_shared(ct_pipeline):
     _requires("openvino")
     bundle = load_bundle(ct_pipeline.ood_onnx)

@@ -114,12 +114,14 @@ def create_backend(
     threads: int | None = None,
     manifest: Manifest | None = None,
     cache_dir: Path | None = None,
+    low_memory: bool = False,
 ) -> Backend:
     """Create the backend ``name`` (resolved with :func:`resolve_backend_name`) for the bundle bytes ``model``.
 
     Every backend runs ``(n, channels, *patch_size)`` float32 batches. ``manifest`` is the bundle's manifest;
     the ``torch`` backend requires it (it rebuilds the network from ``manifest.source``), the others ignore it.
-    ``cache_dir`` is where ``tensorrt`` caches its engine (``None``: built in memory on every creation) and
+    ``low_memory`` trades speed for peak memory where the engine has such a switch (``onnxruntime``: no CPU
+    memory arena; the other backends ignore it). ``cache_dir`` is where ``tensorrt`` caches its engine (``None``: built in memory on every creation) and
     ``ort-gpu`` its TensorRT-provider engines; the CPU backends ignore it. The GPU backends run at their
     default precision (``ort-gpu`` float32, ``tensorrt`` FP16 with an FP32 head); construct
     :class:`~segsentry.runtime.backends.tensorrt.TensorrtBackend` or
@@ -132,7 +134,7 @@ def create_backend(
         from segsentry.runtime.backends.onnxruntime import OnnxruntimeBackend
 
         return OnnxruntimeBackend(model, channels=channels, patch_size=patch_size, input_name=input_name,
-                                  threads=threads)
+                                  threads=threads, low_memory=low_memory)
     if key == "openvino":
         from segsentry.runtime.backends.openvino import OpenvinoBackend
 
