@@ -53,7 +53,8 @@ def _child(args: argparse.Namespace) -> None:
         from segsentry.runtime import run_batch
 
         start = time.perf_counter()
-        result = run_batch(args.bundle, [image], out, backend=args.backend, threads=args.threads, qa=False)
+        result = run_batch(args.bundle, [image], out, backend=args.backend, threads=args.threads, qa=False,
+                           low_memory=bool(args.low_memory))
         seconds = time.perf_counter() - start
         assert result.outcomes[0].status == "ok", result.outcomes[0].error
         timings = result.outcomes[0].report["timings_s"]
@@ -89,11 +90,12 @@ def main(argv: list[str] | None = None) -> int:
         child.add_argument(f"--{name}")
     child.add_argument("--threads", type=int, default=None)
     child.add_argument("--backend", default="onnxruntime")
+    child.add_argument("--low-memory", default=None)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="small")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="backend threads (default: all cores)")
-    parser.add_argument("--backends", nargs="+", default=["onnxruntime", "openvino"],
-                        help="segsentry CPU backends to compare with nnU-Net")
+    parser.add_argument("--backends", nargs="+", default=["onnxruntime", "onnxruntime:low-memory", "openvino"],
+                        help="segsentry CPU backends to compare with nnU-Net (NAME or NAME:low-memory)")
     args = parser.parse_args(argv)
     if args.cmd == "child":
         _child(args)
@@ -131,8 +133,10 @@ def main(argv: list[str] | None = None) -> int:
         for r in range(args.repeats):
             runs["nnunet"].append(_measure("nnunet", work, r, image=case, model_dir=model_dir))
             for b in args.backends:
-                runs[f"segsentry_{b}"].append(_measure("segsentry", work, r, image=case, bundle=bundle, backend=b,
-                                                       tag=b, **extra))
+                name, _, option = b.partition(":")
+                low = {"low_memory": "1"} if option == "low-memory" else {}
+                runs[f"segsentry_{b}"].append(_measure("segsentry", work, r, image=case, bundle=bundle,
+                                                       backend=name, tag=b.replace(":", "_"), **low, **extra))
         ref = sitk.GetArrayFromImage(sitk.ReadImage(str(runs["nnunet"][0]["out"] / "mask.nii.gz")))
         agreement, stages = {}, {}
         for b in args.backends:
@@ -181,7 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for b in args.backends:
         k = f"segsentry_{b}"
-        md.append(f"| ood-run --backend {b} (with OOD head) | {med[k]:.2f} | {result['speedup_vs_nnunet'][k]:.2f}x | "
+        name, _, option = b.partition(":")
+        flag = " --low-memory" if option == "low-memory" else ""
+        md.append(f"| ood-run --backend {name}{flag} (with OOD head) | {med[k]:.2f} | {result['speedup_vs_nnunet'][k]:.2f}x | "
                   f"{rss[k]:.0f} | {result['rss_ratio_vs_nnunet'][k]:.2f}x | {agreement[b]['fraction']:.6f} "
                   f"({agreement[b]['mismatched_voxels']} voxels differ) |")
     md += ["", "ood-run stages (s, first run): " + "; ".join(
