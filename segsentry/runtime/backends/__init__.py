@@ -32,7 +32,14 @@ AVAILABLE = ("onnxruntime", "openvino", "torch", "ort-gpu", "tensorrt")
 ALIASES = {"ort": "onnxruntime", "cpu": "onnxruntime", "ov": "openvino", "pytorch": "torch",
            "onnxruntime-gpu": "ort-gpu", "trt": "tensorrt"}
 AUTO_ORDER = ("tensorrt", "ort-gpu", "openvino", "onnxruntime")  # what ``auto`` tries, best first
-GPU_BACKENDS = ("tensorrt", "ort-gpu")  # tried by ``auto`` only when a CUDA device is present
+GPU_BACKENDS = ("tensorrt", "ort-gpu")
+_IMPLEMENTATIONS = {  # backend name -> (module in this package, class): one file per backend, imported lazily
+    "onnxruntime": ("onnxruntime", "OnnxruntimeBackend"),
+    "openvino": ("openvino", "OpenvinoBackend"),
+    "torch": ("torch", "TorchBackend"),
+    "ort-gpu": ("ort_gpu", "OrtGpuBackend"),
+    "tensorrt": ("tensorrt", "TensorrtBackend"),
+}  # tried by ``auto`` only when a CUDA device is present
 _DRIVER_LIBRARIES = ("nvcuda.dll",) if os.name == "nt" else ("libcuda.so.1", "libcuda.so")
 
 
@@ -130,32 +137,16 @@ def create_backend(
     on a machine without a usable CUDA GPU raises :class:`~segsentry.errors.BackendError`.
     """
     key = resolve_backend_name(name)
-    if key == "onnxruntime":
-        from segsentry.runtime.backends.onnxruntime import OnnxruntimeBackend
-
-        return OnnxruntimeBackend(model, channels=channels, patch_size=patch_size, input_name=input_name,
-                                  threads=threads, low_memory=low_memory)
-    if key == "openvino":
-        from segsentry.runtime.backends.openvino import OpenvinoBackend
-
-        return OpenvinoBackend(model, channels=channels, patch_size=patch_size, input_name=input_name,
-                               threads=threads)
-    if key == "torch":
-        from segsentry.runtime.backends.torch import TorchBackend
-
-        return TorchBackend(model, manifest=manifest, channels=channels, patch_size=patch_size,
-                            input_name=input_name, threads=threads)
-    if key == "ort-gpu":
-        from segsentry.runtime.backends.ort_gpu import OrtGpuBackend
-
-        return OrtGpuBackend(model, channels=channels, patch_size=patch_size, input_name=input_name,
-                             threads=threads, cache_dir=cache_dir)
-    if key == "tensorrt":
-        from segsentry.runtime.backends.tensorrt import TensorrtBackend
-
-        return TensorrtBackend(model, channels=channels, patch_size=patch_size, input_name=input_name,
-                               cache_dir=cache_dir)
-    raise BackendError(f"backend '{name}' cannot be created")  # unreachable: resolve_backend_name raised
+    module, cls = _IMPLEMENTATIONS[key]
+    specific = {  # the keywords each backend takes besides the common ones
+        "onnxruntime": {"threads": threads, "low_memory": low_memory},
+        "openvino": {"threads": threads},
+        "torch": {"threads": threads, "manifest": manifest},
+        "ort-gpu": {"threads": threads, "cache_dir": cache_dir},
+        "tensorrt": {"cache_dir": cache_dir},
+    }[key]
+    backend_class = getattr(importlib.import_module(f"segsentry.runtime.backends.{module}"), cls)
+    return backend_class(model, channels=channels, patch_size=patch_size, input_name=input_name, **specific)
 
 
 __all__ = ["AUTO_ORDER", "AVAILABLE", "GPU_BACKENDS", "Backend", "BackendBase", "check_batch", "create_backend",
