@@ -23,7 +23,7 @@ import html
 import io
 import itertools
 import json
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,13 +35,11 @@ from segsentry._atomic import write_text_atomic
 from segsentry.evaluation.mc_dropout import add_mc_dropout
 from segsentry.evaluation.metrics import (
     EvaluationError,
-    auc,
-    detection_error,
+    detection_summary,
     dice,
     esce,
-    fpr_at_threshold,
+    temperature_scaling_search,
     tpr95_threshold,
-    tpr_at_threshold,
 )
 from segsentry.manifest import Manifest
 from segsentry.runtime.backends import create_backend
@@ -127,88 +125,71 @@ def _softmax_background(logits: np.ndarray) -> np.ndarray:
     return x[0] / x.sum(0)
 
 
-@dataclass(frozen=True)
-class SampledBaselines:
-    """Which sample-based baselines to compute (each costs whole extra sliding-window runs per case)."""
-
-    tta: bool = False
-    mc_dropout: bool = False
-    mc_passes: int = MC_PASSES
-    mc_p: float = MC_P
+Sampler = Callable[[list[Path]], float]  # a case's image files -> its sample-based uncertainty
 
 
-def _sampling_engines(bundle: Path, sampled: SampledBaselines, *, backend: str, threads: int | None) -> dict:
-    """name -> (engine, sampler) for the requested sample-based baselines. MC dropout always runs on
-    onnxruntime (its random ops are standard ONNX; not every engine implements them)."""
-    if not (sampled.tta or sampled.mc_dropout):
-        return {}
-    loaded = load_bundle(bundle)
-    m = loaded.manifest
-    engines = {}
-    if sampled.tta:
-        engine = create_backend(backend, loaded.model_bytes, channels=m.num_channels, patch_size=m.patch_size,
+def _sampling_engines(bundle: Bundle, *, tta: bool, mc_variant: bytes | None, mc_passes: int, backend: str,
+                      threads: int | None) -> dict[str, tuple[object, Sampler]]:
+    """name -> (engine, sampler) for the requested sample-based baselines. ``mc_variant`` is the bundle with
+    test-time dropout (:func:`add_mc_dropout`); it always runs on onnxruntime (its random ops are standard ONNX;
+    not every engine implements them)."""
+    m = bundle.manifest
+    engines: dict[str, tuple[object, Sampler]] = {}
+    if tta:
+        engine = create_backend(backend, bundle.model_bytes, channels=m.num_channels, patch_size=m.patch_size,
                                 threads=threads, manifest=m)
-        engines["tta"] = (engine, lambda files, e=engine: tta_uncertainty(files, loaded, e))
-    if sampled.mc_dropout:
-        variant = add_mc_dropout(onnx.load_from_string(loaded.model_bytes), p=sampled.mc_p).SerializeToString()
-        engine = create_backend("onnxruntime", variant, channels=m.num_channels, patch_size=m.patch_size,
+        engines["tta"] = (engine, lambda files, e=engine: tta_uncertainty(files, bundle, e))
+    if mc_variant is not None:
+        engine = create_backend("onnxruntime", mc_variant, channels=m.num_channels, patch_size=m.patch_size,
                                 threads=threads)
         engines["mc_dropout"] = (engine, lambda files, e=engine: mc_dropout_uncertainty(
-            files, loaded, e, passes=sampled.mc_passes))
+            files, bundle, e, passes=mc_passes))
     return engines
 
 
-def run_set(bundle: Path, folder: Path, group: str, work: Path, *, backend: str, threads: int | None,
-            sampled: SampledBaselines | None = None, layers: Mapping[str, Path] | None = None) -> list[CaseResult]:
-    """Run one evaluation set; ``layers`` are extra calibrated bundles whose U is recorded as
-    ``mahalanobis[NAME]`` (the feature-layer ablation)."""
-    sampled = sampled or SampledBaselines()
-    images, labels = _images_and_labels(folder)
-    result = run_batch(bundle, [images], work / group, backend=backend, threads=threads, qa=False)
-    extra = {name: _uncertainties(run_batch(path, [images], work / f"{group}@{name}", backend=backend,
-                                            threads=threads, qa=False), group)
-             for name, path in (layers or {}).items()}
-    engines = _sampling_engines(bundle, sampled, backend=backend, threads=threads)
-    cases = []
-    try:
-        for o in result.outcomes:
-            if o.status != "ok":
-                raise EvaluationError(f"case {o.case_id} of set '{group}' failed: {o.error}")
-            r = o.report
-            if r.get("uncertainty") is None:
-                raise EvaluationError("the bundle is not calibrated (no distance output); run ood-calib first")
-            b = r["baselines"]
-            scores = {"mahalanobis": r["uncertainty"], "kl_uniform": b["kl_uniform"], "energy": b["energy"],
-                      **{f"max_softmax_T{t}": b[f"max_softmax_T{t}"] for t in (1, 10, 100)}}
-            for name, values in extra.items():
-                scores[f"mahalanobis[{name}]"] = values[o.case_id]
-            for name, (_, sampler) in engines.items():
-                scores[name] = sampler([Path(f) for f in r["inputs"]])
-            case_dice = None
-            if labels is not None:
-                ref_path = next(iter(sorted(labels.glob(f"{o.case_id}.*"))), None)
-                if ref_path is not None:
-                    pred = sitk.GetArrayFromImage(sitk.ReadImage(r["outputs"]["mask"]))
-                    ref = sitk.GetArrayFromImage(sitk.ReadImage(str(ref_path)))
-                    case_dice = dice(pred, ref)
-            cases.append(CaseResult(o.case_id, group, scores, case_dice))
-    finally:
-        for engine, _ in engines.values():
-            engine.close()
-    if not cases:
-        raise EvaluationError(f"evaluation set '{group}' ({folder}) holds no cases")
-    return cases
-
-
-def _uncertainties(result, group: str) -> dict[str, float]:
-    values = {}
+def _ok_reports(result, group: str, what: str) -> dict[str, dict]:
+    """case id -> report of a ``run_batch`` result; raise on a failed case or a bundle without a distance."""
+    reports = {}
     for o in result.outcomes:
         if o.status != "ok":
             raise EvaluationError(f"case {o.case_id} of set '{group}' failed: {o.error}")
         if o.report.get("uncertainty") is None:
-            raise EvaluationError("a layer-ablation bundle is not calibrated (no distance output); run ood-calib")
-        values[o.case_id] = o.report["uncertainty"]
-    return values
+            raise EvaluationError(f"{what} is not calibrated (no distance output); run ood-calib first")
+        reports[o.case_id] = o.report
+    return reports
+
+
+def run_set(bundle: Path, folder: Path, group: str, work: Path, *, backend: str, threads: int | None,
+            samplers: Mapping[str, Sampler] | None = None,
+            layers: Mapping[str, Path] | None = None) -> list[CaseResult]:
+    """Run one evaluation set. ``samplers`` add sample-based scores by name; ``layers`` are extra calibrated
+    bundles whose U is recorded as ``mahalanobis[NAME]`` (the feature-layer ablation)."""
+    images, labels = _images_and_labels(folder)
+    reports = _ok_reports(run_batch(bundle, [images], work / group, backend=backend, threads=threads, qa=False),
+                          group, "the bundle")
+    extra = {name: _ok_reports(run_batch(path, [images], work / f"{group}@{name}", backend=backend,
+                                         threads=threads, qa=False), group, f"layer bundle '{name}'")
+             for name, path in (layers or {}).items()}
+    cases = []
+    for case_id, r in reports.items():
+        b = r["baselines"]
+        scores = {"mahalanobis": r["uncertainty"], "kl_uniform": b["kl_uniform"], "energy": b["energy"],
+                  **{f"max_softmax_T{t}": b[f"max_softmax_T{t}"] for t in (1, 10, 100)}}
+        for name, layer_reports in extra.items():
+            scores[f"mahalanobis[{name}]"] = layer_reports[case_id]["uncertainty"]
+        for name, sampler in (samplers or {}).items():
+            scores[name] = sampler([Path(f) for f in r["inputs"]])
+        case_dice = None
+        if labels is not None:
+            ref_path = next(iter(sorted(labels.glob(f"{case_id}.*"))), None)
+            if ref_path is not None:
+                pred = sitk.GetArrayFromImage(sitk.ReadImage(r["outputs"]["mask"]))
+                ref = sitk.GetArrayFromImage(sitk.ReadImage(str(ref_path)))
+                case_dice = dice(pred, ref)
+        cases.append(CaseResult(case_id, group, scores, case_dice))
+    if not cases:
+        raise EvaluationError(f"evaluation set '{group}' ({folder}) holds no cases")
+    return cases
 
 
 def _method_scores(cases: list[CaseResult], method: str) -> np.ndarray:
@@ -220,9 +201,9 @@ def _best_temperature(cases: list[CaseResult]) -> int:
     with_dice = [c for c in cases if c.dice is not None]
     if not with_dice:
         return 1
-    d = np.array([c.dice for c in with_dice])
-    errors = {t: esce(_method_scores(with_dice, f"max_softmax_T{t}"), d) for t in (1, 10, 100)}
-    return min(errors, key=lambda t: (errors[t], t))
+    best, _ = temperature_scaling_search({t: _method_scores(with_dice, f"max_softmax_T{t}") for t in (1, 10, 100)},
+                                         np.array([c.dice for c in with_dice]))
+    return int(best)
 
 
 def scenario_table(id_cases: list[CaseResult], ood_cases: list[CaseResult]) -> list[dict]:
@@ -231,20 +212,18 @@ def scenario_table(id_cases: list[CaseResult], ood_cases: list[CaseResult]) -> l
     everything = id_cases + ood_cases
     t_best = _best_temperature(everything)
     methods = [*METHODS, *(m for m in SAMPLED if all(m in c.scores for c in everything))]
+    with_dice = [c for c in everything if c.dice is not None]
     for method in methods:
         key = f"max_softmax_T{t_best}" if method == "max_softmax" else method
-        sid, sood = _method_scores(id_cases, key), _method_scores(ood_cases, key)
-        threshold = tpr95_threshold(sid)
-        tpr, fpr = tpr_at_threshold(sid, threshold), fpr_at_threshold(sood, threshold)
-        with_dice = [c for c in everything if c.dice is not None]
+        summary = detection_summary(_method_scores(id_cases, key), _method_scores(ood_cases, key))
         error_esce = None
-        if with_dice and method != "energy":
+        if with_dice and method != "energy":  # over the cases with labels (a set may be partly labelled)
             error_esce = esce(_method_scores(with_dice, key), np.array([c.dice for c in with_dice]))
         rows.append({
             "method": f"max softmax (T={t_best})" if method == "max_softmax" else
             SAMPLED.get(method, method.replace("_", " ")),
-            "esce": error_esce, "error": detection_error(tpr, fpr), "fpr": fpr, "auc": auc(sid, sood),
-            "threshold": threshold, "tpr": tpr,
+            "esce": error_esce, "error": summary["detection_error"], "fpr": summary["fpr"], "auc": summary["auc"],
+            "threshold": summary["threshold"], "tpr": summary["tpr"],
         })
     return rows
 
@@ -322,11 +301,10 @@ def layer_ablation_table(id_cases: list[CaseResult], scenarios: Mapping[str, lis
     rows = []
     for key, label in layers.items():
         sid = _method_scores(id_cases, key)
-        threshold = tpr95_threshold(sid)
         row = {"layer": label, "key": key}
         for name, ood_cases in scenarios.items():
-            sood = _method_scores(ood_cases, key)
-            row[name] = {"auc": auc(sid, sood), "fpr": fpr_at_threshold(sood, threshold)}
+            summary = detection_summary(sid, _method_scores(ood_cases, key))
+            row[name] = {"auc": summary["auc"], "fpr": summary["fpr"]}
         rows.append(row)
     return rows
 
@@ -364,13 +342,22 @@ def evaluate(
             raise EvaluationError(f"layer name {name!r} must be non-empty without brackets")
         if not path.is_file():
             raise EvaluationError(f"layer bundle '{name}' ({path}) is not a file")
-    _check_same_network(Path(bundle), layers)
-    sampled = SampledBaselines(tta=tta, mc_dropout=mc_dropout, mc_passes=mc_passes)
+    main = load_bundle(bundle)
+    layer_manifests = _same_network(main, layers)
     work = output / "cases"
+    mc_variant = (add_mc_dropout(onnx.load_from_string(main.model_bytes), p=MC_P).SerializeToString()
+                  if mc_dropout else None)
 
     def run(group: str, folder: Path) -> list[CaseResult]:
-        return run_set(Path(bundle), folder, group, work, backend=backend, threads=threads, sampled=sampled,
-                       layers=layers)
+        # fresh engines per set: every set draws the same MC dropout masks from the same seeds
+        engines = _sampling_engines(main, tta=tta, mc_variant=mc_variant, mc_passes=mc_passes, backend=backend,
+                                    threads=threads)
+        try:
+            return run_set(main.path, folder, group, work, backend=backend, threads=threads,
+                           samplers={name: sampler for name, (_, sampler) in engines.items()}, layers=layers)
+        finally:
+            for engine, _ in engines.values():
+                engine.close()
 
     id_cases = run("id", Path(id_set))
     scenarios = {}
@@ -379,11 +366,11 @@ def evaluate(
         ood_cases = run(name, Path(folder))
         all_cases += ood_cases
         scenarios[name] = {"rows": scenario_table(id_cases, ood_cases), "cases": ood_cases}
-    main_layer = load_bundle(bundle).manifest.features
-    layer_keys = {"mahalanobis": f"{main_layer.layer} (D={main_layer.dim})" if main_layer else "main bundle"}
-    for name, path in layers.items():
-        spec = load_bundle(path).manifest.features
-        layer_keys[f"mahalanobis[{name}]"] = f"{name}: {spec.layer} (D={spec.dim})" if spec else name
+    spec = main.manifest.features
+    layer_keys = {"mahalanobis": f"{spec.layer} (D={spec.dim})"}
+    for name, manifest in layer_manifests.items():
+        spec = manifest.features
+        layer_keys[f"mahalanobis[{name}]"] = f"{name}: {spec.layer} (D={spec.dim})"
     ablation = (layer_ablation_table(id_cases, {k: v["cases"] for k, v in scenarios.items()}, layer_keys)
                 if layers else None)
     methods = _score_methods(all_cases)
@@ -449,24 +436,29 @@ def evaluate(
     return result
 
 
-def _check_same_network(bundle: Path, layers: Mapping[str, Path]) -> None:
-    """Layer-ablation bundles must be the same network and pipeline as ``bundle``, tapped elsewhere."""
+def _same_network(main: Bundle, layers: Mapping[str, Path]) -> dict[str, Manifest]:
+    """The layer-ablation bundles' manifests, checked to be the same network and pipeline as ``main`` (tapped
+    elsewhere) and calibrated."""
     def fields(m: Manifest) -> dict:
         source = {k: v for k, v in m.source.items() if k != "model_dir"}  # the folder may have moved
         return {"source": source, "labels": m.labels, "channels": m.channels, "patch_size": m.patch_size,
                 "preprocessing": m.preprocessing, "tiling": m.tiling}
 
-    main = fields(load_bundle(bundle).manifest)
+    expected = fields(main.manifest)
+    manifests = {}
     for name, path in layers.items():
-        other_manifest = load_bundle(path).manifest
-        other = fields(other_manifest)
-        for what in main:
-            if other[what] != main[what]:
+        manifest = load_bundle(path).manifest
+        found = fields(manifest)
+        for what in expected:
+            if found[what] != expected[what]:
                 raise EvaluationError(
-                    f"layer bundle '{name}' ({path}) differs from {bundle.name} in its {what}: the ablation compares "
-                    "feature layers of one network; export the same model folder with --layer and calibrate it")
-        if other_manifest.calibration is None:
+                    f"layer bundle '{name}' ({path}) differs from {main.path.name} in its {what}: the ablation "
+                    "compares feature layers of one network; export the same model folder with --layer and "
+                    "calibrate it")
+        if manifest.calibration is None:
             raise EvaluationError(f"layer bundle '{name}' ({path}) is not calibrated; run ood-calib on it first")
+        manifests[name] = manifest
+    return manifests
 
 
 def _summary(values: Sequence[float]) -> dict[str, float]:
