@@ -45,3 +45,9 @@ class MissingDependencyError(SegsentryError):
         )
         self.package = package
         self.extra = extra
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (engines raise pages of it), or its type name when empty."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from segsentry.errors import ModelFolderError
+from segsentry.errors import ModelFolderError, first_line
 from segsentry.manifest import Preprocessing
 
 SUPPORTED_RESAMPLING = "resample_data_or_seg_to_shape"
@@ -135,9 +135,8 @@ def _load_checkpoint(path: Path) -> dict[str, Any]:
     except FileNotFoundError as exc:
         raise ModelFolderError(f"checkpoint {path} not found") from exc
     except Exception as exc:  # torch raises UnpicklingError/RuntimeError with long messages
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelFolderError(
-            f"cannot load checkpoint {path} with weights_only=True ({first}); segsentry only loads checkpoints "
+            f"cannot load checkpoint {path} with weights_only=True ({first_line(exc)}); segsentry only loads checkpoints "
             "that contain tensors, numbers and numpy scalars"
         ) from exc
 

@@ -10,11 +10,26 @@ Arena on by default (speed first); ``low_memory`` for memory-bound machines.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from types import ModuleType
+from typing import Any
 
 import numpy as np
 
-from segsentry.errors import BackendError
+from segsentry.errors import BackendError, first_line
 from segsentry.runtime.backends.base import BackendBase
+
+
+def session_options(ort: ModuleType, *, threads: int | None, low_memory: bool = False) -> Any:
+    """``SessionOptions`` shared by the onnxruntime backends (CPU here, CUDA in ``ort_gpu``): all graph
+    optimisations, ``threads`` intra-op threads (None: onnxruntime's default), errors-only logging, and the CPU
+    memory arena unless ``low_memory``."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.enable_cpu_mem_arena = not low_memory
+    if threads:
+        options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    return options
 
 
 class OnnxruntimeBackend(BackendBase):
@@ -35,17 +50,12 @@ class OnnxruntimeBackend(BackendBase):
         super().__init__(channels=channels, patch_size=patch_size)
         import onnxruntime as ort
 
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.enable_cpu_mem_arena = not low_memory
         self.low_memory = low_memory
-        if threads:
-            options.intra_op_num_threads = threads
-        options.log_severity_level = 3
+        options = session_options(ort, threads=threads, low_memory=low_memory)
         try:
             self.session = ort.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own exception types
-            raise BackendError(f"onnxruntime cannot load the bundle: {str(exc).splitlines()[0]}") from exc
+            raise BackendError(f"onnxruntime cannot load the bundle: {first_line(exc)}") from exc
         self.input_name = input_name
         self.output_names = [o.name for o in self.session.get_outputs()]
 
@@ -53,5 +63,5 @@ class OnnxruntimeBackend(BackendBase):
         try:
             values = self.session.run(self.output_names, {self.input_name: batch})
         except Exception as exc:
-            raise BackendError(f"onnxruntime inference failed: {str(exc).splitlines()[0]}") from exc
+            raise BackendError(f"onnxruntime inference failed: {first_line(exc)}") from exc
         return dict(zip(self.output_names, values))

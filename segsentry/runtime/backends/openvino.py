@@ -18,7 +18,7 @@ from typing import Any, Literal
 import numpy as np
 
 from segsentry import _onnx_wire
-from segsentry.errors import BackendError
+from segsentry.errors import BackendError, first_line
 from segsentry.runtime.backends.base import BackendBase, import_optional
 
 log = logging.getLogger(__name__)
@@ -27,24 +27,20 @@ PerformanceHint = Literal["latency", "throughput"]
 DEVICE = "CPU"
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
 
 def _read_model(core: Any, model: bytes) -> Any:
     """``core.read_model`` from memory; fall back to a temporary ``.onnx`` file for OpenVINO builds without it."""
     try:
         return core.read_model(model=model)
     except Exception as first:  # OpenVINO raises RuntimeError/TypeError depending on version
-        log.debug("OpenVINO cannot read the ONNX bytes from memory (%s); using a temporary file", _first_line(first))
+        log.debug("OpenVINO cannot read the ONNX bytes from memory (%s); using a temporary file", first_line(first))
     fd, path = tempfile.mkstemp(suffix=".onnx", prefix="segsentry-")
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(model)
         return core.read_model(path)
     except Exception as exc:
-        raise BackendError(f"OpenVINO cannot read the bundle: {_first_line(exc)}") from exc
+        raise BackendError(f"OpenVINO cannot read the bundle: {first_line(exc)}") from exc
     finally:
         os.unlink(path)
 
@@ -88,7 +84,7 @@ class OpenvinoBackend(BackendBase):
         except Exception as exc:
             raise BackendError(
                 f"OpenVINO cannot give input '{input_name}' the shape (?, {self.channels}, "
-                f"{', '.join(map(str, self.patch_size))}): {_first_line(exc)}"
+                f"{', '.join(map(str, self.patch_size))}): {first_line(exc)}"
             ) from exc
         config: dict[str, str] = {
             "PERFORMANCE_HINT": performance_hint.upper(),
@@ -102,7 +98,7 @@ class OpenvinoBackend(BackendBase):
             self._input = self.compiled.input(input_name)
             self._request = self.compiled.create_infer_request()
         except Exception as exc:
-            raise BackendError(f"OpenVINO cannot compile the bundle for {DEVICE}: {_first_line(exc)}") from exc
+            raise BackendError(f"OpenVINO cannot compile the bundle for {DEVICE}: {first_line(exc)}") from exc
         self.input_name = input_name
         self.output_names = list(output_names)
         self.performance_hint = performance_hint
@@ -116,7 +112,7 @@ class OpenvinoBackend(BackendBase):
             results = self._request.infer({self._input: batch})
             return {name: np.array(results[port], dtype=np.float32, copy=True) for name, port in self._outputs}
         except Exception as exc:
-            raise BackendError(f"OpenVINO inference failed: {_first_line(exc)}") from exc
+            raise BackendError(f"OpenVINO inference failed: {first_line(exc)}") from exc
 
     def close(self) -> None:
         self._request = None

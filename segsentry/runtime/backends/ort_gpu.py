@@ -30,8 +30,9 @@ from typing import Any, Literal
 
 import numpy as np
 
-from segsentry.errors import BackendError, MissingDependencyError
+from segsentry.errors import BackendError, MissingDependencyError, first_line
 from segsentry.runtime.backends.base import BackendBase, import_optional
+from segsentry.runtime.backends.onnxruntime import session_options
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +41,6 @@ CUDA_EP = "CUDAExecutionProvider"
 TRT_EP = "TensorrtExecutionProvider"
 PURPOSE = ("The ort-gpu backend (onnxruntime's CUDA execution provider, on an NVIDIA CUDA GPU; onnxruntime-gpu "
            "replaces the CPU-only onnxruntime package)")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def provider_list(*, device_id: int, precision: Precision, use_trt_ep: bool,
@@ -139,16 +135,12 @@ class OrtGpuBackend(BackendBase):
             model = mixed_fp16_bytes(model, extra="gpu")
         providers = provider_list(device_id=device_id, precision=precision, use_trt_ep=use_trt_ep,
                                   cache_dir=cache_dir)
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            options.intra_op_num_threads = threads
-        options.log_severity_level = 3  # errors only: why a provider failed to load is an error
+        options = session_options(ort, threads=threads)  # errors-only logging: a provider failing is an error
         try:
             self.session = ort.InferenceSession(model, sess_options=options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own exception types
             raise BackendError(f"onnxruntime-gpu cannot load the bundle on CUDA device {device_id}: "
-                               f"{_first_line(exc)}") from exc
+                               f"{first_line(exc)}") from exc
         active = self.session.get_providers()
         wanted = [name for name, _ in providers]
         if any(name not in active for name in wanted):
@@ -172,7 +164,7 @@ class OrtGpuBackend(BackendBase):
         try:
             return self._io.run(batch)
         except Exception as exc:
-            raise BackendError(f"onnxruntime-gpu inference failed: {_first_line(exc)}") from exc
+            raise BackendError(f"onnxruntime-gpu inference failed: {first_line(exc)}") from exc
 
     def close(self) -> None:
         self._io = None

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from segsentry.errors import BackendError, ModelFolderError
+from segsentry.errors import BackendError, ModelFolderError, first_line
 from segsentry.manifest import Manifest
 from segsentry.runtime.backends.base import BackendBase, import_optional
 
@@ -202,8 +202,7 @@ class TorchBackend(BackendBase):
         except BackendError:
             raise
         except Exception as exc:  # torch raises RuntimeError/ExportError with long messages
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise BackendError(f"torch inference failed: {first}") from exc
+            raise BackendError(f"torch inference failed: {first_line(exc)}") from exc
 
     def close(self) -> None:
         self.tap = None
