@@ -62,11 +62,14 @@ def encoder_stage_outputs(model: onnx.ModelProto) -> dict[int, list[str]]:
                 if scope == scope_of[stage]:  # the encoder's own stages, not a second module of the same name
                     members.setdefault(stage, set()).add(i)
     graph_outputs = {o.name for o in graph.output}
+    consumers: dict[str, set[int]] = {}
+    for j, node in enumerate(graph.node):
+        for t in node.input:
+            consumers.setdefault(t, set()).add(j)
     outputs: dict[int, list[str]] = {}
     for stage, nodes in sorted(members.items()):
         produced = {t: i for i in nodes for t in graph.node[i].output}
-        leaving = [t for t in produced if t in graph_outputs or any(
-            t in graph.node[j].input for j in range(len(graph.node)) if j not in nodes)]
+        leaving = [t for t in produced if t in graph_outputs or consumers.get(t, set()) - nodes]
         outputs[stage] = sorted(leaving, key=lambda t: produced[t])
     return outputs
 
@@ -100,6 +103,8 @@ def add_mc_dropout(model: onnx.ModelProto, *, p: float = 0.5, seed: int = 0,
         raise EvaluationError(f"MC dropout seed must be in [0, {SEED_STRIDE}); got {seed}")
     if not 0.0 <= p < 1.0:
         raise EvaluationError(f"MC dropout probability must be in [0, 1); got {p}")
+    if not any(o.domain in ("", "ai.onnx") and o.version >= 16 for o in model.opset_import):
+        raise EvaluationError("MC dropout needs ONNX opset >= 16 (GreaterOrEqual, Where on float32)")
     found = encoder_stage_outputs(model)
     if not found:
         raise EvaluationError(
@@ -136,7 +141,5 @@ def add_mc_dropout(model: onnx.ModelProto, *, p: float = 0.5, seed: int = 0,
         nodes[position + 1:position + 1] = new
     del graph.node[:]
     graph.node.extend(nodes)
-    if not any(o.domain in ("", "ai.onnx") and o.version >= 16 for o in out.opset_import):
-        raise EvaluationError("MC dropout needs ONNX opset >= 16 (GreaterOrEqual, Where on float32)")
     onnx.checker.check_model(out)
     return out
