@@ -29,9 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from e2e_cpu import PRESETS, _versions  # noqa: E402
 
 from segsentry.bench import machine_info  # noqa: E402
+from segsentry.runtime.backends import GPU_BACKENDS  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-GPU_BACKENDS = ("ort-gpu", "tensorrt")
 LABELS = {"ort-gpu": "ort-gpu backend (onnxruntime CUDA provider, fp32)",
           "tensorrt": "tensorrt backend (FP16 network, FP32 OOD head, CUDA graph)"}
 

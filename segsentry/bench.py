@@ -18,13 +18,13 @@ import platform
 import statistics
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 
-from segsentry.runtime.backends import create_backend, resolve_backend_name
+from segsentry.runtime.backends import GPU_BACKENDS, create_backend, resolve_backend_name
 from segsentry.runtime.bundle import Bundle, load_bundle
 
 
@@ -34,9 +34,6 @@ def peak_rss_mb() -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     raise RuntimeError("no VmHWM in /proc/self/status")
-
-
-GPU_BACKENDS = ("ort-gpu", "tensorrt")
 
 
 def gpu_memory_used_mb(device: int = 0) -> float | None:
@@ -86,36 +83,18 @@ def head_only(bundle: Bundle) -> bytes | None:
     return Extractor(model).extract_model(["features"], ["distance"]).SerializeToString()
 
 
-def time_head(bundle: Bundle, *, batch: int, warmup: int, repeats: int) -> float | None:
-    """Median seconds of one head call on ``batch`` feature vectors (onnxruntime CPU)."""
-    import onnxruntime as ort
-
-    head = head_only(bundle)
-    if head is None:
-        return None
-    session = ort.InferenceSession(head, providers=["CPUExecutionProvider"])
-    z = np.random.default_rng(0).standard_normal((batch, bundle.manifest.features.dim)).astype(np.float32)
-    for _ in range(warmup):
-        session.run(None, {"features": z})
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        session.run(None, {"features": z})
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def _percentile(values: Sequence[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q))
 
 
-def _latency(engine, batch: np.ndarray, *, warmup: int, repeats: int) -> list[float]:
+def _timed(call: Callable[[], object], *, warmup: int, repeats: int) -> list[float]:
+    """Seconds of each of ``repeats`` calls of ``call``, after ``warmup`` untimed ones."""
     for _ in range(warmup):
-        engine.run(batch)
+        call()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        engine.run(batch)
+        call()
         times.append(time.perf_counter() - start)
     return times
 
@@ -131,14 +110,24 @@ def bench_backend(
     result: dict = {"backend": name, "batches": []}
     gpu_before = gpu_memory_used_mb() if name in GPU_BACKENDS else None
     plain = network_only(bundle)
+    head = head_only(bundle)  # timed alone on onnxruntime CPU
+    if head is not None:
+        import onnxruntime as ort
+
+        head_session = ort.InferenceSession(head, providers=["CPUExecutionProvider"])
     with create_backend(name, bundle.model_bytes, channels=m.num_channels, patch_size=m.patch_size,
                         threads=threads, manifest=m, cache_dir=bundle.path) as full, \
             create_backend(name, plain, channels=m.num_channels, patch_size=m.patch_size, threads=threads,
                            manifest=m) as bare:
         for n in batch_sizes:
             batch = rng.standard_normal((n, m.num_channels, *m.patch_size)).astype(np.float32)
-            with_head = _latency(full, batch, warmup=warmup, repeats=repeats)
-            without = _latency(bare, batch, warmup=warmup, repeats=repeats)
+            with_head = _timed(lambda b=batch: full.run(b), warmup=warmup, repeats=repeats)
+            without = _timed(lambda b=batch: bare.run(b), warmup=warmup, repeats=repeats)
+            head_p50 = None
+            if head is not None:
+                z = np.random.default_rng(0).standard_normal((n, m.features.dim)).astype(np.float32)
+                head_p50 = statistics.median(_timed(lambda z=z: head_session.run(None, {"features": z}),
+                                                    warmup=warmup, repeats=repeats))
             p50, p50_bare = statistics.median(with_head), statistics.median(without)
             result["batches"].append({
                 "batch": n,
@@ -148,7 +137,7 @@ def bench_backend(
                 "patches_per_s": n / p50,
                 "network_only_p50_s_per_call": p50_bare,
                 "head_overhead_fraction": (p50 - p50_bare) / p50_bare,
-                "head_only_p50_s_per_call": time_head(bundle, batch=n, warmup=warmup, repeats=repeats),
+                "head_only_p50_s_per_call": head_p50,
             })
         if name in GPU_BACKENDS:  # both engines (with and without the head) are loaded at this point
             result["gpu_memory_used_mb"] = {"before_engines": gpu_before, "with_engines": gpu_memory_used_mb()}
