@@ -21,7 +21,7 @@ from segsentry.calib.gaussian import FeatureStore, GaussianFit, fit_gaussian, sq
 from segsentry.calib.head import fold_mahalanobis_head
 from segsentry.errors import BundleError, CalibrationError, SegsentryError
 from segsentry.manifest import Calibration, write_manifest
-from segsentry.runtime.backends import create_backend, resolve_backend_name
+from segsentry.runtime.backends import create_backend
 from segsentry.runtime.bundle import load_bundle
 from segsentry.runtime.io import collect_cases, read_case
 from segsentry.runtime.pipeline import infer_volume
@@ -98,7 +98,7 @@ def calibrate(
     failed: dict[str, str] = {}
     patches: list[_CasePatches] = []
     with FeatureStore(directory=workdir) as store, create_backend(
-        resolve_backend_name(backend), bundle.model_bytes, channels=manifest.num_channels,
+        backend, bundle.model_bytes, channels=manifest.num_channels,
         patch_size=manifest.patch_size, threads=threads, manifest=manifest,
     ) as engine:
         for case in cases:
