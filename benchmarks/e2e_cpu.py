@@ -57,7 +57,7 @@ def _child(args: argparse.Namespace) -> None:
                            low_memory=bool(args.low_memory))
         seconds = time.perf_counter() - start
         assert result.outcomes[0].status == "ok", result.outcomes[0].error
-        timings = result.outcomes[0].report["timings_s"]
+        timings = result.outcomes[0].report.timings_s
         (out / "timings.json").write_text(json.dumps(timings))
     peak_mb = peak_rss_mb()
     print("RESULT " + json.dumps({"seconds": seconds, "peak_rss_mb": peak_mb}))

@@ -38,7 +38,8 @@ def _child(bundle: str, image: str, out: str) -> None:
     peak = peak_rss_mb()
     report = result.outcomes[0].report
     print("RESULT " + json.dumps({"baseline_mb": baseline, "peak_mb": peak, "seconds": seconds,
-                                  "n_patches": report.get("n_patches"), "timings": report.get("timings_s"),
+                                  "n_patches": report.n_patches if report else None,
+                                  "timings": report.timings_s if report else None,
                                   "status": result.outcomes[0].status, "error": result.outcomes[0].error}))
 
 

@@ -101,8 +101,8 @@ def evaluate(bundle: Path, work: Path, *, n_cases: int) -> dict:
         for o in result.outcomes:
             pred = sitk.GetArrayFromImage(sitk.ReadImage(str(work / "eval_out" / cohort / f"{o.case_id}.nii.gz")))
             ref = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "labelsTr" / f"{o.case_id}.nii.gz")))
-            rows.append({"case": o.case_id, "dice": _dice(pred, ref), "uncertainty": o.report["uncertainty"],
-                         "ood": o.report["ood"]})
+            rows.append({"case": o.case_id, "dice": _dice(pred, ref), "uncertainty": o.report.uncertainty,
+                         "ood": o.report.ood})
         out[cohort] = {
             "n": len(rows),
             "mean_dice": float(np.mean([r["dice"] for r in rows])),

@@ -161,7 +161,7 @@ def bench_volume(bundle: Bundle, backend: str, volume: Path, *, threads: int | N
             raise RuntimeError(f"benchmark volume failed: {outcome.error}")
         report = outcome.report
     m = bundle.manifest
-    out = {"volume": str(volume), "n_patches": report["n_patches"], "wall_s": total, "stages_s": report["timings_s"]}
+    out = {"volume": str(volume), "n_patches": report.n_patches, "wall_s": total, "stages_s": report.timings_s}
     if m.calibration is not None:
         # the distance map alone: the same number of patch adds on the padded volume shape
         gaussian = importance_for(m.patch_size, sigma_scale=m.tiling.sigma_scale,

@@ -186,7 +186,8 @@ def run_command(
                 "backend": result.backend,
                 "output": str(result.output_dir),
                 "qa_page": str(result.qa_page) if result.qa_page else None,
-                "cases": [{"case": o.case_id, "status": o.status, "error": o.error, **o.report}
+                "cases": [{"case": o.case_id, "status": o.status, "error": o.error,
+                           **(o.report.to_dict() if o.report is not None else {"seconds": round(o.seconds, 4)})}
                           for o in result.outcomes],
             }, indent=2))
         else:
@@ -205,13 +206,13 @@ def _print_run_table(result) -> None:  # noqa: ANN001 - BatchResult, imported la
         table.add_column(column)
     for o in result.outcomes:
         r = o.report
-        if o.status != "ok":
+        if o.status != "ok" or r is None:
             table.add_row(o.case_id, "[red]failed[/]", "", "", o.error or "", "", "")
             continue
-        flag = "" if r.get("ood") is None else ("[bold red]OOD[/]" if r["ood"] else "[green]in-dist[/]")
-        table.add_row(o.case_id, "ok", "" if r.get("uncertainty") is None else f"{r['uncertainty']:.3f}",
-                      "" if r.get("threshold") is None else f"{r['threshold']:.3f}", flag, str(r["n_patches"]),
-                      f"{r['timings_s']['total']:.1f}")
+        flag = "" if r.ood is None else ("[bold red]OOD[/]" if r.ood else "[green]in-dist[/]")
+        table.add_row(o.case_id, "ok", "" if r.uncertainty is None else f"{r.uncertainty:.3f}",
+                      "" if r.threshold is None else f"{r.threshold:.3f}", flag, str(r.n_patches),
+                      f"{r.total_seconds:.1f}")
     console.print(table)
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from segsentry import _onnx_wire
+from segsentry.contract import Output
 from segsentry.errors import BundleError
 
 if TYPE_CHECKING:  # the runtime reads bundles without the onnx package
@@ -54,7 +55,6 @@ class Tiling:
     step_size: float = 0.5
     sigma_scale: float = 0.125
     value_scaling_factor: float = 10.0
-    mirroring: bool = False
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,8 @@ class Manifest:
     tiling: Tiling
     features: FeatureSpec
     inputs: dict[str, str] = field(default_factory=lambda: {"image": "image"})
-    outputs: dict[str, str] = field(default_factory=lambda: {"logits": "logits", "features": "features"})
+    outputs: dict[str, str] = field(default_factory=lambda: {Output.LOGITS.value: "logits",
+                                                             Output.FEATURES.value: "features"})  # role -> name
     calibration: Calibration | None = None
     weights_sha256: str = ""
     version: int = MANIFEST_VERSION
@@ -107,6 +108,16 @@ class Manifest:
     @property
     def num_channels(self) -> int:
         return len(self.channels)
+
+    def output_name(self, role: Output | str) -> str:
+        """The graph output name that plays ``role``; raise :class:`BundleError` if the bundle has none."""
+        key = Output(role).value
+        if key not in self.outputs:
+            raise BundleError(f"the bundle has no '{key}' output (it has: {', '.join(sorted(self.outputs))})")
+        return self.outputs[key]
+
+    def has_output(self, role: Output | str) -> bool:
+        return Output(role).value in self.outputs
 
     def replace(self, **changes: Any) -> Manifest:
         return dataclasses.replace(self, **changes)
@@ -127,7 +138,7 @@ class Manifest:
             calibration = raw.pop("calibration", None)
             return cls(
                 preprocessing=Preprocessing(**raw.pop("preprocessing")),
-                tiling=Tiling(**raw.pop("tiling")),
+                tiling=_tiling(raw.pop("tiling")),
                 features=FeatureSpec(**raw.pop("features")),
                 calibration=Calibration(**calibration) if calibration else None,
                 **raw,
@@ -136,6 +147,13 @@ class Manifest:
             raise
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             raise BundleError(f"bundle manifest is malformed ({exc}); re-export the model") from exc
+
+
+def _tiling(raw: dict[str, Any]) -> Tiling:
+    """``Tiling`` from its JSON; bundles written before 0.2 carry an unused ``mirroring: false``, dropped here."""
+    if raw.pop("mirroring", False):
+        raise BundleError("the bundle asks for test-time mirroring, which this segsentry does not implement")
+    return Tiling(**raw)
 
 
 def weights_sha256(model_bytes: bytes) -> str:

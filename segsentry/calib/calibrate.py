@@ -19,6 +19,7 @@ import onnx
 from segsentry._atomic import write_bytes_atomic
 from segsentry.calib.gaussian import FeatureStore, GaussianFit, fit_gaussian, squared_mahalanobis
 from segsentry.calib.head import fold_mahalanobis_head
+from segsentry.contract import Aggregation, Estimator, Output
 from segsentry.errors import BundleError, CalibrationError, SegsentryError
 from segsentry.manifest import Calibration, write_manifest
 from segsentry.runtime.backends import create_backend
@@ -31,8 +32,8 @@ from segsentry.runtime.sliding import Box, crop_box, distance_map, importance_fo
 
 log = logging.getLogger(__name__)
 
-ESTIMATORS = ("ledoit-wolf", "empirical", "oas")
-AGGREGATIONS = ("normalised", "paper")
+ESTIMATORS = tuple(e.value for e in Estimator)
+AGGREGATIONS = tuple(a.value for a in Aggregation)
 
 
 @dataclass(frozen=True)

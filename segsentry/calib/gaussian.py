@@ -37,12 +37,13 @@ from typing import Literal
 
 import numpy as np
 
+from segsentry.contract import Estimator as EstimatorChoice
 from segsentry.errors import CalibrationError
 
 logger = logging.getLogger(__name__)
 
 Estimator = Literal["empirical", "ledoit-wolf", "oas"]
-ESTIMATORS: tuple[str, ...] = ("empirical", "ledoit-wolf", "oas")
+ESTIMATORS: tuple[str, ...] = tuple(e.value for e in EstimatorChoice)
 
 __all__ = [
     "ESTIMATORS",

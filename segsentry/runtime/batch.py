@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from segsentry._atomic import write_text_atomic
@@ -20,7 +19,8 @@ from segsentry.errors import SegsentryError
 from segsentry.runtime.backends import create_backend, resolve_backend_name
 from segsentry.runtime.bundle import Bundle, load_bundle
 from segsentry.runtime.io import CaseInput, collect_cases, guard_outputs, read_case, write_image
-from segsentry.runtime.pipeline import CasePrediction, predict_case
+from segsentry.runtime.pipeline import predict_case
+from segsentry.runtime.report import CaseReport
 from segsentry.runtime.qa import CaseView, render_case, write_qa_page
 
 log = logging.getLogger(__name__)
@@ -30,15 +30,18 @@ SUMMARY_FIELDS = ["case", "status", "ood", "uncertainty", "score", "threshold", 
 
 @dataclass
 class CaseOutcome:
+    """One case of a batch: ``report`` when it was processed (``status == "ok"``), else ``error``."""
+
     case_id: str
     status: str  # "ok" or "failed"
-    report: dict = field(default_factory=dict)
+    report: CaseReport | None = None
     error: str | None = None
     qa_view: CaseView | None = None
+    seconds: float = 0.0  # wall time spent on the case, failed or not
 
     @property
     def ood(self) -> bool:
-        return bool(self.report.get("ood"))
+        return bool(self.report is not None and self.report.ood)
 
 
 @dataclass
@@ -61,28 +64,6 @@ class BatchResult:
         if self.failed:
             return 1
         return 3 if self.flagged else 0
-
-
-def _case_report(bundle: Bundle, prediction: CasePrediction, case: CaseInput, backend: str, timings: dict) -> dict:
-    calibration = bundle.manifest.calibration
-    return {
-        "case": prediction.case_id,
-        "inputs": [str(f) for f in case.files],
-        "ood": prediction.ood,
-        "uncertainty": prediction.uncertainty_score,
-        "score": prediction.score,
-        "threshold": prediction.threshold,
-        "aggregation": calibration.aggregation if calibration else None,
-        "uncertainty_map_units": "squared Mahalanobis distance per voxel (aggregated patch distances)"
-        if prediction.uncertainty is not None else None,
-        "n_patches": prediction.n_patches,
-        "top_patches": prediction.top_patches,
-        "baselines": prediction.baselines,
-        "timings_s": {k: round(v, 4) for k, v in timings.items()},
-        "backend": backend,
-        "model_sha256": bundle.weights_sha256,
-        "bundle": str(bundle.path),
-    }
 
 
 def run_batch(
@@ -151,23 +132,28 @@ def _run_case(case: CaseInput, bundle: Bundle, engine, output_dir: Path, backend
             write_image(prediction.uncertainty, loaded.reference, outputs["uncertainty_map"])
         timings = {"read": read_s, **prediction.timings, "write": time.perf_counter() - t0}
         timings["total"] = time.perf_counter() - start
-        report = _case_report(bundle, prediction, case, backend_name, timings)
-        report["outputs"] = {k: str(v) for k, v in outputs.items()}
-        write_text_atomic(output_dir / f"{case.case_id}.json", json.dumps(report, indent=2))
+        calibration = bundle.manifest.calibration
+        report = CaseReport.from_prediction(
+            prediction, inputs=[str(f) for f in case.files],
+            aggregation=calibration.aggregation if calibration else None, timings=timings, backend=backend_name,
+            model_sha256=bundle.weights_sha256, bundle=str(bundle.path),
+            outputs={k: str(v) for k, v in outputs.items()}, warnings=loaded.warnings)
+        write_text_atomic(output_dir / f"{case.case_id}.json", report.to_json())
         view = None
         if qa:
             view = render_case(case.case_id, loaded.image[0], prediction.mask, prediction.uncertainty,
                                spacing_zyx=loaded.spacing, modality=bundle.manifest.channels.get("0", ""),
                                qa_dir=output_dir / "qa", report=report, distance_range=_distance_range(bundle))
-        return CaseOutcome(case_id=case.case_id, status="ok", report=report, qa_view=view)
+        return CaseOutcome(case_id=case.case_id, status="ok", report=report, qa_view=view,
+                           seconds=time.perf_counter() - start)
     except SegsentryError as exc:
         log.error("case %s failed: %s", case.case_id, exc)
         return CaseOutcome(case_id=case.case_id, status="failed", error=str(exc),
-                           report={"seconds": time.perf_counter() - start})
+                           seconds=time.perf_counter() - start)
     except (MemoryError, FloatingPointError, OSError) as exc:
         log.error("case %s failed: %s", case.case_id, exc)
         return CaseOutcome(case_id=case.case_id, status="failed", error=f"{type(exc).__name__}: {exc}",
-                           report={"seconds": time.perf_counter() - start})
+                           seconds=time.perf_counter() - start)
 
 
 def _distance_range(bundle: Bundle) -> tuple[float, float] | None:
@@ -181,17 +167,18 @@ def write_summary(result: BatchResult) -> Path:
     writer.writeheader()
     for o in result.outcomes:
         r = o.report
-        writer.writerow({
-            "case": o.case_id,
-            "status": o.status,
-            "ood": "" if r.get("ood") is None else int(bool(r.get("ood"))),
-            "uncertainty": "" if r.get("uncertainty") is None else f"{r['uncertainty']:.6f}",
-            "score": "" if r.get("score") is None else f"{r['score']:.6g}",
-            "threshold": "" if r.get("threshold") is None else f"{r['threshold']:.6f}",
-            "n_patches": r.get("n_patches", ""),
-            "seconds": f"{r.get('timings_s', {}).get('total', r.get('seconds', 0.0)):.3f}",
-            "error": o.error or "",
-        })
+        row = {"case": o.case_id, "status": o.status, "ood": "", "uncertainty": "", "score": "", "threshold": "",
+               "n_patches": "", "seconds": f"{o.seconds:.3f}", "error": o.error or ""}
+        if r is not None:
+            row.update({
+                "ood": "" if r.ood is None else int(bool(r.ood)),
+                "uncertainty": "" if r.uncertainty is None else f"{r.uncertainty:.6f}",
+                "score": "" if r.score is None else f"{r.score:.6g}",
+                "threshold": "" if r.threshold is None else f"{r.threshold:.6f}",
+                "n_patches": r.n_patches,
+                "seconds": f"{r.total_seconds:.3f}",
+            })
+        writer.writerow(row)
     path = result.output_dir / "summary.csv"
     write_text_atomic(path, buffer.getvalue())
     return path

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +16,6 @@ class Bundle:
     path: Path
     model_bytes: bytes
     manifest: Manifest
-    file_sha256: str
 
     @property
     def weights_sha256(self) -> str:
@@ -32,4 +30,4 @@ def load_bundle(path: str | Path, *, verify_hash: bool = True) -> Bundle:
     except OSError as exc:
         raise BundleError(f"cannot read bundle {path}: {exc.strerror or exc}") from exc
     manifest = read_manifest(data, verify_hash=verify_hash)
-    return Bundle(path=path, model_bytes=data, manifest=manifest, file_sha256=hashlib.sha256(data).hexdigest())
+    return Bundle(path=path, model_bytes=data, manifest=manifest)

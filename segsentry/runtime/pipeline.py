@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import SimpleITK as sitk
 
+from segsentry.contract import Output
+from segsentry.errors import BundleError
 from segsentry.manifest import Manifest
 from segsentry.runtime.backends.base import Backend
 from segsentry.runtime.io import LoadedCase
@@ -29,6 +31,20 @@ from segsentry.runtime.sliding import (
 )
 
 TOP_PATCHES = 5
+
+
+@dataclass(frozen=True)
+class TopPatch:
+    """One of the most distant patches: its index, squared distance, input voxel ranges and centre.
+
+    ``box_zyx`` holds ``[start, stop)`` per axis of the input image's numpy array (z, y, x); ``centre_mm`` is
+    the box centre in physical LPS coordinates (x, y, z), as SimpleITK reports them.
+    """
+
+    patch: int
+    distance: float
+    box_zyx: list[list[int]]
+    centre_mm: list[float]
 
 
 @dataclass
@@ -62,7 +78,13 @@ def infer_volume(
     """Tile ``data`` ``(c, Z, Y, X)``, run the backend, accumulate what is asked for.
 
     ``aggregation`` (``normalised``/``paper``) turns on the distance map; it needs a ``distance`` output.
+    Outputs are looked up by role (``manifest.outputs``), not by graph name.
     """
+    logits_name = manifest.output_name(Output.LOGITS) if accumulate_logits else None
+    distance_name = manifest.outputs.get(Output.DISTANCE.value)
+    features_name = manifest.output_name(Output.FEATURES) if collect_features else None
+    if aggregation and distance_name is None:
+        raise BundleError("a distance map needs a calibrated bundle (no 'distance' output); run ood-calib first")
     patch = manifest.patch_size
     padded, pad_box = pad_to_patch(data, patch)
     shape = padded.shape[1:]
@@ -75,15 +97,15 @@ def infer_volume(
     features: list[np.ndarray] = []
     for batch in iterate_patches(padded, backend, boxes, batch_size=batch_size):
         if logit_acc is not None:
-            for box, logits in zip(batch.boxes, batch.outputs["logits"]):
+            for box, logits in zip(batch.boxes, batch.outputs[logits_name]):
                 logit_acc.add(box, logits)
-        if "distance" in batch.outputs:
-            distances.append(np.asarray(batch.outputs["distance"], dtype=np.float64).reshape(-1))
+        if distance_name is not None and distance_name in batch.outputs:
+            distances.append(np.asarray(batch.outputs[distance_name], dtype=np.float64).reshape(-1))
             if dist_acc is not None:
                 for box, d in zip(batch.boxes, distances[-1]):
                     dist_acc.add(box, float(d))
         if collect_features:
-            features.append(np.asarray(batch.outputs["features"], dtype=np.float32))
+            features.append(np.asarray(batch.outputs[features_name], dtype=np.float32))
     return VolumeInference(
         logits=crop_box(logit_acc.result(), pad_box) if logit_acc is not None else None,
         distance_map=crop_box(dist_acc.result(), pad_box) if dist_acc is not None else None,
@@ -107,8 +129,7 @@ class CasePrediction:
     ood: bool | None
     threshold: float | None
     n_patches: int
-    top_patches: list[dict]
-    baselines: dict[str, float] = field(default_factory=dict)
+    top_patches: list[TopPatch]
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -126,7 +147,8 @@ def box_to_input_index(box: Box, pad_box: Box, geometry: Geometry, transpose_bac
     return [ranges[i] for i in transpose_backward]
 
 
-def _top_patches(inference: VolumeInference, geometry: Geometry, manifest: Manifest, reference: sitk.Image) -> list[dict]:
+def _top_patches(inference: VolumeInference, geometry: Geometry, manifest: Manifest,
+                 reference: sitk.Image) -> list[TopPatch]:
     if inference.distances is None:
         return []
     order = np.argsort(-inference.distances)[:TOP_PATCHES]
@@ -135,27 +157,13 @@ def _top_patches(inference: VolumeInference, geometry: Geometry, manifest: Manif
         zyx = box_to_input_index(inference.boxes[i], inference.pad_box, geometry,
                                  manifest.preprocessing.transpose_backward)
         centre_xyz = [(r[0] + r[1] - 1) / 2.0 for r in reversed(zyx)]
-        out.append({
-            "patch": int(i),
-            "distance": float(inference.distances[i]),
-            "box_zyx": zyx,
-            "centre_mm": [float(c) for c in reference.TransformContinuousIndexToPhysicalPoint(centre_xyz)],
-        })
+        out.append(TopPatch(
+            patch=int(i),
+            distance=float(inference.distances[i]),
+            box_zyx=zyx,
+            centre_mm=[float(c) for c in reference.TransformContinuousIndexToPhysicalPoint(centre_xyz)],
+        ))
     return out
-
-
-def output_baselines(logits: np.ndarray) -> dict[str, float]:
-    """The paper's output-based baselines from the aggregated logits ``(k, Z, Y, X)`` (network space).
-
-    Each is a subject-level uncertainty averaged over all voxels: 1 - max softmax (temperature 1, 10, 100),
-    1 - KL(softmax || uniform) / log k, and the energy ``-T logsumexp(logits / T)`` (T = 1, raw).
-    """
-    from segsentry.evaluation.metrics import energy_score, kl_uniform_uncertainty, max_softmax_uncertainty
-
-    out = {f"max_softmax_T{t}": max_softmax_uncertainty(logits, temperature=float(t)) for t in (1, 10, 100)}
-    out["kl_uniform"] = kl_uniform_uncertainty(logits)
-    out["energy"] = energy_score(logits)
-    return {k: float(v) for k, v in out.items()}
 
 
 def argmax_labels(logits: np.ndarray, dtype: type, *, slab: int = 16) -> np.ndarray:
@@ -172,27 +180,48 @@ def argmax_labels(logits: np.ndarray, dtype: type, *, slab: int = 16) -> np.ndar
 def predict_case(
     loaded: LoadedCase, backend: Backend, manifest: Manifest, *, batch_size: int = 1, with_uncertainty_map: bool = True
 ) -> CasePrediction:
-    """Segment one loaded case and, if the bundle is calibrated, score it for OOD."""
-    timings: dict[str, float] = {}
+    """Segment one loaded case and, if the bundle is calibrated, score it for OOD.
+
+    The three stages are public so that evaluation can keep what it needs in memory (the preprocessed volume
+    for TTA and MC dropout, the network-space logits for the output baselines): :func:`preprocess`,
+    :func:`infer_volume`, :func:`finish_case`.
+    """
     t0 = time.perf_counter()
     data, geometry = preprocess(loaded.image, loaded.spacing, manifest.preprocessing)
-    timings["preprocess"] = time.perf_counter() - t0
-
-    calibration = manifest.calibration
+    preprocess_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    inference = infer_volume(data, backend, manifest, batch_size=batch_size,
-                             aggregation=calibration.aggregation if calibration else None)
+    inference = infer_volume_for_case(data, backend, manifest, batch_size=batch_size)
     del data
-    timings["inference"] = time.perf_counter() - t0
+    inference_s = time.perf_counter() - t0
+    return finish_case(loaded, inference, geometry, manifest, with_uncertainty_map=with_uncertainty_map,
+                       timings={"preprocess": preprocess_s, "inference": inference_s})
 
+
+def infer_volume_for_case(data: np.ndarray, backend: Backend, manifest: Manifest, *,
+                          batch_size: int = 1) -> VolumeInference:
+    """:func:`infer_volume` with what a deployed case needs: logits, and the distance map if calibrated."""
+    calibration = manifest.calibration
+    return infer_volume(data, backend, manifest, batch_size=batch_size,
+                        aggregation=calibration.aggregation if calibration else None)
+
+
+def finish_case(
+    loaded: LoadedCase, inference: VolumeInference, geometry: Geometry, manifest: Manifest, *,
+    with_uncertainty_map: bool = True, timings: dict[str, float] | None = None,
+) -> CasePrediction:
+    """Score ``inference`` (subject score, U, flag) and bring the mask and uncertainty map to the input geometry.
+
+    ``timings`` (seconds per stage so far) is extended with ``scoring`` and ``resample_back``.
+    """
+    timings = dict(timings or {})
     t0 = time.perf_counter()
+    calibration = manifest.calibration
     score = U = ood = threshold = None
     if calibration is not None and inference.distance_map is not None:
         score = subject_score(inference.distance_map)
         U = normalise_score(score, train_min=calibration.train_score_min, train_max=calibration.train_score_max)
         threshold = calibration.threshold
         ood = bool(U > threshold)
-    baselines = output_baselines(inference.logits)
     timings["scoring"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -217,6 +246,5 @@ def predict_case(
         threshold=threshold,
         n_patches=len(inference.boxes),
         top_patches=_top_patches(inference, geometry, manifest, loaded.reference),
-        baselines=baselines,
         timings=timings,
     )

@@ -20,6 +20,7 @@ import SimpleITK as sitk
 
 from segsentry._atomic import atomic_path, write_text_atomic
 from segsentry.manifest import Calibration
+from segsentry.runtime.report import CaseReport
 
 MASK_RGB = np.array([255, 40, 40], dtype=np.float32)
 
@@ -96,7 +97,7 @@ def render_case(
     spacing_zyx: Sequence[float],
     modality: str,
     qa_dir: Path,
-    report: dict,
+    report: CaseReport,
     distance_range: tuple[float, float] | None,
 ) -> CaseView:
     """Write ``CASE_{axial,coronal}_{image,mask,uncertainty}.png`` into ``qa_dir``; arrays are (z, y, x).
@@ -104,8 +105,8 @@ def render_case(
     ``distance_range`` maps voxel distances to colours like the subject score is normalised: the training
     cases' (min, 2·max) raw scores span black to white, so hot voxels are outside the training range.
     """
-    top = report.get("top_patches") or []
-    centre = [(lo + hi) // 2 for lo, hi in top[0]["box_zyx"]] if top else None
+    top = report.top_patches
+    centre = [(lo + hi) // 2 for lo, hi in top[0].box_zyx] if top else None
     z, y, x = focus_point(mask, centre)
     grey = _window(image, modality)
     lo, hi = distance_range if distance_range else (0.0, float(uncertainty.max()) if uncertainty is not None else 1.0)
@@ -127,8 +128,8 @@ def render_case(
             file = f"{case_id}_{view}_{name}.png"
             _write_png(_upscale(_stretch(rgb, row_sp, col_sp)), qa_dir / file)
             pngs[f"{view}_{name}"] = file
-    return CaseView(case_id=case_id, pngs=pngs, uncertainty=report.get("uncertainty"),
-                    threshold=report.get("threshold"), ood=report.get("ood"), score=report.get("score"),
+    return CaseView(case_id=case_id, pngs=pngs, uncertainty=report.uncertainty,
+                    threshold=report.threshold, ood=report.ood, score=report.score,
                     focus_zyx=(int(z), int(y), int(x)))
 
 

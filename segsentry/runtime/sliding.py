@@ -12,14 +12,16 @@ distances times a peak weight of 10 overflow float16.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from segsentry.contract import Aggregation
 from segsentry.runtime.backends.base import Backend
 from segsentry.runtime.importance import gaussian_importance_map
+
+AGGREGATIONS = tuple(a.value for a in Aggregation)
 
 Box = tuple[tuple[int, int], ...]
 
@@ -115,12 +117,12 @@ class DistanceAccumulator:
     """
 
     def __init__(self, shape: Sequence[int], gaussian: np.ndarray, *, aggregation: str) -> None:
-        if aggregation not in ("normalised", "paper"):
-            raise ValueError(f"aggregation must be 'normalised' or 'paper', got {aggregation!r}")
+        if aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation must be one of {', '.join(AGGREGATIONS)}, got {aggregation!r}")
         self.aggregation = aggregation
         self._gaussian32 = gaussian.astype(np.float32)
         self.total = np.zeros(tuple(shape), dtype=np.float32)
-        self.weights = np.zeros(tuple(shape), dtype=np.float32) if aggregation == "normalised" else None
+        self.weights = np.zeros(tuple(shape), dtype=np.float32) if aggregation == Aggregation.NORMALISED else None
 
     def add(self, box: Box, distance: float) -> None:
         sl = _slices(box)
@@ -154,7 +156,3 @@ def importance_for(patch_size: Sequence[int], *, sigma_scale: float, value_scali
     return gaussian_importance_map(tuple(int(p) for p in patch_size), sigma_scale=sigma_scale,
                                    value_scaling_factor=value_scaling_factor)
 
-
-def patch_count(shape: Sequence[int], patch_size: Sequence[int], step_size: float) -> int:
-    padded = [max(s, p) for s, p in zip(shape, patch_size)]
-    return math.prod(len(s) for s in compute_steps(padded, patch_size, step_size))

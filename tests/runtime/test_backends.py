@@ -189,15 +189,15 @@ def test_run_batch_masks_match_onnxruntime(backend, ct_pipeline, test_cases, tmp
     got = run_batch(ct_pipeline.ood_onnx, files, tmp_path / backend, backend=backend, qa=False, batch_size=2)
     assert got.backend == backend and not got.failed and not ref.failed
     for a, b in zip(ref.outcomes, got.outcomes):
-        assert b.report["backend"] == backend
+        assert b.report.backend == backend
         mask_ref = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "ort" / f"{a.case_id}.nii.gz")))
         mask_got = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / backend / f"{a.case_id}.nii.gz")))
         assert mask_got.shape == mask_ref.shape
         differing = int(np.count_nonzero(mask_got != mask_ref))
         assert differing <= max(2, 1e-4 * mask_ref.size), f"{a.case_id}: {differing} of {mask_ref.size} voxels"
-        np.testing.assert_allclose(b.report["score"], a.report["score"], rtol=DISTANCE_RTOL)
-        np.testing.assert_allclose(b.report["uncertainty"], a.report["uncertainty"], rtol=DISTANCE_RTOL)
-        assert b.report["ood"] == a.report["ood"]
+        np.testing.assert_allclose(b.report.score, a.report.score, rtol=DISTANCE_RTOL)
+        np.testing.assert_allclose(b.report.uncertainty, a.report.uncertainty, rtol=DISTANCE_RTOL)
+        assert b.report.ood == a.report.ood
 
 
 # -- selection ---------------------------------------------------------------------------------------------

@@ -1,0 +1,73 @@
+"""A case's report, typed until the edge: ``CASE.json``, ``summary.csv`` rows and the CLI table render it."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from segsentry.runtime.pipeline import CasePrediction, TopPatch
+
+DISTANCE_MAP_UNITS = "squared Mahalanobis distance per voxel (aggregated patch distances)"
+
+
+@dataclass(frozen=True)
+class CaseReport:
+    """What ``ood-run`` records for one processed case (``CASE.json``).
+
+    ``uncertainty`` is the normalised subject score U in [0, 1], ``score`` the raw mean distance u, ``ood``
+    whether U is above ``threshold``; all four are ``None`` for an uncalibrated bundle. ``outputs`` maps
+    ``mask`` / ``uncertainty_map`` to the written files.
+    """
+
+    case: str
+    inputs: list[str]
+    ood: bool | None
+    uncertainty: float | None
+    score: float | None
+    threshold: float | None
+    aggregation: str | None
+    uncertainty_map_units: str | None
+    n_patches: int
+    top_patches: list[TopPatch]
+    timings_s: dict[str, float]
+    backend: str
+    model_sha256: str
+    bundle: str
+    outputs: dict[str, str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # what was accepted about the input with a caveat
+
+    @classmethod
+    def from_prediction(cls, prediction: CasePrediction, *, inputs: list[str], aggregation: str | None,
+                        timings: dict[str, float], backend: str, model_sha256: str, bundle: str,
+                        outputs: dict[str, str], warnings: list[str] | None = None) -> CaseReport:
+        return cls(
+            case=prediction.case_id,
+            inputs=inputs,
+            ood=prediction.ood,
+            uncertainty=prediction.uncertainty_score,
+            score=prediction.score,
+            threshold=prediction.threshold,
+            aggregation=aggregation,
+            uncertainty_map_units=DISTANCE_MAP_UNITS if prediction.uncertainty is not None else None,
+            n_patches=prediction.n_patches,
+            top_patches=list(prediction.top_patches),
+            timings_s={k: round(v, 4) for k, v in timings.items()},
+            backend=backend,
+            model_sha256=model_sha256,
+            bundle=bundle,
+            outputs=outputs,
+            warnings=list(warnings or []),
+        )
+
+    @property
+    def total_seconds(self) -> float:
+        return float(self.timings_s.get("total", 0.0))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON types, keys in the order of the fields."""
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
