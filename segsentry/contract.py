@@ -50,6 +50,7 @@ class Aggregation(str, Enum):
 class ThresholdRule(str, Enum):
     """How the OOD threshold on U is set from calibration scores."""
 
+    CONFORMAL = "conformal"  # split-conformal: the ceil((n + 1)(1 - alpha))-th smallest calibration score; default
     PAPER = "paper"  # the authors' 95 % TPR boundary: sorted, index floor((n - 1) * 0.95), mean with the next
 
     def __str__(self) -> str:

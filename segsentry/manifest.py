@@ -83,6 +83,11 @@ class Calibration:
     train_scores: list[float]  # raw subject scores u of the training cases
     train_uncertainties: list[float]  # normalised U of the training cases
     score_fit: str = "in-sample"  # how the training scores were computed (in-sample or cross-fit by case)
+    threshold_rule: str = "paper"  # ThresholdRule: "conformal" or "paper" (bundles before 0.2: always paper)
+    alpha: float | None = None  # the requested false-alarm rate (conformal)
+    false_alarm_bound: float | None = None  # what the threshold guarantees with these n cases (conformal)
+    calibration_source: str = "training cases"  # whose scores set the threshold
+    calibration_scores: list[float] = field(default_factory=list)  # their raw subject scores u
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ the min / 2·max normalisation and the 95 % TPR threshold recorded in the manife
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,21 +19,29 @@ import onnx
 from segsentry._atomic import write_bytes_atomic
 from segsentry.calib.gaussian import FeatureStore, GaussianFit, fit_gaussian, squared_mahalanobis
 from segsentry.calib.head import fold_mahalanobis_head
-from segsentry.contract import Aggregation, Estimator, Output
+from segsentry.contract import Aggregation, Estimator, Output, ThresholdRule
 from segsentry.errors import BundleError, CalibrationError, SegsentryError
-from segsentry.manifest import Calibration, write_manifest
+from segsentry.manifest import Calibration, Manifest, write_manifest
 from segsentry.runtime.backends import create_backend
 from segsentry.runtime.bundle import load_bundle
-from segsentry.runtime.io import collect_cases, read_case
-from segsentry.runtime.pipeline import infer_volume
+from segsentry.runtime.backends.base import Backend
+from segsentry.runtime.io import CaseInput, collect_cases, read_case
+from segsentry.runtime.pipeline import VolumeInference, infer_volume
 from segsentry.runtime.preprocess import preprocess
-from segsentry.runtime.scoring import normalise_score, subject_score, tpr95_threshold
+from segsentry.runtime.scoring import (
+    conformal_threshold,
+    min_calibration_cases,
+    normalise_score,
+    subject_score,
+    tpr95_threshold,
+)
 from segsentry.runtime.sliding import Box, crop_box, distance_map, importance_for
 
 log = logging.getLogger(__name__)
 
 ESTIMATORS = tuple(e.value for e in Estimator)
 AGGREGATIONS = tuple(a.value for a in Aggregation)
+DEFAULT_ALPHA = 0.05
 
 
 @dataclass(frozen=True)
@@ -68,6 +76,9 @@ def calibrate(
     threads: int | None = None,
     workdir: str | Path | None = None,
     score_folds: int = 5,
+    threshold_rule: ThresholdRule | str = ThresholdRule.CONFORMAL,
+    alpha: float = DEFAULT_ALPHA,
+    calibration_images: Sequence[str | Path] | None = None,
     on_case: Callable[[str, int, str | None], None] | None = None,
 ) -> CalibrationResult:
     """Calibrate ``features_bundle`` (from ood-export) on the training ``images`` and write ``output``.
@@ -78,8 +89,22 @@ def calibrate(
     the other folds. ``score_folds=1`` scores the training cases with the Gaussian fitted on them (the
     authors' procedure); with fewer patches than features that makes every unseen case look far away.
 
-    ``on_case(case_id, n_patches, error)`` is called after each training case (for progress display).
+    The threshold on U comes from calibration scores: the subject scores of ``calibration_images`` (cases the
+    Gaussian never saw; no labels needed) if given, else the cross-fitted training scores (in-sample scores
+    are refused for ``conformal``: they are not exchangeable with new cases). ``threshold_rule`` ``conformal``
+    takes the ``ceil((n + 1)(1 - alpha))``-th smallest; with fewer than ``1/alpha - 1`` cases it warns and
+    records the weaker bound ``1/(n + 1)`` it can give. ``paper`` is the authors' 95 % TPR boundary.
+
+    ``on_case(case_id, n_patches, error)`` is called after each training and calibration case (for progress
+    display).
     """
+    try:
+        threshold_rule = ThresholdRule(threshold_rule)
+    except ValueError:
+        raise CalibrationError(f"unknown threshold rule '{threshold_rule}'; choose one of "
+                               f"{', '.join(r.value for r in ThresholdRule)}") from None
+    if not 0.0 < alpha < 1.0:
+        raise CalibrationError(f"alpha must be strictly between 0 and 1 (a false-alarm rate), got {alpha}")
     if estimator not in ESTIMATORS:
         raise CalibrationError(f"unknown estimator '{estimator}'; choose one of {', '.join(ESTIMATORS)}")
     if score_folds < 1:
@@ -95,6 +120,19 @@ def calibrate(
     cases = collect_cases(images, num_channels=manifest.num_channels)
     if not cases:
         raise CalibrationError("no training cases found")
+    calibration_cases = []
+    if calibration_images:
+        calibration_cases = collect_cases(calibration_images, num_channels=manifest.num_channels)
+        if not calibration_cases:
+            raise CalibrationError("no calibration cases found in --calibration-images")
+        overlap = {c.files for c in cases} & {c.files for c in calibration_cases}
+        if overlap:
+            raise CalibrationError(f"{len(overlap)} calibration case(s) are also training cases; the threshold "
+                                   "must come from scans the Gaussian never saw")
+    elif threshold_rule is ThresholdRule.CONFORMAL and _effective_folds(score_folds, len(cases)) == 1:
+        raise CalibrationError("the conformal threshold needs scores the Gaussian never saw: give "
+                               "--calibration-images, or score the training cases out of sample (--score-folds "
+                               ">= 2, with at least 2 cases), or choose --threshold-rule paper")
 
     failed: dict[str, str] = {}
     patches: list[_CasePatches] = []
@@ -102,24 +140,11 @@ def calibrate(
         backend, bundle.model_bytes, channels=manifest.num_channels,
         patch_size=manifest.patch_size, threads=threads, manifest=manifest,
     ) as engine:
-        for case in cases:
-            try:
-                loaded = read_case(case, num_channels=manifest.num_channels)
-                data, _ = preprocess(loaded.image, loaded.spacing, manifest.preprocessing)
-                inference = infer_volume(data, engine, manifest, batch_size=batch_size, accumulate_logits=False,
-                                         collect_features=True)
-            except SegsentryError as exc:
-                failed[case.case_id] = str(exc)
-                log.error("training case %s skipped: %s", case.case_id, exc)
-                if on_case:
-                    on_case(case.case_id, 0, str(exc))
-                continue
+        for case, inference in _features_per_case(cases, engine, manifest, batch_size, failed, on_case, "training"):
             start = store.n_samples
             store.append(inference.features)
             patches.append(_CasePatches(case.case_id, slice(start, store.n_samples), inference.boxes,
                                         inference.pad_box, inference.padded_shape))
-            if on_case:
-                on_case(case.case_id, len(inference.boxes), None)
         if not patches:
             raise CalibrationError("every training case failed; nothing to calibrate on")
         features = store.array()
@@ -133,11 +158,24 @@ def calibrate(
             voxel_map = distance_map(case.padded_shape, case.boxes, d, gaussian, aggregation=aggregation)
             scores.append(subject_score(crop_box(voxel_map, case.pad_box)))
         n_patches = store.n_samples
+        held_out: list[float] = []
+        for case, inference in _features_per_case(calibration_cases, engine, manifest, batch_size, failed,
+                                                  on_case, "calibration"):
+            d = squared_mahalanobis(fit, np.asarray(inference.features, dtype=np.float64))
+            voxel_map = distance_map(inference.padded_shape, inference.boxes, d, gaussian, aggregation=aggregation)
+            held_out.append(subject_score(crop_box(voxel_map, inference.pad_box)))
 
     train_min, train_max = float(min(scores)), float(max(scores))
     if not 2 * train_max > train_min:
         raise CalibrationError(f"training scores are degenerate (min {train_min}, max {train_max})")
     uncertainties = [normalise_score(u, train_min=train_min, train_max=train_max) for u in scores]
+    if calibration_cases and not held_out:
+        raise CalibrationError("every calibration case failed; no scores to set the threshold from")
+    source_scores = held_out if calibration_cases else scores
+    source = (f"{len(held_out)} held-out calibration cases" if calibration_cases
+              else f"training cases ({_score_fit_label(score_folds, len(patches))})")
+    source_u = [normalise_score(u, train_min=train_min, train_max=train_max) for u in source_scores]
+    threshold, bound = _threshold(source_u, threshold_rule, alpha)
     calibration = Calibration(
         estimator=estimator,
         shrinkage=float(fit.shrinkage),
@@ -147,23 +185,61 @@ def calibrate(
         aggregation=aggregation,
         train_score_min=train_min,
         train_score_max=train_max,
-        threshold=float(tpr95_threshold(uncertainties)),
+        threshold=float(threshold),
         train_scores=[float(s) for s in scores],
         train_uncertainties=[float(u) for u in uncertainties],
         score_fit=_score_fit_label(score_folds, len(patches)),
+        threshold_rule=threshold_rule.value,
+        alpha=float(alpha) if threshold_rule is ThresholdRule.CONFORMAL else None,
+        false_alarm_bound=bound,
+        calibration_source=source,
+        calibration_scores=[float(s) for s in source_scores],
     )
     model = onnx.load_model_from_string(bundle.model_bytes)
     fused = fold_mahalanobis_head(model, fit, keep_features=keep_features)
-    outputs = {"logits": "logits", "distance": "distance"}
+    outputs = {Output.LOGITS.value: manifest.output_name(Output.LOGITS), Output.DISTANCE.value: "distance"}
     if keep_features:
-        outputs["features"] = "features"
+        outputs[Output.FEATURES.value] = manifest.output_name(Output.FEATURES)
     data = write_manifest(fused, manifest.replace(calibration=calibration, outputs=outputs))
     check = _check_fused_head(data, bundle.model_bytes, fit, manifest.num_channels, manifest.patch_size)
     write_bytes_atomic(output, data)
-    log.info("calibrated on %d patches from %d cases (%s); threshold U > %.4f", n_patches, len(patches),
-             estimator, calibration.threshold)
+    log.info("calibrated on %d patches from %d cases (%s); threshold U > %.4f (%s, from %s)", n_patches,
+             len(patches), estimator, calibration.threshold, threshold_rule.value, source)
     return CalibrationResult(path=Path(output), calibration=calibration, fit=fit,
                              case_ids=[p.case_id for p in patches], failed=failed, head_check_max_rel_error=check)
+
+
+def _features_per_case(cases: Sequence[CaseInput], engine: Backend, manifest: Manifest, batch_size: int,
+                       failed: dict[str, str], on_case: Callable[[str, int, str | None], None] | None,
+                       what: str) -> Iterator[tuple[CaseInput, VolumeInference]]:
+    """Each readable case's per-patch features (no logits); a failing case is recorded in ``failed``, skipped."""
+    for case in cases:
+        try:
+            loaded = read_case(case, num_channels=manifest.num_channels)
+            data, _ = preprocess(loaded.image, loaded.spacing, manifest.preprocessing)
+            inference = infer_volume(data, engine, manifest, batch_size=batch_size, accumulate_logits=False,
+                                     collect_features=True)
+        except SegsentryError as exc:
+            failed[case.case_id] = str(exc)
+            log.error("%s case %s skipped: %s", what, case.case_id, exc)
+            if on_case:
+                on_case(case.case_id, 0, str(exc))
+            continue
+        if on_case:
+            on_case(case.case_id, len(inference.boxes), None)
+        yield case, inference
+
+
+def _threshold(uncertainties: Sequence[float], rule: ThresholdRule, alpha: float) -> tuple[float, float | None]:
+    """The threshold on U and, for ``conformal``, the false-alarm bound it guarantees (warned if above alpha)."""
+    if rule is ThresholdRule.PAPER:
+        return tpr95_threshold(uncertainties), None
+    threshold, bound = conformal_threshold(uncertainties, alpha=alpha)
+    if bound > alpha + 1e-12:
+        log.warning("only %d calibration cases: the conformal threshold can hold false alarms at %.1f %% (1/(n+1)), "
+                    "not alpha = %.1f %%; alpha needs at least %d cases", len(uncertainties), 100 * bound,
+                    100 * alpha, min_calibration_cases(alpha))
+    return threshold, bound
 
 
 def _effective_folds(folds: int, n_cases: int) -> int:

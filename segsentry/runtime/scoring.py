@@ -1,4 +1,7 @@
-"""Subject-level scores (design.md, method steps 6-7): raw score, min/2·max normalisation, 95 % TPR threshold."""
+"""Subject-level scores (design.md, method steps 6-7): raw score, min/2·max normalisation, thresholds.
+
+Two threshold rules: the authors' 95 % TPR boundary, and split-conformal (design.md, "Conformal threshold").
+"""
 
 from __future__ import annotations
 
@@ -31,3 +34,39 @@ def tpr95_threshold(train_uncertainties: Sequence[float]) -> float:
     index = math.floor((len(values) - 1) * 0.95)
     following = values[min(index + 1, len(values) - 1)]
     return (values[index] + following) / 2.0
+
+
+def min_calibration_cases(alpha: float) -> int:
+    """Calibration cases split-conformal needs for a finite threshold at level ``alpha``: n >= 1/alpha - 1."""
+    _check_alpha(alpha)
+    return max(1, math.ceil(1.0 / alpha - 1.0 - 1e-9))
+
+
+def conformal_rank(n: int, alpha: float) -> int:
+    """``k = ceil((n + 1)(1 - alpha))``: the rank of the calibration score that bounds false alarms by alpha.
+
+    ``k > n`` means no finite threshold holds alpha with ``n`` scores (see :func:`conformal_threshold`).
+    """
+    _check_alpha(alpha)
+    return math.ceil((n + 1) * (1.0 - alpha) - 1e-9)  # the epsilon keeps 20 * 0.95 at 19, not 20
+
+
+def conformal_threshold(calibration_uncertainties: Sequence[float], *, alpha: float) -> tuple[float, float]:
+    """Split-conformal threshold on U and the false-alarm bound it guarantees.
+
+    Returns ``(threshold, bound)``: the ``k``-th smallest calibration U with ``k = ceil((n + 1)(1 - alpha))``,
+    so that a new in-distribution case exchangeable with the calibration cases is flagged (U > threshold)
+    with probability at most ``bound = 1 - k / (n + 1) <= alpha``. With too few cases (``k > n``) the largest
+    score is used and ``bound = 1 / (n + 1)``, which is then larger than ``alpha``: the caller must say so.
+    """
+    values = sorted(float(v) for v in calibration_uncertainties)
+    if not values:
+        raise CalibrationError("no calibration scores to set a threshold from")
+    n = len(values)
+    k = min(conformal_rank(n, alpha), n)
+    return values[k - 1], 1.0 - k / (n + 1)
+
+
+def _check_alpha(alpha: float) -> None:
+    if not 0.0 < alpha < 1.0:
+        raise CalibrationError(f"alpha must be strictly between 0 and 1 (a false-alarm rate), got {alpha}")

@@ -11,7 +11,8 @@ from segsentry.runtime import load_bundle
 
 
 def test_cross_fitted_training_scores_are_out_of_sample(ct_pipeline, tmp_path):
-    in_sample = calibrate(ct_pipeline.features_onnx, [ct_pipeline.images], tmp_path / "a.onnx", score_folds=1)
+    in_sample = calibrate(ct_pipeline.features_onnx, [ct_pipeline.images], tmp_path / "a.onnx", score_folds=1,
+                          threshold_rule="paper")
     cross = calibrate(ct_pipeline.features_onnx, [ct_pipeline.images], tmp_path / "b.onnx", score_folds=2)
     assert in_sample.calibration.score_fit == "in-sample"
     assert cross.calibration.score_fit == "cross-fit, 2 folds by case"
