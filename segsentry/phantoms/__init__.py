@@ -17,17 +17,11 @@ Arrays are numpy ``(z, y, x)``; spacing/origin/direction follow SimpleITK ``(x, 
 package needs numpy and SimpleITK only.
 """
 
-from segsentry.phantoms.chest import (
-    COHORTS,
-    IDENTITY_DIRECTION,
-    Phantom,
-    convolve1d,
-    gaussian_blur,
-    gaussian_kernel1d,
-    make_chest_ct,
-)
+from segsentry.phantoms.chest import COHORTS, make_chest_ct
 from segsentry.phantoms.cohort import FILE_ENDINGS, case_seed, write_cohort
+from segsentry.phantoms.filters import convolve1d, gaussian_blur, gaussian_kernel1d
 from segsentry.phantoms.mni import load_mni152_t1, mni152_t1_path, ras_affine_to_lps
+from segsentry.phantoms.phantom import IDENTITY_DIRECTION, Phantom
 
 __all__ = [
     "COHORTS",

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from segsentry.errors import InputError, MissingDependencyError
-from segsentry.phantoms.chest import Phantom
+from segsentry.phantoms.phantom import Phantom
 
 logger = logging.getLogger(__name__)
 
