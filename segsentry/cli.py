@@ -14,12 +14,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Optional
 
+from enum import Enum
+
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.table import Table
 
-from segsentry.errors import SegsentryError
+from segsentry.contract import Aggregation, Estimator, ThresholdRule
+from segsentry.errors import BackendError, SegsentryError
 
 console = Console(stderr=True)
 
@@ -32,9 +36,54 @@ VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Log progress 
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show full tracebacks for unexpected errors.")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Patches per backend call.")]
 ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads for the backend.")]
+
+
+def _backend_name(value: str | None) -> str | None:
+    """Validate a backend name at the boundary: an unknown one is a usage error (exit 2), not a failed run."""
+    if value is None:
+        return None
+    from segsentry.runtime.backends import resolve_backend_name
+
+    if value.strip().lower() != "auto":
+        try:
+            resolve_backend_name(value)
+        except BackendError as exc:
+            raise typer.BadParameter(str(exc)) from None
+    return value
+
+
+def _backend_names(values: list[str] | None) -> list[str] | None:
+    return None if values is None else [_backend_name(v) for v in values]
+
+
 BackendOpt = Annotated[str, typer.Option(
-    "--backend", help="Inference backend: auto (tensorrt / ort-gpu when installed and a CUDA GPU is present, else "
+    "--backend", callback=_backend_name,
+    help="Inference backend: auto (tensorrt / ort-gpu when installed and a CUDA GPU is present, else "
     "openvino if installed, else onnxruntime), onnxruntime, openvino, torch, ort-gpu, tensorrt.")]
+
+
+def _open_unit_interval(value: float) -> float:
+    if not 0.0 < value < 1.0:
+        raise typer.BadParameter(f"must be strictly between 0 and 1, got {value}")
+    return value
+
+
+class ShiftKind(str, Enum):
+    ARTEFACT = "artefact"
+    AFFINE = "affine"
+
+
+class ShiftLevel(str, Enum):
+    WEAK = "weak"
+    MEDIUM = "medium"
+    STRONG = "strong"
+
+
+class Cohort(str, Enum):  # segsentry.phantoms.COHORTS (checked equal in tests/cli)
+    ID = "id"
+    DATASET_SHIFT = "dataset-shift"
+    DIAGNOSTIC_SHIFT = "diagnostic-shift"
+    FAR_OOD = "far-ood"
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -51,7 +100,7 @@ def _guarded(debug: bool, body: Callable[[], int]) -> None:
     try:
         code = body()
     except SegsentryError as exc:
-        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
         raise typer.Exit(EXIT_FAILED) from None
     except KeyboardInterrupt:
         console.print("[bold red]interrupted[/]")
@@ -60,8 +109,8 @@ def _guarded(debug: bool, body: Callable[[], int]) -> None:
         if debug:
             raise
         first = str(exc).splitlines()[0] if str(exc) else ""
-        console.print(f"[bold red]internal error:[/] {type(exc).__name__}: {first} (rerun with --debug for details)",
-                      highlight=False)
+        console.print(f"[bold red]internal error:[/] {type(exc).__name__}: {escape(first)} (rerun with --debug for "
+                      "details)", highlight=False)
         raise typer.Exit(EXIT_FAILED) from None
     raise typer.Exit(code)
 
@@ -87,8 +136,8 @@ def export_command(
             result = export_nnunet(model_dir, output, fold=fold, checkpoint=checkpoint,
                                    configuration=configuration, layer=layer, verify=verify)
         m = result.manifest
-        console.print(f"[green]wrote[/] {result.path}  patch {m.patch_size}, {m.num_channels} channel(s), "
-                      f"{m.num_classes} classes, features '{m.features.layer}' {m.features.layer_shape} "
+        console.print(f"[green]wrote[/] {escape(str(result.path))}  patch {m.patch_size}, {m.num_channels} channel(s), "
+                      f"{m.num_classes} classes, features '{escape(m.features.layer)}' {m.features.layer_shape} "
                       f"-> pool {m.features.pooling} -> D={m.features.dim}", highlight=False)
         if result.verification:
             v = result.verification
@@ -103,10 +152,13 @@ def calib_command(
     bundle: Annotated[Path, typer.Argument(help="The .features.onnx written by ood-export.")],
     images: Annotated[list[Path], typer.Argument(help="Training images: nnU-Net imagesTr folder(s) or files.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Output calibrated .ood.onnx file.")],
-    estimator: Annotated[str, typer.Option("--estimator", help="ledoit-wolf | empirical (paper: pinv) | oas.")] = "ledoit-wolf",
-    aggregation: Annotated[str, typer.Option("--aggregation", help="normalised (divide by weights) | paper (plain sum).")] = "normalised",
+    estimator: Annotated[Estimator, typer.Option("--estimator", help="Covariance: ledoit-wolf, empirical (the paper: pinv) or oas.")] = Estimator.LEDOIT_WOLF,
+    aggregation: Annotated[Aggregation, typer.Option("--aggregation", help="normalised (divide by weights) or paper (plain sum).")] = Aggregation.NORMALISED,
     keep_features: Annotated[bool, typer.Option("--keep-features", help="Keep the features output in the bundle.")] = False,
     score_folds: Annotated[int, typer.Option("--score-folds", min=1, help="Score training cases out of sample with this many folds (1 = in-sample, as the paper).")] = 5,
+    threshold_rule: Annotated[ThresholdRule, typer.Option("--threshold-rule", help="conformal (false alarms <= alpha on new in-distribution cases) or paper (95 % TPR boundary).")] = ThresholdRule.CONFORMAL,
+    alpha: Annotated[float, typer.Option("--alpha", callback=_open_unit_interval, help="False-alarm rate the conformal threshold holds (needs >= 1/alpha - 1 calibration cases).")] = 0.05,
+    calibration_images: Annotated[Optional[list[Path]], typer.Option("--calibration-images", help="Unlabelled in-distribution scans the Gaussian never sees, to set the threshold (repeatable; default: the cross-fitted training scores).")] = None,
     backend: BackendOpt = "auto",
     batch_size: BatchOpt = 1,
     threads: ThreadsOpt = None,
@@ -127,17 +179,28 @@ def calib_command(
             def on_case(case_id: str, n: int, error: str | None) -> None:
                 progress.advance(task)
                 if error:
-                    console.print(f"[yellow]skipped[/] {case_id}: {error}", highlight=False)
+                    console.print(f"[yellow]skipped[/] {escape(case_id)}: {escape(error)}", highlight=False)
 
             result = calibrate(bundle, images, output, estimator=estimator, aggregation=aggregation,
                                keep_features=keep_features, backend=backend, batch_size=batch_size,
-                               threads=threads, score_folds=score_folds, on_case=on_case)
+                               threads=threads, score_folds=score_folds, threshold_rule=threshold_rule,
+                               alpha=alpha, calibration_images=calibration_images, on_case=on_case)
         c = result.calibration
-        console.print(f"[green]wrote[/] {result.path}: {c.n_patches} patches from {c.n_cases} cases, D="
+        console.print(f"[green]wrote[/] {escape(str(result.path))}: {c.n_patches} patches from {c.n_cases} cases, D="
                       f"{result.fit.n_features}, {c.estimator} (shrinkage {c.shrinkage:.4g}, rank {c.rank}), "
                       f"train scores [{c.train_score_min:.4g}, {c.train_score_max:.4g}], "
                       f"threshold U > {c.threshold:.4f} ({c.aggregation}; training scores {c.score_fit})",
                       highlight=False)
+        rule = (f"conformal, alpha {c.alpha:g}: false alarms <= {100 * c.false_alarm_bound:.1f} % on new "
+                "in-distribution cases" if c.threshold_rule == ThresholdRule.CONFORMAL
+                else "paper: 95 % TPR boundary")
+        console.print(f"threshold rule {rule}; set on {escape(c.calibration_source)}", highlight=False)
+        if c.false_alarm_bound is not None and c.alpha is not None and c.false_alarm_bound > c.alpha + 1e-12:
+            from segsentry.runtime.scoring import min_calibration_cases
+
+            console.print(f"[yellow]warning:[/] alpha {c.alpha:g} needs at least {min_calibration_cases(c.alpha)} "
+                          f"calibration cases; with {len(c.calibration_scores)} the threshold only holds "
+                          f"{100 * c.false_alarm_bound:.1f} %", highlight=False)
         return EXIT_FAILED if result.failed else EXIT_OK
 
     _guarded(debug, body)
@@ -193,24 +256,24 @@ def run_command(
         else:
             _print_run_table(result)
             if result.qa_page:
-                console.print(f"QA page: {result.qa_page}", highlight=False)
+                console.print(f"QA page: {escape(str(result.qa_page))}", highlight=False)
         return result.exit_code()
 
     _guarded(debug, body)
 
 
 def _print_run_table(result) -> None:  # noqa: ANN001 - BatchResult, imported lazily
-    table = Table(title=f"ood-run ({result.backend}) -> {result.output_dir}")
+    table = Table(title=escape(f"ood-run ({result.backend}) -> {result.output_dir}"))
     table.add_column("case", no_wrap=True)
     for column in ("status", "U", "threshold", "flag", "patches", "seconds"):
         table.add_column(column)
     for o in result.outcomes:
         r = o.report
         if o.status != "ok" or r is None:
-            table.add_row(o.case_id, "[red]failed[/]", "", "", o.error or "", "", "")
+            table.add_row(escape(o.case_id), "[red]failed[/]", "", "", escape(o.error or ""), "", "")
             continue
         flag = "" if r.ood is None else ("[bold red]OOD[/]" if r.ood else "[green]in-dist[/]")
-        table.add_row(o.case_id, "ok", "" if r.uncertainty is None else f"{r.uncertainty:.3f}",
+        table.add_row(escape(o.case_id), "ok", "" if r.uncertainty is None else f"{r.uncertainty:.3f}",
                       "" if r.threshold is None else f"{r.threshold:.3f}", flag, str(r.n_patches),
                       f"{r.total_seconds:.1f}")
     console.print(table)
@@ -218,7 +281,7 @@ def _print_run_table(result) -> None:  # noqa: ANN001 - BatchResult, imported la
 
 def bench_command(
     bundle: Annotated[Path, typer.Argument(help="A bundle (.ood.onnx or .features.onnx).")],
-    backends: Annotated[Optional[list[str]], typer.Option("--backend", help="Backend to measure (repeatable; default: auto).")] = None,
+    backends: Annotated[Optional[list[str]], typer.Option("--backend", callback=_backend_names, help="Backend to measure (repeatable; default: auto).")] = None,
     batch_sizes: Annotated[Optional[list[int]], typer.Option("--batch", min=1, help="Batch size (repeatable; default 1, 2, 4).")] = None,
     repeats: Annotated[int, typer.Option("--repeats", min=1, help="Timed calls per measurement.")] = 10,
     warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed calls first.")] = 2,
@@ -272,7 +335,7 @@ def bench_command(
 
 def phantoms_command(
     output: Annotated[Path, typer.Argument(help="Folder for the nnU-Net raw layout (imagesTr/, labelsTr/, dataset.json).")],
-    cohort: Annotated[str, typer.Option("--cohort", help="id | dataset-shift | diagnostic-shift | far-ood")] = "id",
+    cohort: Annotated[Cohort, typer.Option("--cohort", help="Which cohort to generate.")] = Cohort.ID,
     n: Annotated[int, typer.Option("--n", min=1, help="Number of cases.")] = 10,
     seed: Annotated[int, typer.Option("--seed", help="Cohort seed (case i always gets the same volume).")] = 0,
     prefix: Annotated[str, typer.Option("--prefix", help="Case id prefix.")] = "PH",
@@ -281,15 +344,12 @@ def phantoms_command(
 ) -> None:
     """Generate a cohort of procedural chest-CT phantoms (with lesion labels) in nnU-Net raw layout."""
     _setup_logging(verbose)
-    from segsentry.phantoms import COHORTS, write_cohort
-
-    if cohort not in COHORTS:
-        raise typer.BadParameter(f"--cohort must be one of {', '.join(COHORTS)}")
+    from segsentry.phantoms import write_cohort
 
     def body() -> int:
-        with console.status(f"writing {n} {cohort} phantoms…"):
-            ids = write_cohort(output, cohort=cohort, n=n, seed=seed, prefix=prefix)
-        console.print(f"[green]wrote[/] {len(ids)} {cohort} cases to {output}", highlight=False)
+        with console.status(f"writing {n} {cohort.value} phantoms…"):
+            ids = write_cohort(output, cohort=cohort.value, n=n, seed=seed, prefix=prefix)
+        console.print(f"[green]wrote[/] {len(ids)} {cohort.value} cases to {escape(str(output))}", highlight=False)
         return EXIT_OK
 
     _guarded(debug, body)
@@ -345,7 +405,7 @@ def eval_run_command(
         for r in result.get("layer_ablation", []):
             console.print(f"layer {r['layer']}: " + ", ".join(
                 f"{name} AUC {r[name]['auc']:.3f}" for name in result["scenarios"]), highlight=False)
-        console.print(f"report: {output / 'report.html'}", highlight=False)
+        console.print(f"report: {escape(str(output / 'report.html'))}", highlight=False)
         return EXIT_OK
 
     _guarded(debug, body)
@@ -354,25 +414,24 @@ def eval_run_command(
 def eval_shift_command(
     input_dir: Annotated[Path, typer.Argument(help="A set in nnU-Net raw layout (imagesTr/, optional labelsTr/).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="New folder for the shifted set.")],
-    kind: Annotated[str, typer.Option("--kind", help="artefact | affine")] = "artefact",
-    level: Annotated[str, typer.Option("--level", help="weak | medium | strong")] = "strong",
+    kind: Annotated[ShiftKind, typer.Option("--kind", help="Artefacts (ghosting, spike, blur, noise) or affine.")] = ShiftKind.ARTEFACT,
+    level: Annotated[ShiftLevel, typer.Option("--level", help="Shift strength.")] = ShiftLevel.STRONG,
     seed: Annotated[int, typer.Option("--seed", help="Random seed (per case derived from it).")] = 0,
     verbose: VerboseOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Apply a transformation shift (paper Table 4, TorchIO) to images and labels, in nnU-Net raw layout."""
     _setup_logging(verbose)
-    if kind not in ("artefact", "affine") or level not in ("weak", "medium", "strong"):
-        raise typer.BadParameter("--kind must be artefact|affine and --level weak|medium|strong")
 
     def body() -> int:
         from segsentry.evaluation.shifts import shift_folder
 
-        with console.status(f"{kind} shift ({level})…"):
-            failed = shift_folder(input_dir, output, kind=kind, level=level, seed=seed)
+        with console.status(f"{kind.value} shift ({level.value})…"):
+            failed = shift_folder(input_dir, output, kind=kind.value, level=level.value, seed=seed)
         for case in failed:
-            console.print(f"[yellow]failed[/] {case}", highlight=False)
-        console.print(f"[green]wrote[/] {output} ({kind}, {level}, seed {seed})", highlight=False)
+            console.print(f"[yellow]failed[/] {escape(str(case))}", highlight=False)
+        console.print(f"[green]wrote[/] {escape(str(output))} ({kind.value}, {level.value}, seed {seed})",
+                      highlight=False)
         return EXIT_FAILED if failed else EXIT_OK
 
     _guarded(debug, body)

@@ -163,8 +163,69 @@ def test_usage_error_exit_code_2(ct_pipeline):
 def test_unknown_backend_is_a_clear_error(ct_pipeline, test_cases, tmp_path):
     result = _run("run", ct_pipeline.ood_onnx, next(iter(test_cases["ct"].values()))[0], "-o", tmp_path / "o",
                   "--backend", "coreml")
-    assert result.exit_code == 1
+    assert result.exit_code == 2  # a usage error, caught before anything runs
     assert "unknown backend 'coreml'" in _text(result)
+    assert not (tmp_path / "o").exists()
+
+
+def test_messages_keep_bracketed_text(ct_pipeline, tmp_path):
+    """Errors go through rich unescaped otherwise: '[ct]' in a path would vanish as a markup tag."""
+    missing = tmp_path / "scan[ct]_0000.nii.gz"
+    result = _run("run", tmp_path / "model[v2].ood.onnx", missing, "-o", tmp_path / "o")
+    assert result.exit_code == 1
+    assert "model[v2].ood.onnx" in _text(result)
+
+
+def test_cohort_choices_are_the_generator_cohorts():
+    from segsentry.cli import Cohort
+    from segsentry.phantoms import COHORTS
+
+    assert tuple(c.value for c in Cohort) == tuple(COHORTS)
+
+
+def test_calib_threshold_rules_from_the_cli(ct_pipeline, tmp_path):
+    """--threshold-rule paper reproduces the authors' boundary; conformal with held-out calibration images
+    takes their largest score when n is below 1/alpha - 1, and says which bound it holds."""
+    from segsentry.runtime import load_bundle
+    from segsentry.runtime.scoring import normalise_score, tpr95_threshold
+
+    paper = tmp_path / "paper.onnx"
+    result = _run("calib", ct_pipeline.features_onnx, ct_pipeline.images, "-o", paper, "--threshold-rule",
+                  "paper", "--score-folds", "2")
+    assert result.exit_code == 0, _text(result)
+    c = load_bundle(paper).manifest.calibration
+    assert c.threshold_rule == "paper" and c.alpha is None
+    assert c.threshold == pytest.approx(tpr95_threshold(c.train_uncertainties), abs=0)
+
+    held_out = tmp_path / "held_out"
+    held_out.mkdir()
+    files = sorted(ct_pipeline.images.iterdir())
+    for f in files[:2]:  # two cases copied as a separate calibration folder ...
+        (held_out / f.name).write_bytes(f.read_bytes())
+    train = tmp_path / "train"
+    train.mkdir()
+    for f in files[2:]:  # ... and the other two as the training set
+        (train / f.name).write_bytes(f.read_bytes())
+    conformal = tmp_path / "conformal.onnx"
+    result = _run("calib", ct_pipeline.features_onnx, train, "-o", conformal, "--alpha", "0.2",
+                  "--calibration-images", held_out)
+    assert result.exit_code == 0, _text(result)
+    c = load_bundle(conformal).manifest.calibration
+    assert c.threshold_rule == "conformal" and c.alpha == 0.2
+    assert len(c.calibration_scores) == 2 and c.calibration_source == "2 held-out calibration cases"
+    u = sorted(normalise_score(s, train_min=c.train_score_min, train_max=c.train_score_max)
+               for s in c.calibration_scores)
+    assert c.threshold == u[-1]  # k = ceil(3 * 0.8) = 3 > n = 2: the largest, with the bound 1/3
+    assert c.false_alarm_bound == pytest.approx(1 / 3)
+    assert "needs at least 4 calibration cases" in _text(result)
+
+
+def test_calib_conformal_refuses_in_sample_scores(ct_pipeline, tmp_path):
+    result = _run("calib", ct_pipeline.features_onnx, ct_pipeline.images, "-o", tmp_path / "x.onnx",
+                  "--score-folds", "1")
+    assert result.exit_code == 1
+    assert "never saw" in _text(result)
+    assert not (tmp_path / "x.onnx").exists()
 
 
 def test_calib_refuses_calibrated_bundle(ct_pipeline, tmp_path):
