@@ -7,6 +7,8 @@ lesion segmentation", Medical Image Analysis 2022:
   set on in-distribution (ID) cases, the TPR / FPR at that threshold and the detection error;
 * calibration: the expected segmentation calibration error (ESCE) of ``confidence = 1 - U`` against Dice;
 * segmentation quality: foreground Dice;
+* failure detection (Zenk et al., MedIA 2025): risk-coverage curve, AURC and E-AURC with risk = 1 - Dice;
+* uncertainty of every number: percentile bootstrap intervals, resampling each set of cases on its own;
 * baseline uncertainty scores from per-voxel logits: maximum softmax, KL to the uniform distribution and
   the energy score, computed in float64, chunked over the first spatial axis.
 
@@ -17,7 +19,7 @@ fraction of ID cases kept and the FPR the fraction of OOD cases wrongly kept.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Union
 
 import numpy as np
@@ -32,7 +34,11 @@ _CHUNK_ELEMENTS = 1 << 22
 
 __all__ = [
     "EvaluationError",
+    "aurc",
     "auc",
+    "bootstrap_interval",
+    "e_aurc",
+    "risk_coverage",
     "detection_error",
     "detection_summary",
     "dice",
@@ -287,6 +293,87 @@ def detection_summary(
             )
         summary["esce"] = esce(np.concatenate([ids, oods]), np.concatenate([d_id, d_ood]))
     return summary
+
+
+# -------------------------------------------------------------------------------------- failure detection
+
+
+def risk_coverage(uncertainty: ArrayLike, risk: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    """Risk-coverage curve: keep the ``k`` most confident cases (lowest uncertainty first), k = 1..n.
+
+    Returns ``(coverage, selective_risk)``: ``coverage[k-1] = k / n`` and ``selective_risk[k-1]`` the mean risk
+    of the ``k`` kept cases. Tied uncertainties are kept as a group: every ``k`` inside a tie gets the mean
+    risk over the whole tied group added so far pro rata, so the curve does not depend on the input order.
+    """
+    u = _scores(uncertainty, "risk_coverage: uncertainty")
+    r = _scores(risk, "risk_coverage: risk")
+    if u.shape != r.shape:
+        raise EvaluationError(f"risk_coverage: expected one risk per case, found {r.size} for {u.size} cases")
+    order = np.argsort(u, kind="stable")
+    u, r = u[order], r[order]
+    # within a tie, spread the tied group's mean risk evenly, so the order inside it does not matter
+    _, start, counts = np.unique(u, return_index=True, return_counts=True)
+    for s0, c in zip(start, counts):
+        if c > 1:
+            r[s0:s0 + c] = r[s0:s0 + c].mean()
+    k = np.arange(1, u.size + 1)
+    return k / u.size, np.cumsum(r) / k
+
+
+def aurc(uncertainty: ArrayLike, risk: ArrayLike) -> float:
+    """Area under the risk-coverage curve: the mean over k of the mean risk of the k most confident cases.
+
+    Lower is better; a random order gives the mean risk in expectation, the oracle order :func:`e_aurc`'s
+    reference.
+    """
+    _, selective = risk_coverage(uncertainty, risk)
+    return float(selective.mean())
+
+
+def e_aurc(uncertainty: ArrayLike, risk: ArrayLike) -> float:
+    """Excess AURC: :func:`aurc` minus the AURC of the oracle order (cases sorted by their true risk)."""
+    r = _scores(risk, "e_aurc: risk")
+    return aurc(uncertainty, r) - aurc(r, r)
+
+
+# ---------------------------------------------------------------------------------------------- bootstrap
+
+
+def bootstrap_interval(
+    statistic: Callable[..., float],
+    *groups: ArrayLike,
+    n_resamples: int = 2000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``statistic(*groups)``.
+
+    Each group (e.g. the ID cases and the OOD cases; rows are cases, columns optional) is resampled with
+    replacement on its own, keeping its size, so a two-sample statistic like the AUC keeps its design.
+    Resamples where the statistic is undefined (raises :class:`EvaluationError` or returns NaN) are dropped;
+    if more than half are, :class:`EvaluationError` is raised.
+    """
+    arrays = [np.asarray(g, dtype=np.float64) for g in groups]
+    if not arrays or any(a.shape[0] == 0 for a in arrays):
+        raise EvaluationError("bootstrap_interval: expected at least one non-empty group of cases")
+    if not 0.0 < level < 1.0:
+        raise EvaluationError(f"bootstrap_interval: level must be in (0, 1), found {level}")
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(int(n_resamples)):
+        sample = [a[rng.integers(0, a.shape[0], size=a.shape[0])] for a in arrays]
+        try:
+            value = float(statistic(*sample))
+        except EvaluationError:
+            continue
+        if math.isfinite(value):
+            values.append(value)
+    if len(values) < n_resamples / 2:
+        raise EvaluationError(f"bootstrap_interval: the statistic is undefined on {n_resamples - len(values)} of "
+                              f"{n_resamples} resamples")
+    tail = (1.0 - level) / 2.0 * 100.0
+    lo, hi = np.percentile(values, [tail, 100.0 - tail])
+    return float(lo), float(hi)
 
 
 # ------------------------------------------------------------------------------------- baseline scores

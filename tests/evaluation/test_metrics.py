@@ -315,3 +315,60 @@ def test_baselines_validation() -> None:
         energy_score(bad)
     with pytest.raises(EvaluationError, match="at least one voxel"):
         energy_score(np.zeros((2, 0, 2, 2)))
+
+
+# ------------------------------------------------------------------------------- failure detection (AURC)
+
+
+def _aurc_reference(uncertainty, risk):
+    """Zenk et al.'s definition written out directly: sort by confidence, mean over k of the top-k mean risk."""
+    order = sorted(range(len(risk)), key=lambda i: uncertainty[i])
+    kept = [risk[i] for i in order]
+    return sum(sum(kept[:k]) / k for k in range(1, len(kept) + 1)) / len(kept)
+
+
+def test_aurc_matches_the_definition_and_e_aurc_is_zero_for_the_oracle():
+    from segsentry.evaluation.metrics import aurc, e_aurc, risk_coverage
+
+    rng = np.random.default_rng(3)
+    risk = rng.uniform(size=50)
+    u = risk + rng.normal(scale=0.3, size=50)  # an informative but imperfect ranking, no ties
+    assert aurc(u, risk) == pytest.approx(_aurc_reference(list(u), list(risk)), rel=1e-12)
+    assert e_aurc(risk, risk) == pytest.approx(0.0, abs=1e-15)
+    assert e_aurc(u, risk) > 0
+    assert aurc(-risk, risk) > aurc(u, risk) > aurc(risk, risk)  # worst < imperfect < oracle
+    coverage, selective = risk_coverage(u, risk)
+    assert coverage[-1] == 1.0 and selective[-1] == pytest.approx(risk.mean())  # full coverage: mean risk
+    # a random order's AURC is the mean risk in expectation
+    random_aurcs = [aurc(rng.permutation(50).astype(float), risk) for _ in range(400)]
+    assert np.mean(random_aurcs) == pytest.approx(risk.mean(), abs=0.01)
+
+
+def test_aurc_does_not_depend_on_the_order_inside_ties():
+    from segsentry.evaluation.metrics import aurc
+
+    u = np.array([0.1, 0.1, 0.1, 0.5])
+    risk = np.array([0.0, 1.0, 0.5, 0.2])
+    values = {aurc(u[p], risk[p]) for p in ([0, 1, 2, 3], [1, 0, 2, 3], [2, 1, 0, 3], [3, 2, 1, 0])}
+    assert len(values) == 1
+    # the tied group's mean risk 0.5 fills coverages 1/4..3/4, then 0.2 joins: (0.5 + 0.5 + 0.5 + 0.425) / 4
+    assert values.pop() == pytest.approx((0.5 * 3 + (1.5 + 0.2) / 4) / 4)
+
+
+def test_bootstrap_interval_agrees_with_scipy():
+    from scipy import stats
+
+    from segsentry.evaluation.metrics import auc, bootstrap_interval
+
+    rng = np.random.default_rng(11)
+    x = rng.normal(size=60)
+    lo, hi = bootstrap_interval(np.mean, x, n_resamples=4000, seed=1)
+    ref = stats.bootstrap((x,), np.mean, n_resamples=4000, method="percentile", random_state=2).confidence_interval
+    assert lo == pytest.approx(ref.low, abs=0.03) and hi == pytest.approx(ref.high, abs=0.03)
+    assert lo < x.mean() < hi
+    # two groups resampled on their own (the AUC's design): the interval brackets the point estimate
+    ids, oods = rng.normal(size=40), rng.normal(1.0, size=40)
+    lo, hi = bootstrap_interval(auc, ids, oods, n_resamples=1000)
+    assert lo < auc(ids, oods) < hi and 0.5 < lo and hi < 1.0
+    with pytest.raises(EvaluationError):
+        bootstrap_interval(np.mean, [])
