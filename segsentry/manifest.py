@@ -68,6 +68,15 @@ class FeatureSpec:
 
 
 @dataclass(frozen=True)
+class InputRange:
+    """Plain statistics of the training cases (``segsentry.runtime.guard``): per-channel minimum intensity
+    standard deviation, and the minimum physical extent in mm of the sides sorted ascending."""
+
+    min_intensity_std: list[float]
+    min_extent_mm: list[float]
+
+
+@dataclass(frozen=True)
 class Calibration:
     """Summary of the Gaussian fitted by ``ood-calib`` and the training-score statistics."""
 
@@ -88,6 +97,7 @@ class Calibration:
     false_alarm_bound: float | None = None  # what the threshold guarantees with these n cases (conformal)
     calibration_source: str = "training cases"  # whose scores set the threshold
     calibration_scores: list[float] = field(default_factory=list)  # their raw subject scores u
+    input_range: InputRange | None = None  # the training cases' content range (None: bundles before 0.2)
 
 
 @dataclass(frozen=True)
@@ -145,13 +155,18 @@ class Manifest:
                 preprocessing=Preprocessing(**raw.pop("preprocessing")),
                 tiling=_tiling(raw.pop("tiling")),
                 features=FeatureSpec(**raw.pop("features")),
-                calibration=Calibration(**calibration) if calibration else None,
+                calibration=_calibration(calibration) if calibration else None,
                 **raw,
             )
         except BundleError:
             raise
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             raise BundleError(f"bundle manifest is malformed ({exc}); re-export the model") from exc
+
+
+def _calibration(raw: dict[str, Any]) -> Calibration:
+    content = raw.pop("input_range", None)
+    return Calibration(**raw, input_range=InputRange(**content) if content else None)
 
 
 def _tiling(raw: dict[str, Any]) -> Tiling:

@@ -25,6 +25,7 @@ from segsentry.manifest import Calibration, Manifest, write_manifest
 from segsentry.runtime.backends import create_backend
 from segsentry.runtime.bundle import load_bundle
 from segsentry.runtime.backends.base import Backend
+from segsentry.runtime.guard import ContentStats, content_stats, input_range
 from segsentry.runtime.io import CaseInput, collect_cases, read_case
 from segsentry.runtime.pipeline import VolumeInference, infer_volume
 from segsentry.runtime.preprocess import preprocess
@@ -140,7 +141,9 @@ def calibrate(
         backend, bundle.model_bytes, channels=manifest.num_channels,
         patch_size=manifest.patch_size, threads=threads, manifest=manifest,
     ) as engine:
-        for case, inference in _features_per_case(cases, engine, manifest, batch_size, failed, on_case, "training"):
+        content: list[ContentStats] = []
+        for case, inference in _features_per_case(cases, engine, manifest, batch_size, failed, on_case, "training",
+                                                  content):
             start = store.n_samples
             store.append(inference.features)
             patches.append(_CasePatches(case.case_id, slice(start, store.n_samples), inference.boxes,
@@ -194,6 +197,7 @@ def calibrate(
         false_alarm_bound=bound,
         calibration_source=source,
         calibration_scores=[float(s) for s in source_scores],
+        input_range=input_range(content),
     )
     model = onnx.load_model_from_string(bundle.model_bytes)
     fused = fold_mahalanobis_head(model, fit, keep_features=keep_features)
@@ -211,8 +215,10 @@ def calibrate(
 
 def _features_per_case(cases: Sequence[CaseInput], engine: Backend, manifest: Manifest, batch_size: int,
                        failed: dict[str, str], on_case: Callable[[str, int, str | None], None] | None,
-                       what: str) -> Iterator[tuple[CaseInput, VolumeInference]]:
-    """Each readable case's per-patch features (no logits); a failing case is recorded in ``failed``, skipped."""
+                       what: str, stats: list[ContentStats] | None = None,
+                       ) -> Iterator[tuple[CaseInput, VolumeInference]]:
+    """Each readable case's per-patch features (no logits); a failing case is recorded in ``failed``, skipped.
+    ``stats`` collects each case's content statistics (:mod:`segsentry.runtime.guard`)."""
     for case in cases:
         try:
             loaded = read_case(case, num_channels=manifest.num_channels)
@@ -227,6 +233,8 @@ def _features_per_case(cases: Sequence[CaseInput], engine: Backend, manifest: Ma
             continue
         if on_case:
             on_case(case.case_id, len(inference.boxes), None)
+        if stats is not None:
+            stats.append(content_stats(loaded.image, loaded.spacing))
         yield case, inference
 
 

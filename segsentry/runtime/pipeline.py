@@ -16,6 +16,7 @@ from segsentry.contract import Output
 from segsentry.errors import BundleError
 from segsentry.manifest import Manifest
 from segsentry.runtime.backends.base import Backend
+from segsentry.runtime.guard import content_reasons, content_stats
 from segsentry.runtime.io import LoadedCase
 from segsentry.runtime.preprocess import Geometry, preprocess, resample_to_cropped, to_input_geometry
 from segsentry.runtime.scoring import normalise_score, subject_score
@@ -131,6 +132,7 @@ class CasePrediction:
     n_patches: int
     top_patches: list[TopPatch]
     timings: dict[str, float] = field(default_factory=dict)
+    ood_reasons: list[str] = field(default_factory=list)  # why the case is flagged, if it is
 
 
 def box_to_input_index(box: Box, pad_box: Box, geometry: Geometry, transpose_backward: Sequence[int]) -> list[list[int]]:
@@ -222,6 +224,12 @@ def finish_case(
         U = normalise_score(score, train_min=calibration.train_score_min, train_max=calibration.train_score_max)
         threshold = calibration.threshold
         ood = bool(U > threshold)
+    reasons = [f"U {U:.3f} > threshold {threshold:.3f}"] if ood else []
+    if calibration is not None:
+        content = content_reasons(content_stats(loaded.image, loaded.spacing), calibration.input_range)
+        if content:
+            ood = True
+            reasons += content
     timings["scoring"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -247,4 +255,5 @@ def finish_case(
         n_patches=len(inference.boxes),
         top_patches=_top_patches(inference, geometry, manifest, loaded.reference),
         timings=timings,
+        ood_reasons=reasons,
     )

@@ -24,6 +24,7 @@ class CaseReport:
     case: str
     inputs: list[str]
     ood: bool | None
+    ood_reasons: list[str]
     uncertainty: float | None
     score: float | None
     threshold: float | None
@@ -46,6 +47,7 @@ class CaseReport:
             case=prediction.case_id,
             inputs=inputs,
             ood=prediction.ood,
+            ood_reasons=list(prediction.ood_reasons),
             uncertainty=prediction.uncertainty_score,
             score=prediction.score,
             threshold=prediction.threshold,
