@@ -1,6 +1,8 @@
 """Train segsentry's embedded demo model with nnU-Net itself, on phantom chest CTs, on the CPU.
 
-    python scripts/train_demo_model.py --work /tmp/demo-train            # ~20 min on 2 cores
+    python scripts/train_demo_model.py --work /tmp/demo-train            # ~40 min on 2 cores
+    python scripts/train_demo_model.py --work /tmp/demo-train --continue-training   # after an interruption
+    python scripts/train_demo_model.py --work /tmp/demo-train --resume   # export, calibrate, evaluate only
 
 Reproducible recipe (seeded phantoms, fixed plan):
 1. write the in-distribution phantom cohort in nnU-Net raw layout (Dataset500_PhantomLung, lesion label 1);
@@ -9,8 +11,9 @@ Reproducible recipe (seeded phantoms, fixed plan):
    preprocessing;
 3. nnU-Net training of fold 0 with a trainer subclass that only shortens the schedule (epochs x iterations),
    constructed directly with device=cpu (nnU-Net's trainer lookup cannot import timm here);
-4. segsentry export + calibration (Ledoit-Wolf, normalised aggregation) on the training images, written to
-   ``segsentry/models/demo_lung.ood.onnx``;
+4. segsentry export + calibration (Ledoit-Wolf, normalised aggregation) on the training images, with the
+   conformal threshold set on a separate unlabelled in-distribution cohort (``--calibration-cases``, its own
+   seed), written to ``segsentry/models/demo_lung.ood.onnx``;
 5. Dice on held-out ID phantoms and on each shifted cohort, written to benchmarks/results/demo_model.json/.md.
 
 nnU-Net reads its folders from environment variables; this script sets them for its own run only.
@@ -116,18 +119,23 @@ def evaluate(bundle: Path, work: Path, *, n_cases: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("demo-train"))
-    parser.add_argument("--cases", type=int, default=24, help="training phantoms (fold 0 trains on 80%)")
-    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--cases", type=int, default=60, help="training phantoms (fold 0 trains on 80%)")
+    parser.add_argument("--calibration-cases", type=int, default=40,
+                        help="unlabelled ID phantoms (seed --seed + 500) that set the conformal threshold")
+    parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--iterations", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-cases", type=int, default=8)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--resume", action="store_true",
                         help="reuse --work's trained checkpoint: validate, export, calibrate and evaluate only")
+    parser.add_argument("--continue-training", action="store_true",
+                        help="continue an interrupted training in --work from nnU-Net's checkpoint_latest.pth")
     args = parser.parse_args(argv)
 
     work = args.work.resolve()
-    if not args.resume:
+    keep = args.resume or args.continue_training
+    if not keep:
         if work.exists():
             shutil.rmtree(work)
         for name in ("raw", "preprocessed", "results"):
@@ -145,9 +153,11 @@ def main(argv: list[str] | None = None) -> int:
     from segsentry.phantoms import write_cohort
 
     timings: dict[str, float] = {}
-    if not args.resume:
+    calibration_dir = work / "calibration"
+    if not keep:
         t0 = time.perf_counter()
         write_cohort(work / "raw" / DATASET, cohort="id", n=args.cases, seed=args.seed, prefix="PH")
+        write_cohort(calibration_dir, cohort="id", n=args.calibration_cases, seed=args.seed + 500, prefix="CAL")
         timings["phantoms"] = time.perf_counter() - t0
 
     from nnunetv2.experiment_planning.plan_and_preprocess_api import (
@@ -158,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
     plans_path = work / "preprocessed" / DATASET / "nnUNetPlans.json"
-    if not args.resume:
+    if not keep:
         t0 = time.perf_counter()
         extract_fingerprints([DATASET_ID], num_processes=2, check_dataset_integrity=True)
         plan_experiments([DATASET_ID])
@@ -175,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
             self.num_epochs = args.epochs
             self.num_iterations_per_epoch = args.iterations
             self.num_val_iterations_per_epoch = 10
+            self.save_every = 5  # checkpoint_latest.pth every 5 epochs: an interrupted run loses little
 
     os.environ["nnUNet_n_proc_DA"] = "0"  # single-threaded augmentation is fastest on 2 cores
     torch.manual_seed(args.seed)
@@ -183,9 +194,16 @@ def main(argv: list[str] | None = None) -> int:
     plans = json.loads(plans_path.read_text())
     plans["continue_training"] = False  # nnU-Net 2.8.1 pops this key in the trainer
     trainer = DemoTrainer(plans, "3d_fullres", 0, dataset_json, device=torch.device("cpu"))
+    latest = Path(trainer.output_folder) / "checkpoint_latest.pth"
     if args.resume:
         trainer.initialize()
         trainer.load_checkpoint(str(Path(trainer.output_folder) / "checkpoint_final.pth"))
+        timings["training"] = _training_seconds_from_log(Path(trainer.output_folder))
+    elif args.continue_training and latest.is_file():
+        trainer.initialize()
+        trainer.load_checkpoint(str(latest))  # nnU-Net saves it every 50 epochs and at the end of each run
+        t0 = time.perf_counter()
+        trainer.run_training()
         timings["training"] = _training_seconds_from_log(Path(trainer.output_folder))
     else:
         t0 = time.perf_counter()
@@ -203,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     features = export_nnunet(model_dir, work / "demo_lung.features.onnx").path
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    calibration = calibrate(features, [work / "raw" / DATASET / "imagesTr"], args.out, estimator="ledoit-wolf")
+    calibration = calibrate(features, [work / "raw" / DATASET / "imagesTr"], args.out, estimator="ledoit-wolf",
+                            calibration_images=[calibration_dir / "imagesTr"])
     timings["export_and_calibrate"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     dice = evaluate(args.out, work, n_cases=args.eval_cases)
@@ -219,6 +238,9 @@ def main(argv: list[str] | None = None) -> int:
                                               for k, v in dice.items()},
         "calibration": {"n_patches": calibration.calibration.n_patches, "n_cases": calibration.calibration.n_cases,
                         "score_fit": calibration.calibration.score_fit,
+                        "threshold_rule": calibration.calibration.threshold_rule,
+                        "alpha": calibration.calibration.alpha,
+                        "calibration_source": calibration.calibration.calibration_source,
                         "threshold": calibration.calibration.threshold, "D": calibration.fit.n_features,
                         "shrinkage": calibration.calibration.shrinkage},
         "bundle_bytes": args.out.stat().st_size,
