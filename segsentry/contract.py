@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from enum import Enum
 
-__all__ = ["HEAD_SCOPE", "INPUT_IMAGE", "Aggregation", "Estimator", "Output", "ThresholdRule", "choice"]
+__all__ = [
+    "HEAD_SCOPE", "INPUT_IMAGE", "Aggregation", "Estimator", "HeadInitializer", "Output", "ThresholdRule", "choice",
+]
 
 HEAD_SCOPE = "ood_head/"  # every node and initializer of the fused Mahalanobis head is named with this prefix
 INPUT_IMAGE = "image"  # the role of the bundle's one input: (batch, channels, *patch_size) float32
@@ -24,6 +26,33 @@ class Output(str, Enum):
 
     def __str__(self) -> str:
         return self.value
+
+
+class HeadInitializer(str, Enum):
+    """The fused head's float32 initializers; each is stored under ``HEAD_SCOPE + value`` (:attr:`tensor_name`).
+
+    With ``delta = z - MEAN`` the head computes the squared Mahalanobis distance (design.md, method step 4)::
+
+        d = ReduceSumSquare(MatMul(delta, COMPONENTS_T))
+            [+ COMPLEMENT_SCALE * ReduceSumSquare(delta - MatMul(MatMul(delta, BASIS), BASIS^T))]
+
+    The bracket exists only for shrinkage fits with ``N <= D`` (``BASIS`` and ``COMPLEMENT_SCALE`` both present).
+    Every implementation of the distance (the ONNX head, the torch reference backend, the float64 reference
+    ``segsentry.calib.gaussian.squared_mahalanobis``) reads these names and this formula.
+    """
+
+    MEAN = "mean"  # (D,): mu
+    COMPONENTS_T = "components_t"  # (D, k): W^T, with W^T W = Sigma^-1 (pseudo-inverse; on the span with BASIS)
+    BASIS = "basis"  # (D, r): orthonormal basis V of the training span
+    COMPLEMENT_SCALE = "complement_scale"  # (): weight of the squared residual outside the span
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def tensor_name(self) -> str:
+        """The initializer's name in the graph, e.g. ``ood_head/mean``."""
+        return HEAD_SCOPE + self.value
 
 
 class Estimator(str, Enum):
