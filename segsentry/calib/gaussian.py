@@ -541,6 +541,9 @@ def _fit_dual(
 def squared_mahalanobis(fit: GaussianFit, z: np.ndarray, *, block_rows: int = 4096) -> np.ndarray:
     """Reference squared Mahalanobis distance in float64.
 
+    The formula of :class:`segsentry.contract.HeadInitializer`, on the fit's float64 arrays (the ONNX head,
+    :func:`segsentry.calib.head.fold_mahalanobis_head`, computes it in float32 on the same terms).
+
     Args:
         fit: a :class:`GaussianFit`.
         z: ``(n, D)`` features (or a single ``(D,)`` vector).
@@ -563,7 +566,8 @@ def squared_mahalanobis(fit: GaussianFit, z: np.ndarray, *, block_rows: int = 40
         delta = arr[start:stop].astype(np.float64) - fit.mean
         y = delta @ w_t
         dist = np.einsum("ij,ij->i", y, y)
-        if fit.basis is not None:
+        if fit.has_complement:
+            assert fit.basis is not None  # has_complement says so
             resid = delta - (delta @ fit.basis) @ fit.basis.T
             dist += fit.complement_scale * np.einsum("ij,ij->i", resid, resid)
         out[start:stop] = dist

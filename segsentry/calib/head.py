@@ -7,7 +7,9 @@ The graph output ``features`` (shape ``[batch, D]``, float32 or float16) is fed 
 
 giving the output ``distance`` (shape ``[batch]``, float32), the squared Mahalanobis distance of
 :func:`segsentry.calib.gaussian.squared_mahalanobis`. The complement branch exists only for shrinkage fits
-with ``N <= D``. All initializers are float32 and, like the nodes, are named ``ood_head/...``.
+with ``N <= D``. The initializers are :func:`head_initializers` (float32, named
+:class:`segsentry.contract.HeadInitializer` ``.tensor_name``, e.g. ``ood_head/mean``) plus, from opset 18,
+the int64 ``ood_head/axes``; like the nodes, everything is named under :data:`segsentry.contract.HEAD_SCOPE`.
 """
 
 from __future__ import annotations
@@ -20,15 +22,32 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from segsentry.calib.gaussian import GaussianFit
+from segsentry.contract import HEAD_SCOPE, HeadInitializer, Output
 from segsentry.errors import CalibrationError
+from segsentry.graph import GraphIndex, check_model, has_head, require_opset
 
 logger = logging.getLogger(__name__)
 
-PREFIX = "ood_head/"
-
-__all__ = ["PREFIX", "fold_mahalanobis_head", "head_initializer_bytes"]
+__all__ = ["fold_mahalanobis_head", "head_initializer_bytes", "head_initializers"]
 
 _FLOAT_TYPES = {TensorProto.FLOAT: "float32", TensorProto.FLOAT16: "float16"}
+
+
+def head_initializers(fit: GaussianFit) -> dict[HeadInitializer, np.ndarray]:
+    """The head's float32 initializers, in the order the graph stores them.
+
+    ``MEAN`` ``(D,)``, ``COMPONENTS_T`` ``(D, k)`` and, when ``fit.has_complement``, ``BASIS`` ``(D, r)`` and
+    ``COMPLEMENT_SCALE`` ``()`` -- the terms of the formula in :class:`segsentry.contract.HeadInitializer`.
+    """
+    arrays = {
+        HeadInitializer.MEAN: fit.mean.astype(np.float32),
+        HeadInitializer.COMPONENTS_T: fit.components.T.astype(np.float32),
+    }
+    if fit.has_complement:
+        assert fit.basis is not None  # has_complement says so
+        arrays[HeadInitializer.BASIS] = fit.basis.astype(np.float32)
+        arrays[HeadInitializer.COMPLEMENT_SCALE] = np.array(fit.complement_scale, dtype=np.float32)
+    return arrays
 
 
 def head_initializer_bytes(fit: GaussianFit) -> int:
@@ -40,33 +59,12 @@ def head_initializer_bytes(fit: GaussianFit) -> int:
     return 4 * n
 
 
-def _default_opset(model: onnx.ModelProto) -> int:
-    for imp in model.opset_import:
-        if imp.domain in ("", "ai.onnx"):
-            return int(imp.version)
-    raise CalibrationError("The ONNX model imports no default-domain ('ai.onnx') opset; cannot add the OOD head.")
-
-
-def _all_names(graph: onnx.GraphProto) -> set[str]:
-    names: set[str] = set()
-    names.update(i.name for i in graph.input)
-    names.update(o.name for o in graph.output)
-    names.update(i.name for i in graph.initializer)
-    names.update(i.name for i in graph.sparse_initializer if i.values.name)
-    names.update(v.name for v in graph.value_info)
-    for node in graph.node:
-        names.update(node.output)
-        if node.name:
-            names.add(node.name)
-    return names
-
-
 def fold_mahalanobis_head(
     model: onnx.ModelProto,
     fit: GaussianFit,
     *,
-    features_output: str = "features",
-    distance_output: str = "distance",
+    features_output: str = Output.FEATURES.value,
+    distance_output: str = Output.DISTANCE.value,
     keep_features: bool = False,
 ) -> onnx.ModelProto:
     """Return a copy of ``model`` whose ``features`` output feeds a squared-Mahalanobis head.
@@ -84,19 +82,20 @@ def fold_mahalanobis_head(
 
     Raises:
         CalibrationError: the output is missing or has the wrong rank/dimension/type, the distance name is
-            taken, or the model already contains an ``ood_head/`` head.
+            taken, the model imports no default-domain opset, or it already contains an ``ood_head/`` head.
     """
     out_model = copy.deepcopy(model)
     graph = out_model.graph
-    opset = _default_opset(out_model)
+    opset = require_opset(out_model, purpose="the OOD head", error=CalibrationError)
+    index = GraphIndex(graph)
 
-    outputs = {o.name: o for o in graph.output}
-    if features_output not in outputs:
+    if features_output not in index.outputs:
         raise CalibrationError(
-            f"The ONNX model has no graph output named {features_output!r} (outputs: {sorted(outputs)}); "
+            f"The ONNX model has no graph output named {features_output!r} (outputs: {sorted(index.outputs)}); "
             "export the network with its feature output to attach the OOD head."
         )
-    feat_vi = outputs[features_output]
+    feat_vi = index.value_info(features_output)
+    assert feat_vi is not None  # a graph output is declared
     ttype = feat_vi.type.tensor_type
     elem = ttype.elem_type
     if elem not in _FLOAT_TYPES:
@@ -118,24 +117,24 @@ def fold_mahalanobis_head(
             )
         batch_dim = dims[0]
 
-    existing = _all_names(graph)
-    if distance_output in existing:
+    if distance_output in index.names():
         raise CalibrationError(f"The ONNX model already has a value named {distance_output!r}.")
-    if any(name.startswith(PREFIX) for name in existing):
-        raise CalibrationError(f"The ONNX model already contains an OOD head (names starting with {PREFIX!r}).")
+    if has_head(graph):
+        raise CalibrationError(f"The ONNX model already contains an OOD head (names starting with {HEAD_SCOPE!r}).")
 
     def n(name: str) -> str:
-        return PREFIX + name
+        return HEAD_SCOPE + name
 
     inits: list[onnx.TensorProto] = []
     nodes: list[onnx.NodeProto] = []
 
     def const(name: str, value: np.ndarray) -> str:
-        inits.append(numpy_helper.from_array(np.ascontiguousarray(value), name=n(name)))
-        return n(name)
+        inits.append(numpy_helper.from_array(np.ascontiguousarray(value), name=name))
+        return name
 
     def node(op: str, inputs: list[str], output: str, **attrs: object) -> str:
-        nodes.append(helper.make_node(op, inputs, [output], name=n(output.removeprefix(PREFIX) + "_" + op), **attrs))
+        nodes.append(helper.make_node(op, inputs, [output], name=n(output.removeprefix(HEAD_SCOPE) + "_" + op),
+                                      **attrs))
         return output
 
     def reduce_sum_square(x: str, out: str) -> str:
@@ -143,27 +142,23 @@ def fold_mahalanobis_head(
             return node("ReduceSumSquare", [x, axes_name], out, keepdims=0)
         return node("ReduceSumSquare", [x], out, axes=[1], keepdims=0)
 
-    axes_name = const("axes", np.array([1], dtype=np.int64)) if opset >= 18 else ""
+    axes_name = const(n("axes"), np.array([1], dtype=np.int64)) if opset >= 18 else ""
+    values = {role: const(role.tensor_name, array) for role, array in head_initializers(fit).items()}
 
     z = features_output
     if elem != TensorProto.FLOAT:
         z = node("Cast", [z], n("features_f32"), to=TensorProto.FLOAT)
-    mu = const("mean", fit.mean.astype(np.float32))
-    w_t = const("components_t", fit.components.T.astype(np.float32))  # (D, k)
-    delta = node("Sub", [z, mu], n("delta"))
-    y = node("MatMul", [delta, w_t], n("whitened"))
-    has_complement = fit.basis is not None and fit.complement_scale != 0.0
-    main = reduce_sum_square(y, distance_output if not has_complement else n("dist_span"))
-    if has_complement:
-        assert fit.basis is not None
-        v = const("basis", fit.basis.astype(np.float32))  # (D, r)
+    delta = node("Sub", [z, values[HeadInitializer.MEAN]], n("delta"))
+    y = node("MatMul", [delta, values[HeadInitializer.COMPONENTS_T]], n("whitened"))
+    main = reduce_sum_square(y, distance_output if not fit.has_complement else n("dist_span"))
+    if fit.has_complement:
+        v = values[HeadInitializer.BASIS]  # (D, r)
         v_t = node("Transpose", [v], n("basis_t"), perm=[1, 0])  # constant-folded by runtimes
         coef = node("MatMul", [delta, v], n("basis_coef"))
         proj = node("MatMul", [coef, v_t], n("basis_proj"))
         resid = node("Sub", [delta, proj], n("complement"))
         rss = reduce_sum_square(resid, n("complement_sq"))
-        scale = const("complement_scale", np.array(fit.complement_scale, dtype=np.float32))
-        comp = node("Mul", [rss, scale], n("dist_complement"))
+        comp = node("Mul", [rss, values[HeadInitializer.COMPLEMENT_SCALE]], n("dist_complement"))
         node("Add", [main, comp], distance_output)
 
     graph.initializer.extend(inits)
@@ -186,16 +181,13 @@ def fold_mahalanobis_head(
         graph.output.extend(kept)
         graph.output.append(dist_vi)
 
-    try:
-        onnx.checker.check_model(out_model)
-    except onnx.checker.ValidationError as exc:  # pragma: no cover - would be a bug in this module
-        raise CalibrationError(f"The ONNX model with the OOD head does not validate: {exc}") from exc
+    check_model(out_model, message="The ONNX model with the OOD head does not validate", error=CalibrationError)
     logger.info(
         "Folded %s Mahalanobis head (D=%d, %d whitening rows%s, opset %d) onto output %r -> %r.",
         fit.estimator,
         fit.n_features,
         fit.components.shape[0],
-        "" if not has_complement else f", complement basis of {fit.basis.shape[1]}",  # type: ignore[union-attr]
+        "" if not fit.has_complement else f", complement basis of {fit.basis.shape[1]}",  # type: ignore[union-attr]
         opset,
         features_output,
         distance_output,

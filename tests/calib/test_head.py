@@ -10,7 +10,8 @@ from onnx import TensorProto, helper, numpy_helper
 from sklearn.covariance import OAS, EmpiricalCovariance, LedoitWolf
 
 from segsentry.calib.gaussian import GaussianFit, fit_gaussian, squared_mahalanobis
-from segsentry.calib.head import PREFIX, fold_mahalanobis_head, head_initializer_bytes
+from segsentry.calib.head import fold_mahalanobis_head, head_initializer_bytes, head_initializers
+from segsentry.contract import HEAD_SCOPE, HeadInitializer
 from segsentry.errors import CalibrationError
 
 SKLEARN = {"empirical": EmpiricalCovariance, "ledoit-wolf": LedoitWolf, "oas": OAS}
@@ -76,7 +77,7 @@ def test_head_matches_sklearn(n: int, d: int, estimator: str) -> None:
     np.testing.assert_allclose(out["distance"], squared_mahalanobis(fit, z), rtol=HEAD_RTOL)
     np.testing.assert_array_equal(out["logits"], np.maximum(z, 0).astype(np.float32))
     has_complement = n <= d and estimator != "empirical"
-    assert any(node.name.startswith(PREFIX + "complement") for node in folded.graph.node) == has_complement
+    assert any(node.name.startswith(HEAD_SCOPE + "complement") for node in folded.graph.node) == has_complement
 
 
 @pytest.mark.parametrize("n,d", [(200, 50), (40, 120)])
@@ -123,7 +124,7 @@ def test_float16_features(estimator: str) -> None:
     x, z = make_data(200, 50, seed=8)
     fit = fit_gaussian(x, estimator=estimator)
     folded = fold_mahalanobis_head(tiny_model(50, features_dtype=TensorProto.FLOAT16), fit, keep_features=True)
-    casts = [node for node in folded.graph.node if node.op_type == "Cast" and node.name.startswith(PREFIX)]
+    casts = [node for node in folded.graph.node if node.op_type == "Cast" and node.name.startswith(HEAD_SCOPE)]
     assert len(casts) == 1 and casts[0].input[0] == "features"
     out = run(folded, z)
     assert out["features"].dtype == np.float16
@@ -165,12 +166,12 @@ def test_initializers_metadata_and_names(estimator: str) -> None:
     assert props == {"segsentry.bundle": "test", "patch_size": "64,64,64"}
     assert folded.ir_version == model.ir_version
     head_nodes = folded.graph.node[len(model.graph.node) :]
-    assert head_nodes and all(node.name.startswith(PREFIX) for node in head_nodes)
+    assert head_nodes and all(node.name.startswith(HEAD_SCOPE) for node in head_nodes)
     float_bytes = 0
     for init in folded.graph.initializer:
-        assert init.name.startswith(PREFIX)
+        assert init.name.startswith(HEAD_SCOPE)
         arr = numpy_helper.to_array(init)
-        if init.name != PREFIX + "axes":
+        if init.name != HEAD_SCOPE + "axes":
             assert arr.dtype == np.float32
             float_bytes += arr.nbytes
     assert float_bytes == head_initializer_bytes(fit)
@@ -191,6 +192,10 @@ def test_errors() -> None:
         fold_mahalanobis_head(folded, fit, distance_output="distance2")
     with pytest.raises(CalibrationError, match="float32 or float16"):
         fold_mahalanobis_head(tiny_model(20, features_dtype=TensorProto.DOUBLE), fit)
+    custom_only = tiny_model(20)
+    custom_only.opset_import[0].domain = "com.example"
+    with pytest.raises(CalibrationError, match="the OOD head needs the default ONNX domain"):
+        fold_mahalanobis_head(custom_only, fit)
 
 
 def test_fit_without_complement_has_no_basis_initializer() -> None:
@@ -199,4 +204,32 @@ def test_fit_without_complement_has_no_basis_initializer() -> None:
     assert isinstance(fit, GaussianFit) and fit.basis is None
     folded = fold_mahalanobis_head(tiny_model(50), fit)
     names = {init.name for init in folded.graph.initializer}
-    assert names == {PREFIX + "mean", PREFIX + "components_t", PREFIX + "axes"}
+    assert names == {HeadInitializer.MEAN.tensor_name, HeadInitializer.COMPONENTS_T.tensor_name, HEAD_SCOPE + "axes"}
+
+
+@pytest.mark.parametrize("n,d", [(200, 50), (40, 120)])
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_head_initializers_are_the_graphs_and_give_its_distance(n: int, d: int, estimator: str) -> None:
+    """What another implementation (the torch backend) reads by HeadInitializer name is the graph's head exactly,
+    and the contract's formula on those arrays gives the ONNX distance."""
+    x, z = make_data(n, d, seed=9)
+    fit = fit_gaussian(x, estimator=estimator)
+    folded = fold_mahalanobis_head(tiny_model(d), fit)
+    stored = {init.name: numpy_helper.to_array(init) for init in folded.graph.initializer}
+    arrays = head_initializers(fit)
+    expected_roles = [HeadInitializer.MEAN, HeadInitializer.COMPONENTS_T]
+    if n <= d and estimator != "empirical":
+        expected_roles += [HeadInitializer.BASIS, HeadInitializer.COMPLEMENT_SCALE]
+    assert list(arrays) == expected_roles
+    assert [name for name in stored if name != HEAD_SCOPE + "axes"] == [r.tensor_name for r in expected_roles]
+    for role, array in arrays.items():
+        assert array.dtype == np.float32
+        np.testing.assert_array_equal(stored[role.tensor_name], array)
+    delta = z.astype(np.float32) - arrays[HeadInitializer.MEAN]
+    y = delta @ arrays[HeadInitializer.COMPONENTS_T]
+    dist = np.sum(y * y, axis=1)
+    if HeadInitializer.BASIS in arrays:
+        v = arrays[HeadInitializer.BASIS]
+        resid = delta - (delta @ v) @ v.T
+        dist = dist + arrays[HeadInitializer.COMPLEMENT_SCALE] * np.sum(resid * resid, axis=1)
+    np.testing.assert_allclose(run(folded, z)["distance"], dist, rtol=1e-5)
