@@ -8,8 +8,9 @@ from segsentry.errors import SegsentryError
 
 __all__ = ["GraphError", "check_model", "infer_types"]
 
-# what onnx raises for an invalid model (C++ errors arrive as these two; ValueError for a model > 2 GB)
-_ONNX_ERRORS = (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, ValueError)
+# what onnx raises for an invalid model: its C++ checks arrive as the first two, a std::runtime_error as
+# RuntimeError, a model over protobuf's 2 GB as ValueError
+_ONNX_ERRORS = (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, RuntimeError, ValueError)
 
 
 class GraphError(SegsentryError):

@@ -28,14 +28,10 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, numpy_helper
 
+from segsentry.contract import HEAD_SCOPE, HeadInitializer
 from segsentry.errors import BackendError
 from segsentry.manifest import read_manifest
-from segsentry.runtime.backends.fp16 import (
-    HEAD_PREFIX,
-    head_node_names,
-    mixed_fp16_bytes,
-    to_mixed_fp16,
-)
+from segsentry.runtime.backends.fp16 import head_node_names, mixed_fp16_bytes, to_mixed_fp16
 
 LOGIT_RTOL = 2e-2
 DISTANCE_RTOL = 1e-2
@@ -151,7 +147,7 @@ def test_fp32_head_keeps_distances_beyond_fp16_range(ct_pipeline):
     """Fails if any head node ran in FP16: the scaled head's distances exceed 65504, float16's largest value."""
     model = onnx.load(str(ct_pipeline.ood_onnx))
     for init in model.graph.initializer:
-        if init.name == f"{HEAD_PREFIX}components_t":
+        if init.name == HeadInitializer.COMPONENTS_T.tensor_name:
             init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * np.float32(100.0), init.name))
     batch = _batch(model, n=2)
     ref = _run(model, batch)
@@ -207,9 +203,9 @@ def test_normalisations_and_head_are_fp32_network_is_fp16(bundle_model):
 def test_head_nodes_are_found_downstream_of_the_head_initializers(ct_pipeline):
     model = onnx.load(str(ct_pipeline.ood_onnx))
     head = head_node_names(model)
-    assert "distance" in head and f"{HEAD_PREFIX}delta" in head
+    assert "distance" in head and f"{HEAD_SCOPE}delta" in head
     assert "features" not in head and "logits" not in head  # the network is upstream, not part of the head
-    assert all(name.startswith(HEAD_PREFIX) or name == "distance" for name in head)
+    assert all(name.startswith(HEAD_SCOPE) or name == "distance" for name in head)
 
 
 def test_initializer_bytes_halve_and_head_initializers_stay_fp32(ct_pipeline):
@@ -220,7 +216,7 @@ def test_initializer_bytes_halve_and_head_initializers_stay_fp32(ct_pipeline):
     after = {i.name: i for i in mixed.graph.initializer}
     conv = {x for n in model.graph.node if n.op_type in ("Conv", "ConvTranspose") for x in n.input[1:]}
     kept = {x for n in model.graph.node if n.op_type == "InstanceNormalization" for x in n.input[1:]}
-    head = {name for name in before if name.startswith(HEAD_PREFIX)}
+    head = {name for name in before if name.startswith(HEAD_SCOPE)}
     assert conv and kept and head and conv <= set(before) and kept <= set(before)
     assert all(after[name].data_type == TensorProto.FLOAT16 for name in conv)
     assert all(after[name] == before[name] for name in kept | head)  # untouched float32 (or int64 axes)
@@ -258,6 +254,19 @@ def test_refuses_weights_beyond_fp16_range(ct_pipeline):
     init = next(i for i in model.graph.initializer if i.name == conv.input[1])
     init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * np.float32(1e6), init.name))
     with pytest.raises(BackendError, match="beyond float16's range.*precision 'fp32'"):
+        to_mixed_fp16(model)
+
+
+def test_refuses_a_graph_that_fails_type_inference():
+    from onnx import helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["f", "i"], ["s"], name="clash")], "g",
+        [helper.make_tensor_value_info("f", TensorProto.FLOAT, [2]),
+         helper.make_tensor_value_info("i", TensorProto.INT64, [2])],
+        [helper.make_tensor_value_info("s", TensorProto.FLOAT, [2])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(BackendError, match="^the FP16 pass cannot infer the bundle's tensor types: "):
         to_mixed_fp16(model)
 
 

@@ -9,7 +9,7 @@ every normalisation layer (``InstanceNormalization`` & co.) and the whole Mahala
     ... -> Reshape (f16) -> features -> Cast f32 -> Sub(ood_head/mean) -> MatMul -> ReduceSumSquare ... -> distance (f32)
 
 The *head* is every node named ``ood_head/...`` or reading an ``ood_head/`` initializer, plus everything
-downstream of those nodes (up to ``distance``). Squared distances easily exceed FP16's largest value (65504),
+downstream of those nodes (up to ``distance``): :func:`segsentry.graph.head_nodes`. Squared distances easily exceed FP16's largest value (65504),
 so they must never touch FP16; the explicit ``Cast`` nodes make that a property of the graph, which a strongly
 typed TensorRT network (and any other runtime) must obey. Op types outside :data:`FP16_OPS` also stay FP32.
 Graph inputs and outputs stay float32. Float initializers read by FP16 nodes are stored as float16 (an FP16
@@ -20,6 +20,9 @@ in-memory artifact (``read_manifest(..., verify_hash=False)`` still reads it) --
 Why not onnxconverter-common's ``float16.convert_float_to_float16(keep_io_types=True, node_block_list=...)``:
 tried (1.16.0) on ``segsentry/models/demo_lung.ood.onnx``, it retyped the ``distance`` graph output to float16
 (overflow above 65504) and round-tripped the head's ``ood_head/delta`` through float16 between blocked nodes.
+
+The graph plumbing (producer/consumer index, fresh names, type inference, checker) is :mod:`segsentry.graph`,
+imported inside the functions: ``import segsentry.runtime`` needs no onnx.
 
 Run on this machine (no GPU): the pass itself, checked with onnx's type inference and against onnxruntime CPU
 on the test bundles and the shipped demo bundle (``tests/runtime/test_fp16.py``). How fast the FP16 graph is on
@@ -39,7 +42,6 @@ from segsentry.runtime.backends.base import import_optional
 
 log = logging.getLogger(__name__)
 
-HEAD_PREFIX = "ood_head/"  # segsentry.calib.head.PREFIX (not imported: the runtime must not need calib)
 PURPOSE = "The FP16 graph pass"
 
 FLOAT = 1  # onnx.TensorProto.FLOAT
@@ -60,31 +62,10 @@ FP16_MAX = float(np.finfo(np.float16).max)
 
 def head_node_names(model: Any) -> set[str]:
     """Output names of the Mahalanobis head's nodes (see the module docstring), for tests and logging."""
-    nodes = list(model.graph.node)
-    return {out for i in _head_indices(nodes) for out in nodes[i].output}
+    from segsentry.graph import head_nodes  # an onnx model is given: onnx is installed
 
-
-def _head_indices(nodes: list[Any]) -> set[int]:
-    head = {i for i, node in enumerate(nodes)
-            if node.name.startswith(HEAD_PREFIX) or any(x.startswith(HEAD_PREFIX) for x in node.input)}
-    tainted = {out for i in head for out in nodes[i].output}
-    for i, node in enumerate(nodes):  # nodes are topologically sorted (onnx.checker requires it)
-        if i not in head and any(x in tainted for x in node.input):
-            head.add(i)
-            tainted.update(node.output)
-    return head
-
-
-def _float_types(onnx: Any, model: Any) -> dict[str, int]:
-    """Element type of every tensor of the graph, by name, from strict onnx type inference."""
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
-    except Exception as exc:  # onnx raises InferenceError / ValidationError
-        raise BackendError(f"the FP16 pass cannot infer the bundle's tensor types: {exc}") from exc
-    graph = inferred.graph
-    types = {v.name: v.type.tensor_type.elem_type for v in (*graph.input, *graph.value_info, *graph.output)}
-    types.update({init.name: init.data_type for init in graph.initializer})
-    return types
+    nodes = model.graph.node
+    return {out for i in head_nodes(model.graph) for out in nodes[i].output}
 
 
 def _refuse_unsupported(model: Any, types: dict[str, int]) -> None:
@@ -120,38 +101,28 @@ def to_mixed_fp16(model: Any) -> Any:
         BackendError: the model fails onnx type inference, holds float16 already, uses control flow (If, Loop,
             Scan), or a float initializer read by an FP16 node exceeds float16's range.
     """
-    onnx = import_optional("onnx", package="onnx", extra="export", purpose=PURPOSE)
+    import_optional("onnx", package="onnx", extra="export", purpose=PURPOSE)
     numpy_helper = import_optional("onnx.numpy_helper", package="onnx", extra="export", purpose=PURPOSE)
     helper = import_optional("onnx.helper", package="onnx", extra="export", purpose=PURPOSE)
+    from segsentry.graph import GraphIndex, NameAllocator, check_model, head_nodes, infer_types
 
-    types = _float_types(onnx, model)
+    inferred = infer_types(model, message="the FP16 pass cannot infer the bundle's tensor types", error=BackendError)
+    types = GraphIndex(inferred.graph).elem_types()
     _refuse_unsupported(model, types)
     out = copy.deepcopy(model)
     graph = out.graph
+    index = GraphIndex(graph)
+    fresh = NameAllocator.for_graph(graph).fresh
     nodes = list(graph.node)
-    head = _head_indices(nodes)
+    head = head_nodes(graph)
     fp16_nodes = {i for i, node in enumerate(nodes) if i not in head and node.op_type in FP16_OPS}
 
     def is_float(name: str) -> bool:
         return bool(name) and types.get(name) == FLOAT
 
-    taken = {v.name for v in (*graph.input, *graph.output, *graph.value_info, *graph.initializer)}
-    taken.update(x for node in nodes for x in (*node.input, *node.output, node.name))
-
-    def fresh(base: str) -> str:
-        name, k = base, 1
-        while name in taken:
-            name, k = f"{base}_{k}", k + 1
-        taken.add(name)
-        return name
-
     # Initializers: float16 where only FP16 nodes read them; an extra float16 copy where both kinds do.
-    initializers = {init.name for init in graph.initializer}
-    readers: dict[str, set[bool]] = {}
-    for i, node in enumerate(nodes):
-        for x in node.input:
-            if x in initializers and is_float(x):
-                readers.setdefault(x, set()).add(i in fp16_nodes)
+    readers = {init.name: {i in fp16_nodes for i in index.consumers(init.name)}
+               for init in graph.initializer if is_float(init.name)}
     name16: dict[str, str] = {}  # tensor -> its float16 version
     name32: dict[str, str] = {}  # tensor -> its float32 version
     copies = []
@@ -169,7 +140,7 @@ def to_mixed_fp16(model: Any) -> Any:
 
     # Activations: an FP16 node's float outputs are float16; a float16 graph output is renamed inside the
     # graph and cast back to float32 under its own name right after its producer.
-    graph_outputs = {o.name for o in graph.output}
+    graph_outputs = set(index.outputs)
     for x in (i.name for i in graph.input):
         if is_float(x):
             name32[x] = x
@@ -220,11 +191,7 @@ def to_mixed_fp16(model: Any) -> Any:
         if name16.get(value.name) == value.name:
             value.type.tensor_type.elem_type = FLOAT16
 
-    try:
-        onnx.checker.check_model(out)
-        onnx.shape_inference.infer_shapes(out, check_type=True, strict_mode=True)
-    except Exception as exc:  # pragma: no cover - would be a bug in this pass
-        raise BackendError(f"the FP16 pass produced an invalid graph: {exc}") from exc
+    check_model(out, types=True, message="the FP16 pass produced an invalid graph", error=BackendError)
     log.debug("FP16 pass: %d of %d nodes in FP16, %d head nodes in FP32, %d casts added", len(fp16_nodes),
               len(nodes), len(head), len(new_nodes) - len(nodes))
     return out
@@ -240,4 +207,4 @@ def mixed_fp16_bytes(model: bytes, *, extra: str) -> bytes:
     return to_mixed_fp16(proto).SerializeToString()
 
 
-__all__ = ["FP16_OPS", "HEAD_PREFIX", "head_node_names", "mixed_fp16_bytes", "to_mixed_fp16"]
+__all__ = ["FP16_OPS", "head_node_names", "mixed_fp16_bytes", "to_mixed_fp16"]
