@@ -11,7 +11,8 @@ Encoder stages are found through the module scopes the torch dynamo exporter rec
 (``pkg.torch.onnx.name_scopes``, e.g. ``network.encoder.stages.2``); a bundle without them (an ONNX model not
 exported by segsentry) is refused with a clear error. The random draws come from ``RandomUniformLike`` with a
 per-node seed: onnxruntime draws a fresh mask on every call from a generator seeded once per session, so the
-passes differ from each other and a run is reproducible.
+passes differ from each other and a run is reproducible. The graph plumbing (producer and consumer index, opset,
+checker) is :mod:`segsentry.graph`.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from segsentry.evaluation.metrics import EvaluationError
+from segsentry.graph import GraphIndex, check_model, require_opset
 
 SCOPES_KEY = "pkg.torch.onnx.name_scopes"
 STAGE_SCOPE = re.compile(r"^(?:.*\.)?encoder\.stages\.(\d+)$")
@@ -61,15 +63,12 @@ def encoder_stage_outputs(model: onnx.ModelProto) -> dict[int, list[str]]:
                 scope_of.setdefault(stage, scope)
                 if scope == scope_of[stage]:  # the encoder's own stages, not a second module of the same name
                     members.setdefault(stage, set()).add(i)
-    graph_outputs = {o.name for o in graph.output}
-    consumers: dict[str, set[int]] = {}
-    for j, node in enumerate(graph.node):
-        for t in node.input:
-            consumers.setdefault(t, set()).add(j)
+    index = GraphIndex(graph)
+    graph_outputs = set(index.outputs)
     outputs: dict[int, list[str]] = {}
     for stage, nodes in sorted(members.items()):
-        produced = {t: i for i in nodes for t in graph.node[i].output}
-        leaving = [t for t in produced if t in graph_outputs or consumers.get(t, set()) - nodes]
+        produced = {t: i for i in nodes for t in graph.node[i].output if t}
+        leaving = [t for t in produced if t in graph_outputs or set(index.consumers(t)) - nodes]
         outputs[stage] = sorted(leaving, key=lambda t: produced[t])
     return outputs
 
@@ -103,8 +102,7 @@ def add_mc_dropout(model: onnx.ModelProto, *, p: float = 0.5, seed: int = 0,
         raise EvaluationError(f"MC dropout seed must be in [0, {SEED_STRIDE}); got {seed}")
     if not 0.0 <= p < 1.0:
         raise EvaluationError(f"MC dropout probability must be in [0, 1); got {p}")
-    if not any(o.domain in ("", "ai.onnx") and o.version >= 16 for o in model.opset_import):
-        raise EvaluationError("MC dropout needs ONNX opset >= 16 (GreaterOrEqual, Where on float32)")
+    require_opset(model, minimum=16, purpose="MC dropout (GreaterOrEqual, Where on float32)", error=EvaluationError)
     found = encoder_stage_outputs(model)
     if not found:
         raise EvaluationError(
@@ -117,23 +115,26 @@ def add_mc_dropout(model: onnx.ModelProto, *, p: float = 0.5, seed: int = 0,
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph
+    index = GraphIndex(graph)  # node positions stay valid: the new nodes are inserted after the rewiring
+    graph_outputs = set(index.outputs)
     ratio, scale, zero = (f"{DROPOUT_PREFIX}{n}" for n in ("ratio", "scale", "zero"))
     graph.initializer.extend([numpy_helper.from_array(np.array(p, dtype=np.float32), ratio),
                               numpy_helper.from_array(np.array(1.0 / (1.0 - p), dtype=np.float32), scale),
                               numpy_helper.from_array(np.array(0.0, dtype=np.float32), zero)])
-    producer = {t: i for i, n in enumerate(graph.node) for t in n.output}
     inserts: list[tuple[int, list[onnx.NodeProto]]] = []
     for k, stage in enumerate(chosen):
         for tensor in found[stage]:
+            if tensor in graph_outputs:
+                raise EvaluationError(f"MC dropout: stage {stage}'s output '{tensor}' is a graph output")
             dropped = f"{DROPOUT_PREFIX}stage{stage}/{tensor}"
-            for node in graph.node:
+            for i in index.consumers(tensor):
+                node = graph.node[i]
                 for j, name in enumerate(node.input):
                     if name == tensor:
                         node.input[j] = dropped
-            for o in graph.output:
-                if o.name == tensor:
-                    raise EvaluationError(f"MC dropout: stage {stage}'s output '{tensor}' is a graph output")
-            inserts.append((producer[tensor], _dropout_nodes(tensor, dropped, f"{DROPOUT_PREFIX}stage{stage}",
+            producer = index.producer(tensor)
+            assert producer is not None  # a stage output is produced by a stage node
+            inserts.append((producer, _dropout_nodes(tensor, dropped, f"{DROPOUT_PREFIX}stage{stage}",
                                                               ratio=ratio, scale=scale, zero=zero,
                                                               seed=SEED_BASE + SEED_STRIDE * seed + k)))
     nodes = list(graph.node)
@@ -141,5 +142,4 @@ def add_mc_dropout(model: onnx.ModelProto, *, p: float = 0.5, seed: int = 0,
         nodes[position + 1:position + 1] = new
     del graph.node[:]
     graph.node.extend(nodes)
-    onnx.checker.check_model(out)
-    return out
+    return check_model(out, message="MC dropout: the graph with dropout does not validate", error=EvaluationError)

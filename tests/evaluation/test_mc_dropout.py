@@ -83,6 +83,10 @@ def test_refusals():
         add_mc_dropout(_two_stage_model(), p=1.0)
     with pytest.raises(EvaluationError, match=r"stages \[7\]"):
         add_mc_dropout(_two_stage_model(), stages=[7])
+    old_opset = _two_stage_model()
+    old_opset.opset_import[0].version = 15
+    with pytest.raises(EvaluationError, match=r"needs ONNX opset >= 16, but the model imports opset 15"):
+        add_mc_dropout(old_opset)
 
 
 def test_mc_dropout_uncertainty_matches_a_direct_computation(tmp_path):
