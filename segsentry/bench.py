@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from segsentry.contract import Output
 from segsentry.runtime.backends import GPU_BACKENDS, create_backend, resolve_backend_name
 from segsentry.runtime.bundle import Bundle, load_bundle
 
@@ -63,24 +64,27 @@ def gpu_memory_used_mb(device: int = 0) -> float | None:
 
 
 def network_only(bundle: Bundle) -> bytes:
-    """The bundle's graph pruned to the ``logits`` output (no features, no head): the baseline for overhead."""
+    """The bundle's graph pruned to its ``logits`` output (no features, no head): the baseline for overhead."""
     import onnx
-    from onnx.utils import Extractor
+
+    from segsentry.graph import GraphIndex, extract
 
     model = onnx.load_model_from_string(bundle.model_bytes)
-    inputs = [i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
-    return Extractor(model).extract_model(inputs, ["logits"]).SerializeToString()
+    logits = bundle.manifest.output_name(Output.LOGITS)
+    return extract(model, GraphIndex(model.graph).inputs, [logits]).SerializeToString()
 
 
 def head_only(bundle: Bundle) -> bytes | None:
     """The fused Mahalanobis head alone (``features`` -> ``distance``), or None for an uncalibrated bundle."""
     import onnx
-    from onnx.utils import Extractor
+
+    from segsentry.graph import extract, head_boundary
 
     model = onnx.load_model_from_string(bundle.model_bytes)
-    if "distance" not in {o.name for o in model.graph.output}:
+    inputs, outputs = head_boundary(model.graph)
+    if not outputs:
         return None
-    return Extractor(model).extract_model(["features"], ["distance"]).SerializeToString()
+    return extract(model, inputs, outputs).SerializeToString()
 
 
 def _percentile(values: Sequence[float], q: float) -> float:
@@ -115,6 +119,7 @@ def bench_backend(
         import onnxruntime as ort
 
         head_session = ort.InferenceSession(head, providers=["CPUExecutionProvider"])
+        head_input = head_session.get_inputs()[0].name  # the features tensor
     with create_backend(name, bundle.model_bytes, channels=m.num_channels, patch_size=m.patch_size,
                         threads=threads, manifest=m, cache_dir=bundle.path) as full, \
             create_backend(name, plain, channels=m.num_channels, patch_size=m.patch_size, threads=threads,
@@ -126,7 +131,7 @@ def bench_backend(
             head_p50 = None
             if head is not None:
                 z = np.random.default_rng(0).standard_normal((n, m.features.dim)).astype(np.float32)
-                head_p50 = statistics.median(_timed(lambda z=z: head_session.run(None, {"features": z}),
+                head_p50 = statistics.median(_timed(lambda z=z: head_session.run(None, {head_input: z}),
                                                     warmup=warmup, repeats=repeats))
             p50, p50_bare = statistics.median(with_head), statistics.median(without)
             result["batches"].append({
