@@ -5,7 +5,7 @@ Everything runs through the runtime's own backends and sliding-window core. Per 
 - the same for the network alone (the bundle pruned to its ``logits`` output), which gives the cost of the
   fused Mahalanobis head;
 - end-to-end time of one volume with its stage breakdown (read, preprocess, inference, scoring, resample back,
-  write), the distance-aggregation time, and the process's peak RSS;
+  write), the distance-aggregation time on that run's padded volume and tiles, and the process's peak RSS;
 - for the GPU backends, the GPU memory in use (NVML, device-wide) before the engines are created and while
   they are loaded, after the timed runs.
 """
@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from segsentry.contract import Output
+from segsentry.errors import InputError
 from segsentry.runtime.backends import GPU_BACKENDS, create_backend, resolve_backend_name
 from segsentry.runtime.bundle import Bundle, load_bundle
 
@@ -153,45 +154,64 @@ def bench_backend(
 
 
 def bench_volume(bundle: Bundle, backend: str, volume: Path, *, threads: int | None) -> dict:
-    """End-to-end time of one case through ``run_batch`` (stage breakdown) and the aggregation cost alone."""
-    from segsentry.runtime.batch import run_batch
-    from segsentry.runtime.sliding import DistanceAccumulator, importance_for, tile_boxes
+    """End-to-end time of one case, per stage, and the cost of the distance aggregation alone.
 
+    The case goes once through the runtime's own stages, as ``ood-run`` runs it: read, preprocess, inference
+    (sliding window), scoring, resample back, write (into a temporary folder). ``wall_s`` is the engine's
+    creation plus the case; ``stages_s`` the seconds of each stage and their ``total``, as ``CASE.json`` records
+    them. The aggregation is then replayed on that run's padded volume and tiles (one add per patch), so the
+    volume is read and preprocessed only once.
+    """
+    from segsentry.runtime.io import collect_cases, read_case, write_image
+    from segsentry.runtime.pipeline import finish_case, infer_volume_for_case
+    from segsentry.runtime.preprocess import preprocess
+    from segsentry.runtime.sliding import DistanceAccumulator, importance_for
+
+    m = bundle.manifest
+    cases = collect_cases([volume], num_channels=m.num_channels)
+    if len(cases) != 1:
+        raise InputError(f"the benchmark volume {volume} must be one case, found {len(cases)}; pass one image")
+    case = cases[0]
     with tempfile.TemporaryDirectory(prefix="segsentry-bench-") as tmp:
         start = time.perf_counter()
-        result = run_batch(bundle.path, [volume], Path(tmp), backend=backend, threads=threads, qa=False)
+        with create_backend(backend, bundle.model_bytes, channels=m.num_channels, patch_size=m.patch_size,
+                            threads=threads, manifest=m, cache_dir=bundle.path) as engine:
+            case_start = t0 = time.perf_counter()
+            loaded = read_case(case, num_channels=m.num_channels)
+            stages = {"read": time.perf_counter() - t0}
+            t0 = time.perf_counter()
+            data, geometry = preprocess(loaded.image, loaded.spacing, m.preprocessing)
+            stages["preprocess"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            inference = infer_volume_for_case(data, engine, m)
+            del data
+            stages["inference"] = time.perf_counter() - t0
+            prediction = finish_case(loaded, inference, geometry, m, timings=stages)  # + scoring, resample_back
+            padded_shape, boxes = inference.padded_shape, inference.boxes
+            del inference  # the logits: as in ood-run, they are gone before the writes
+            t0 = time.perf_counter()
+            ending = loaded.output_ending
+            write_image(prediction.mask, loaded.reference, Path(tmp) / f"{case.case_id}{ending}")
+            if prediction.uncertainty is not None:
+                write_image(prediction.uncertainty, loaded.reference,
+                            Path(tmp) / f"{case.case_id}_uncertainty{ending}")
+            stages = {**prediction.timings, "write": time.perf_counter() - t0,
+                      "total": time.perf_counter() - case_start}
         total = time.perf_counter() - start
-        outcome = result.outcomes[0]
-        if outcome.status != "ok":
-            raise RuntimeError(f"benchmark volume failed: {outcome.error}")
-        report = outcome.report
-    m = bundle.manifest
-    out = {"volume": str(volume), "n_patches": report.n_patches, "wall_s": total, "stages_s": report.timings_s}
+    out = {"volume": str(volume), "n_patches": prediction.n_patches, "wall_s": total,
+           "stages_s": {k: round(v, 4) for k, v in stages.items()}}
     if m.calibration is not None:
-        # the distance map alone: the same number of patch adds on the padded volume shape
+        # the distance map alone: the run's patch adds on its padded volume
         gaussian = importance_for(m.patch_size, sigma_scale=m.tiling.sigma_scale,
                                   value_scaling_factor=m.tiling.value_scaling_factor)
-        shape = _preprocessed_shape(volume, bundle)
-        boxes = tile_boxes(shape, m.patch_size, m.tiling.step_size)
         start = time.perf_counter()
-        acc = DistanceAccumulator(shape, gaussian, aggregation=m.calibration.aggregation)
+        acc = DistanceAccumulator(padded_shape, gaussian, aggregation=m.calibration.aggregation)
         for box in boxes:
             acc.add(box, 1.0)
         acc.result()
         out["distance_aggregation_s"] = time.perf_counter() - start
         out["ood_overhead_fraction_of_e2e"] = None  # filled by the caller from the head overhead
     return out
-
-
-def _preprocessed_shape(volume: Path, bundle: Bundle) -> tuple[int, ...]:
-    from segsentry.runtime.io import collect_cases, read_case
-    from segsentry.runtime.preprocess import preprocess
-
-    m = bundle.manifest
-    case = collect_cases([volume], num_channels=m.num_channels)[0]
-    loaded = read_case(case, num_channels=m.num_channels)
-    data, _ = preprocess(loaded.image, loaded.spacing, m.preprocessing)
-    return tuple(max(s, p) for s, p in zip(data.shape[1:], m.patch_size))
 
 
 def run_bench(

@@ -1,0 +1,93 @@
+"""ood-bench's graph cuts (network alone, head alone) and its one-pass volume timing, on the shipped demo bundle."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import numpy_helper
+
+from segsentry.bench import bench_volume, head_only, network_only
+from segsentry.contract import HEAD_SCOPE, HeadInitializer
+from segsentry.demo import demo_bundle_path
+from segsentry.runtime.bundle import load_bundle
+
+STAGES = ["read", "preprocess", "inference", "scoring", "resample_back", "write", "total"]
+
+
+def _session(model: bytes) -> ort.InferenceSession:
+    return ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+
+
+def test_network_only_is_the_bundle_without_its_head():
+    bundle = load_bundle(demo_bundle_path())
+    plain = onnx.load_model_from_string(network_only(bundle))
+    assert [o.name for o in plain.graph.output] == ["logits"] and [i.name for i in plain.graph.input] == ["image"]
+    assert not any(n.name.startswith(HEAD_SCOPE) for n in plain.graph.node)
+    assert not any(i.name.startswith(HEAD_SCOPE) for i in plain.graph.initializer)
+    x = np.random.default_rng(0).normal(size=(1, 1, *bundle.manifest.patch_size)).astype(np.float32)
+    np.testing.assert_array_equal(_session(plain.SerializeToString()).run(["logits"], {"image": x})[0],
+                                  _session(bundle.model_bytes).run(["logits"], {"image": x})[0])
+
+
+def test_head_only_computes_the_contract_formula_and_is_none_without_a_head():
+    bundle = load_bundle(demo_bundle_path())
+    head = head_only(bundle)
+    model = onnx.load_model_from_string(head)
+    assert [i.name for i in model.graph.input] == ["features"] and [o.name for o in model.graph.output] == ["distance"]
+    values = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    mean, w_t = values[HeadInitializer.MEAN.tensor_name], values[HeadInitializer.COMPONENTS_T.tensor_name]
+    z = np.random.default_rng(1).normal(size=(3, bundle.manifest.features.dim)).astype(np.float32) + mean
+    y = (z - mean) @ w_t
+    expected = np.sum(y * y, axis=1)
+    if HeadInitializer.BASIS.tensor_name in values:
+        v = values[HeadInitializer.BASIS.tensor_name]
+        resid = (z - mean) - ((z - mean) @ v) @ v.T
+        expected = expected + values[HeadInitializer.COMPLEMENT_SCALE.tensor_name] * np.sum(resid * resid, axis=1)
+    np.testing.assert_allclose(_session(head).run(None, {"features": z})[0], expected, rtol=1e-5)
+    uncalibrated = dataclasses.replace(bundle, model_bytes=network_only(bundle))
+    assert head_only(uncalibrated) is None
+
+
+def test_bench_volume_preprocesses_once_and_reports_what_ood_run_reports(tmp_path, monkeypatch):
+    import importlib
+
+    from segsentry.phantoms import write_cohort
+    from segsentry.runtime.batch import run_batch
+
+    preprocess_module = importlib.import_module("segsentry.runtime.preprocess")  # the package exports the function
+
+    write_cohort(tmp_path, cohort="id", n=1, seed=3, prefix="ID", shape=(40, 128, 128))
+    volume = tmp_path / "imagesTr" / "ID_000_0000.nii.gz"
+    bundle = load_bundle(demo_bundle_path())
+    calls = []
+    original = preprocess_module.preprocess
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(preprocess_module, "preprocess", counting)
+    result = bench_volume(bundle, "onnxruntime", volume, threads=1)
+    assert len(calls) == 1
+    assert list(result) == ["volume", "n_patches", "wall_s", "stages_s", "distance_aggregation_s",
+                            "ood_overhead_fraction_of_e2e"]
+    assert list(result["stages_s"]) == STAGES
+    assert result["wall_s"] >= result["stages_s"]["total"] - 1e-3 > 0 and result["distance_aggregation_s"] > 0
+    monkeypatch.undo()
+    report = run_batch(demo_bundle_path(), [volume], tmp_path / "run", backend="onnxruntime", qa=False).outcomes[0].report
+    assert result["n_patches"] == report.n_patches > 1
+    assert list(report.timings_s) == STAGES  # the same stages as CASE.json
+
+
+def test_bench_volume_refuses_an_input_that_is_not_one_case(tmp_path):
+    from segsentry.errors import InputError
+
+    from segsentry.phantoms import write_cohort
+
+    write_cohort(tmp_path, cohort="id", n=2, seed=3, prefix="ID", shape=(8, 32, 32))
+    with pytest.raises(InputError, match="must be one case, found 2"):
+        bench_volume(load_bundle(demo_bundle_path()), "onnxruntime", tmp_path / "imagesTr", threads=1)
