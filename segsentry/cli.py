@@ -22,7 +22,7 @@ from rich.logging import RichHandler
 from rich.markup import escape
 from rich.table import Table
 
-from segsentry.contract import Aggregation, Estimator, ThresholdRule
+from segsentry.contract import Aggregation, Estimator, FeatureNorm, ThresholdRule
 from segsentry.errors import BackendError, SegsentryError
 
 console = Console(stderr=True)
@@ -156,6 +156,7 @@ def calib_command(
     aggregation: Annotated[Aggregation, typer.Option("--aggregation", help="normalised (divide by weights) or paper (plain sum).")] = Aggregation.NORMALISED,
     keep_features: Annotated[bool, typer.Option("--keep-features", help="Keep the features output in the bundle.")] = False,
     score_folds: Annotated[int, typer.Option("--score-folds", min=1, help="Score training cases out of sample with this many folds (1 = in-sample, as the paper).")] = 5,
+    feature_norm: Annotated[FeatureNorm, typer.Option("--feature-norm", help="none (the paper) or l2 (Mahalanobis++: unit-length features before the fit and in the head).")] = FeatureNorm.NONE,
     threshold_rule: Annotated[ThresholdRule, typer.Option("--threshold-rule", help="conformal (false alarms <= alpha on new in-distribution cases) or paper (95 % TPR boundary).")] = ThresholdRule.CONFORMAL,
     alpha: Annotated[float, typer.Option("--alpha", callback=_open_unit_interval, help="False-alarm rate the conformal threshold holds (needs >= 1/alpha - 1 calibration cases).")] = 0.05,
     calibration_images: Annotated[Optional[list[Path]], typer.Option("--calibration-images", help="Unlabelled in-distribution scans the Gaussian never sees, to set the threshold (repeatable; default: the cross-fitted training scores).")] = None,
@@ -183,7 +184,8 @@ def calib_command(
 
             result = calibrate(bundle, images, output, estimator=estimator, aggregation=aggregation,
                                keep_features=keep_features, backend=backend, batch_size=batch_size,
-                               threads=threads, score_folds=score_folds, threshold_rule=threshold_rule,
+                               threads=threads, score_folds=score_folds, feature_norm=feature_norm,
+                               threshold_rule=threshold_rule,
                                alpha=alpha, calibration_images=calibration_images, on_case=on_case)
         c = result.calibration
         console.print(f"[green]wrote[/] {escape(str(result.path))}: {c.n_patches} patches from {c.n_cases} cases, D="

@@ -10,7 +10,8 @@ from __future__ import annotations
 from enum import Enum
 
 __all__ = [
-    "HEAD_SCOPE", "INPUT_IMAGE", "Aggregation", "Estimator", "HeadInitializer", "Output", "ThresholdRule", "choice",
+    "HEAD_SCOPE", "INPUT_IMAGE", "L2_EPS", "Aggregation", "Estimator", "FeatureNorm", "HeadInitializer", "Output",
+    "ThresholdRule", "choice",
 ]
 
 HEAD_SCOPE = "ood_head/"  # every node and initializer of the fused Mahalanobis head is named with this prefix
@@ -74,6 +75,19 @@ class Aggregation(str, Enum):
 
     def __str__(self) -> str:
         return self.value
+
+
+class FeatureNorm(str, Enum):
+    """What happens to the pooled features before the Gaussian (fit and head alike)."""
+
+    NONE = "none"  # the paper: raw pooled features
+    L2 = "l2"  # Mahalanobis++ (Mueller & Hein, ICML 2025): z / max(||z||_2, L2_EPS), then fit and score
+
+    def __str__(self) -> str:
+        return self.value
+
+
+L2_EPS = 1e-12  # the floor of the feature norm in FeatureNorm.L2 (numpy and the ONNX head alike)
 
 
 class ThresholdRule(str, Enum):

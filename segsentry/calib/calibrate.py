@@ -17,9 +17,15 @@ import numpy as np
 import onnx
 
 from segsentry._atomic import write_bytes_atomic
-from segsentry.calib.gaussian import FeatureStore, GaussianFit, fit_gaussian, squared_mahalanobis
+from segsentry.calib.gaussian import (
+    FeatureStore,
+    GaussianFit,
+    fit_gaussian,
+    normalise_features,
+    squared_mahalanobis,
+)
 from segsentry.calib.head import fold_mahalanobis_head
-from segsentry.contract import Aggregation, Estimator, Output, ThresholdRule
+from segsentry.contract import Aggregation, Estimator, FeatureNorm, Output, ThresholdRule
 from segsentry.errors import BundleError, CalibrationError, SegsentryError
 from segsentry.manifest import Calibration, Manifest, write_manifest
 from segsentry.runtime.backends import create_backend
@@ -77,6 +83,7 @@ def calibrate(
     threads: int | None = None,
     workdir: str | Path | None = None,
     score_folds: int = 5,
+    feature_norm: FeatureNorm | str = FeatureNorm.NONE,
     threshold_rule: ThresholdRule | str = ThresholdRule.CONFORMAL,
     alpha: float = DEFAULT_ALPHA,
     calibration_images: Sequence[str | Path] | None = None,
@@ -104,6 +111,11 @@ def calibrate(
     except ValueError:
         raise CalibrationError(f"unknown threshold rule '{threshold_rule}'; choose one of "
                                f"{', '.join(r.value for r in ThresholdRule)}") from None
+    try:
+        feature_norm = FeatureNorm(feature_norm)
+    except ValueError:
+        raise CalibrationError(f"unknown feature normalisation '{feature_norm}'; choose one of "
+                               f"{', '.join(f.value for f in FeatureNorm)}") from None
     if not 0.0 < alpha < 1.0:
         raise CalibrationError(f"alpha must be strictly between 0 and 1 (a false-alarm rate), got {alpha}")
     if estimator not in ESTIMATORS:
@@ -145,7 +157,7 @@ def calibrate(
         for case, inference in _features_per_case(cases, engine, manifest, batch_size, failed, on_case, "training",
                                                   content):
             start = store.n_samples
-            store.append(inference.features)
+            store.append(normalise_features(inference.features, feature_norm).astype(np.float32))
             patches.append(_CasePatches(case.case_id, slice(start, store.n_samples), inference.boxes,
                                         inference.pad_box, inference.padded_shape))
         if not patches:
@@ -164,7 +176,7 @@ def calibrate(
         held_out: list[float] = []
         for case, inference in _features_per_case(calibration_cases, engine, manifest, batch_size, failed,
                                                   on_case, "calibration"):
-            d = squared_mahalanobis(fit, np.asarray(inference.features, dtype=np.float64))
+            d = squared_mahalanobis(fit, normalise_features(inference.features, feature_norm))
             voxel_map = distance_map(inference.padded_shape, inference.boxes, d, gaussian, aggregation=aggregation)
             held_out.append(subject_score(crop_box(voxel_map, inference.pad_box)))
 
@@ -198,14 +210,16 @@ def calibrate(
         calibration_source=source,
         calibration_scores=[float(s) for s in source_scores],
         input_range=input_range(content),
+        feature_norm=feature_norm.value,
     )
     model = onnx.load_model_from_string(bundle.model_bytes)
-    fused = fold_mahalanobis_head(model, fit, keep_features=keep_features)
+    fused = fold_mahalanobis_head(model, fit, keep_features=keep_features, feature_norm=feature_norm)
     outputs = {Output.LOGITS.value: manifest.output_name(Output.LOGITS), Output.DISTANCE.value: "distance"}
     if keep_features:
         outputs[Output.FEATURES.value] = manifest.output_name(Output.FEATURES)
     data = write_manifest(fused, manifest.replace(calibration=calibration, outputs=outputs))
-    check = _check_fused_head(data, bundle.model_bytes, fit, manifest.num_channels, manifest.patch_size)
+    check = _check_fused_head(data, bundle.model_bytes, fit, manifest.num_channels, manifest.patch_size,
+                              feature_norm=feature_norm)
     write_bytes_atomic(output, data)
     log.info("calibrated on %d patches from %d cases (%s); threshold U > %.4f (%s, from %s)", n_patches,
              len(patches), estimator, calibration.threshold, threshold_rule.value, source)
@@ -274,13 +288,14 @@ def _score_fits(features: np.ndarray, patches: Sequence[_CasePatches], full: Gau
 
 
 def _check_fused_head(fused: bytes, features_model: bytes, fit: GaussianFit, channels: int,
-                      patch_size: Sequence[int], *, rtol: float = 1e-3) -> float:
+                      patch_size: Sequence[int], *, feature_norm: FeatureNorm = FeatureNorm.NONE,
+                      rtol: float = 1e-3) -> float:
     """Run two random patches through both graphs: the fused distance must equal numpy's on the features."""
     rng = np.random.default_rng(0)
     batch = rng.standard_normal((2, channels, *patch_size)).astype(np.float32)
     with create_backend("onnxruntime", features_model, channels=channels, patch_size=patch_size) as a, \
             create_backend("onnxruntime", fused, channels=channels, patch_size=patch_size) as b:
-        expected = squared_mahalanobis(fit, a.run(batch)["features"].astype(np.float64))
+        expected = squared_mahalanobis(fit, normalise_features(a.run(batch)["features"], feature_norm))
         got = b.run(batch)["distance"].astype(np.float64)
     error = float(np.max(np.abs(got - expected) / np.maximum(np.abs(expected), 1e-12)))
     if not error <= rtol:

@@ -37,6 +37,7 @@ from typing import Literal
 
 import numpy as np
 
+from segsentry.contract import L2_EPS, FeatureNorm
 from segsentry.contract import Estimator as EstimatorChoice
 from segsentry.errors import CalibrationError
 
@@ -51,6 +52,7 @@ __all__ = [
     "FeatureStore",
     "GaussianFit",
     "fit_gaussian",
+    "normalise_features",
     "squared_mahalanobis",
 ]
 
@@ -536,6 +538,15 @@ def _fit_dual(
 # --------------------------------------------------------------------------------------------------------
 # Distance
 # --------------------------------------------------------------------------------------------------------
+
+
+def normalise_features(z: np.ndarray, norm: FeatureNorm | str) -> np.ndarray:
+    """``z`` ``(N, D)`` as the Gaussian sees it: unchanged (``none``) or each row divided by
+    ``max(||row||_2, L2_EPS)`` (``l2``, Mahalanobis++), in float64 -- the head's ``ReduceL2``/``Max``/``Div``."""
+    z = np.asarray(z, dtype=np.float64)
+    if FeatureNorm(norm) is FeatureNorm.NONE:
+        return z
+    return z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), L2_EPS)
 
 
 def squared_mahalanobis(fit: GaussianFit, z: np.ndarray, *, block_rows: int = 4096) -> np.ndarray:

@@ -22,7 +22,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from segsentry.calib.gaussian import GaussianFit
-from segsentry.contract import HEAD_SCOPE, HeadInitializer, Output
+from segsentry.contract import HEAD_SCOPE, L2_EPS, FeatureNorm, HeadInitializer, Output
 from segsentry.errors import CalibrationError
 from segsentry.graph import GraphIndex, check_model, has_head, require_opset
 
@@ -66,8 +66,12 @@ def fold_mahalanobis_head(
     features_output: str = Output.FEATURES.value,
     distance_output: str = Output.DISTANCE.value,
     keep_features: bool = False,
+    feature_norm: FeatureNorm | str = FeatureNorm.NONE,
 ) -> onnx.ModelProto:
     """Return a copy of ``model`` whose ``features`` output feeds a squared-Mahalanobis head.
+
+    With ``feature_norm="l2"`` (Mahalanobis++) the head first divides each feature row by
+    ``max(ReduceL2(row), L2_EPS)``, as :func:`segsentry.calib.gaussian.normalise_features` does before the fit.
 
     Args:
         model: ONNX model with a graph output ``features_output`` of shape ``[batch, D]`` (float32/float16).
@@ -148,6 +152,14 @@ def fold_mahalanobis_head(
     z = features_output
     if elem != TensorProto.FLOAT:
         z = node("Cast", [z], n("features_f32"), to=TensorProto.FLOAT)
+    if FeatureNorm(feature_norm) is FeatureNorm.L2:
+        if opset >= 18:
+            norm = node("ReduceL2", [z, axes_name], n("feature_norm"), keepdims=1)
+        else:
+            norm = node("ReduceL2", [z], n("feature_norm"), axes=[1], keepdims=1)
+        floor = const(n("norm_floor"), np.array(L2_EPS, dtype=np.float32))
+        norm = node("Max", [norm, floor], n("feature_norm_floored"))
+        z = node("Div", [z, norm], n("features_l2"))
     delta = node("Sub", [z, values[HeadInitializer.MEAN]], n("delta"))
     y = node("MatMul", [delta, values[HeadInitializer.COMPONENTS_T]], n("whitened"))
     main = reduce_sum_square(y, distance_output if not fit.has_complement else n("dist_span"))

@@ -28,3 +28,23 @@ def test_cross_fitted_training_scores_are_out_of_sample(ct_pipeline, tmp_path):
 def test_score_folds_validation(ct_pipeline, tmp_path):
     with pytest.raises(CalibrationError, match="score_folds"):
         calibrate(ct_pipeline.features_onnx, [ct_pipeline.images], tmp_path / "x.onnx", score_folds=0)
+
+
+def test_l2_feature_norm_is_recorded_and_deployed(ct_pipeline, test_cases, tmp_path):
+    """Mahalanobis++ end to end: the fused head (checked inside calibrate against numpy on normalised features)
+    and the deployed score differ from the raw-feature bundle, and the manifest says which one it is."""
+    from segsentry.runtime import run_batch
+
+    raw = calibrate(ct_pipeline.features_onnx, [ct_pipeline.images], tmp_path / "raw.onnx")
+    l2 = calibrate(ct_pipeline.features_onnx, [ct_pipeline.images], tmp_path / "l2.onnx", feature_norm="l2")
+    assert load_bundle(tmp_path / "l2.onnx").manifest.calibration.feature_norm == "l2"
+    assert load_bundle(tmp_path / "raw.onnx").manifest.calibration.feature_norm == "none"
+    assert l2.head_check_max_rel_error <= 1e-3
+    assert not np.allclose(l2.fit.mean, raw.fit.mean)
+    assert 0 < np.linalg.norm(l2.fit.mean) <= 1 + 1e-6 < np.linalg.norm(raw.fit.mean)  # a mean of unit rows
+    case = next(iter(test_cases["ct"].values()))
+    scores = [run_batch(b, case, tmp_path / name, backend="onnxruntime", qa=False).outcomes[0].report.score
+              for name, b in (("r", tmp_path / "raw.onnx"), ("n", tmp_path / "l2.onnx"))]
+    assert scores[0] != pytest.approx(scores[1])
+    with pytest.raises(CalibrationError, match="feature normalisation"):
+        calibrate(ct_pipeline.features_onnx, [ct_pipeline.images], tmp_path / "x.onnx", feature_norm="l3")

@@ -233,3 +233,27 @@ def test_head_initializers_are_the_graphs_and_give_its_distance(n: int, d: int, 
         resid = delta - (delta @ v) @ v.T
         dist = dist + arrays[HeadInitializer.COMPLEMENT_SCALE] * np.sum(resid * resid, axis=1)
     np.testing.assert_allclose(run(folded, z)["distance"], dist, rtol=1e-5)
+
+
+@pytest.mark.parametrize("opset", [17, 18])
+@pytest.mark.parametrize("estimator", ["empirical", "ledoit-wolf"])
+def test_l2_normalised_head_matches_sklearn_on_normalised_features(estimator: str, opset: int) -> None:
+    """Mahalanobis++: the head divides each row by its L2 norm, then measures against the Gaussian fitted on the
+    normalised training rows -- sklearn's fit and mahalanobis() on rows normalised with numpy are the oracle."""
+    from segsentry.calib.gaussian import normalise_features
+
+    x, z = make_data(200, 50, seed=4)
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    zn = z / np.linalg.norm(z, axis=1, keepdims=True)
+    np.testing.assert_allclose(normalise_features(x, "l2"), xn, rtol=1e-15)
+    fit = fit_gaussian(normalise_features(x, "l2"), estimator=estimator)
+    folded = fold_mahalanobis_head(tiny_model(50, opset=opset), fit, feature_norm="l2")
+    out = run(folded, z)
+    assert_distance_close(out["distance"], SKLEARN[estimator]().fit(xn).mahalanobis(zn))
+    # scale invariance: a row times 7 is the same point on the sphere
+    np.testing.assert_allclose(run(folded, 7 * z)["distance"], out["distance"], rtol=1e-5)
+    assert any(node.op_type == "ReduceL2" and node.name.startswith(HEAD_SCOPE) for node in folded.graph.node)
+    # an all-zero row does not divide by zero: it sits at the origin of the normalised space
+    zero = run(folded, np.zeros((1, 50)))["distance"]
+    assert np.isfinite(zero).all()
+    np.testing.assert_allclose(zero, squared_mahalanobis(fit, np.zeros((1, 50))), rtol=HEAD_RTOL)
