@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
+import json
+import math
 import subprocess
 import sys
 import textwrap
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
@@ -75,3 +77,73 @@ def run_with_blocked_imports(blocked: list[str], body: str) -> subprocess.Comple
     """
     code = _BLOCKER.format(blocked=blocked) + textwrap.dedent(body)
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# nnU-Net's network-space geometry, recomputed from plans.json and the image files alone (design.md formulas), so
+# tests can check the runtime's tiling and its box mapping without calling either.
+
+
+def nnunet_tile_starts(size: int, patch: int, step: float = 0.5) -> list[int]:
+    """Tile starts along one axis: ``num_steps = ceil((size - patch) / (patch·step)) + 1``, starts
+    ``round(i·(size - patch)/(num_steps - 1))`` (``round`` is half-to-even, as ``np.round`` in nnU-Net)."""
+    assert size >= patch, "pad to the patch size first"
+    n = math.ceil((size - patch) / (patch * step)) + 1
+    if n == 1:
+        return [0]
+    return [round(i * (size - patch) / (n - 1)) for i in range(n)]
+
+
+@dataclass(frozen=True)
+class NetworkGeometry:
+    """Where a case lands in network space. Every tuple is in the transposed (network) axis order, except
+    ``transpose_forward`` itself, which maps network axis ``j`` to input numpy axis ``transpose_forward[j]``."""
+
+    transpose_forward: tuple[int, int, int]
+    bbox: tuple[tuple[int, int], ...]  # nonzero bbox, [start, stop) in the transposed, uncropped volume
+    shape_cropped: tuple[int, int, int]
+    shape_preprocessed: tuple[int, int, int]
+    pad_below: tuple[int, int, int]  # zero padding before the volume (centred, like acvl_utils pad_nd_image)
+    patch: tuple[int, int, int]
+    tiles: tuple[tuple[tuple[int, int], ...], ...]  # patch boxes in padded coordinates, nnU-Net's z-y-x order
+
+
+def nnunet_network_geometry(model_dir: Path, files: list[Path], *,
+                            configuration: str = "3d_fullres") -> NetworkGeometry:
+    """Network-space geometry of one case (channel files ``files``) for the model folder's ``plans.json``."""
+    plans = json.loads((Path(model_dir) / "plans.json").read_text())
+    config = plans["configurations"][configuration]
+    forward = tuple(int(a) for a in plans["transpose_forward"])
+    images = [sitk.ReadImage(str(f)) for f in files]
+    data = np.stack([sitk.GetArrayFromImage(i) for i in images]).transpose([0, *[a + 1 for a in forward]])
+    spacing = np.array(images[0].GetSpacing()[::-1], dtype=np.float64)[list(forward)]
+    nonzero = (data != 0).any(axis=0)  # filling holes cannot move a bounding box
+    bbox = []
+    for axis in range(3):
+        hits = np.flatnonzero(nonzero.any(axis=tuple(b for b in range(3) if b != axis)))
+        assert hits.size, "test volumes are never all zero"
+        bbox.append((int(hits[0]), int(hits[-1]) + 1))
+    bbox = tuple(bbox)
+    cropped = tuple(b - a for a, b in bbox)
+    target = np.array(config["spacing"], dtype=np.float64)
+    preprocessed = tuple(int(round(v)) for v in spacing / target * np.array(cropped))  # nnU-Net compute_new_shape
+    patch = tuple(int(p) for p in config["patch_size"])
+    padded = tuple(max(s, p) for s, p in zip(preprocessed, patch))
+    pad_below = tuple((n - s) // 2 for n, s in zip(padded, preprocessed))
+    starts = [nnunet_tile_starts(n, p) for n, p in zip(padded, patch)]
+    tiles = tuple(((z, z + patch[0]), (y, y + patch[1]), (x, x + patch[2]))
+                  for z in starts[0] for y in starts[1] for x in starts[2])
+    return NetworkGeometry(forward, bbox, cropped, preprocessed, pad_below, patch, tiles)
+
+
+def network_box_to_input_ranges(box, geometry: NetworkGeometry) -> list[list[int]]:
+    """The input voxels (numpy z, y, x ranges ``[start, stop)``) a padded network-space box covers: drop the
+    padding, clip to the volume, scale to the cropped grid (outward: floor the start, ceil the stop, in exact
+    integer arithmetic), shift by the crop bbox, undo the transpose."""
+    transposed = []
+    for (a, b), below, n_pre, n_crop, (offset, _) in zip(box, geometry.pad_below, geometry.shape_preprocessed,
+                                                         geometry.shape_cropped, geometry.bbox):
+        lo, hi = min(max(a - below, 0), n_pre), min(max(b - below, 0), n_pre)
+        transposed.append([offset + (lo * n_crop) // n_pre, offset + -((-hi * n_crop) // n_pre)])
+    backward = [int(j) for j in np.argsort(geometry.transpose_forward)]
+    return [transposed[j] for j in backward]

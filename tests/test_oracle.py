@@ -5,6 +5,8 @@ Tolerances:
   CPU, step 0.5). Both accumulate logits in float16; onnxruntime's and torch's convolutions differ by ~1e-6,
   which can flip a voxel whose two best float16 logits tie.
 - distances: fused ONNX head (float32) vs sklearn's float64 Mahalanobis on the same features, rtol 1e-3.
+- top patches: boxes exact (integer voxel ranges), centres within 1e-6 mm of SimpleITK's and numpy's
+  index-to-physical mapping.
 """
 
 from __future__ import annotations
@@ -15,7 +17,13 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from factory import nnunet_predict
+from factory import (
+    ct_volume,
+    network_box_to_input_ranges,
+    nnunet_network_geometry,
+    nnunet_predict,
+    write_volume,
+)
 
 pytest.importorskip("nnunetv2")
 sklearn_covariance = pytest.importorskip("sklearn.covariance")
@@ -131,3 +139,60 @@ def test_reports_carry_output_baselines(ct_pipeline, test_cases, tmp_path):
         assert baselines[f"max_softmax_T{t}"] == pytest.approx(expected, rel=1e-9)
     assert baselines["energy"] == pytest.approx(float(np.mean(-logsumexp(logits, axis=0))), rel=1e-9)
     assert 0 <= baselines["kl_uniform"] <= 1
+
+
+def _thin_ct_case(folder):
+    """Six 4 mm slices: 10 after resampling to 2.5 mm, so the network pads z to the 16-slice patch (3 + 3).
+
+    One tile then spans the padded axis, so its box must be clipped to the 10 real slices (the padding offset
+    itself cannot show in a box: a padded axis always holds exactly one tile).
+    """
+    volume = ct_volume(np.random.default_rng(5), shape_zyx=(6, 80, 70))
+    return {"thin": [write_volume(folder / "thin_0000.nii.gz", volume, spacing_xyz=(0.8, 0.75, 4.0))]}
+
+
+@pytest.mark.parametrize("kind", ["ct-train", "ct-thin-padded", "mr-test"])
+def test_top_patches_match_an_independent_geometry(kind, request, test_cases, tmp_path):
+    """Top-patch boxes and centres recomputed from plans.json and the image alone: nonzero bbox, nnU-Net's
+    new shape and tiling, centred padding, then back through the transpose (CT: (0, 2, 1)) to input voxels;
+    centres through the input image's spacing / origin / direction (a 90° rotation)."""
+    from segsentry.runtime import run_batch
+
+    pipeline = request.getfixturevalue("mr_pipeline" if kind.startswith("mr") else "ct_pipeline")
+    cases = {"ct-train": pipeline.cases, "mr-test": test_cases["mr"]}.get(kind) or _thin_ct_case(tmp_path / "in")
+    case_id, files = next(iter(cases.items()))
+    geometry = nnunet_network_geometry(pipeline.model_dir, files)
+    if kind == "ct-thin-padded":
+        assert geometry.pad_below[0] == 3 and geometry.shape_preprocessed[0] == 10
+    report = run_batch(pipeline.ood_onnx, files, tmp_path / "out", backend="onnxruntime", qa=False).outcomes[0].report
+    assert report["n_patches"] == len(geometry.tiles)
+
+    # the per-patch distances of the same bundle (tiles in nnU-Net's order, checked against our own tiling)
+    inference = _patch_features_and_distances(pipeline.ood_onnx, files, len(pipeline.spec.channels))
+    assert [tuple(map(tuple, b)) for b in inference.boxes] == list(geometry.tiles)
+    distances = inference.distances
+    top = report["top_patches"]
+    assert len(top) == min(5, len(geometry.tiles))
+    indices = [t["patch"] for t in top]
+    assert len(set(indices)) == len(indices)
+    reported = np.array([t["distance"] for t in top])
+    np.testing.assert_allclose(reported, distances[indices], rtol=1e-6)  # same backend, same input
+    assert np.all(np.diff(reported) <= 0), "top patches are listed farthest first"
+    others = np.delete(distances, indices)
+    assert others.size == 0 or reported.min() >= others.max()
+    assert indices[0] == int(np.argmax(distances))
+
+    image = sitk.ReadImage(str(files[0]))
+    shape_zyx = sitk.GetArrayViewFromImage(image).shape
+    origin, spacing = np.array(image.GetOrigin()), np.array(image.GetSpacing())
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    for t in top:
+        expected_box = network_box_to_input_ranges(geometry.tiles[t["patch"]], geometry)
+        assert t["box_zyx"] == expected_box, f"patch {t['patch']}"
+        assert all(0 <= lo < hi <= n for (lo, hi), n in zip(expected_box, shape_zyx))
+        # centre of the voxels start..stop-1, numpy (z, y, x) -> SimpleITK continuous index (x, y, z)
+        centre_xyz = [(lo + hi - 1) / 2.0 for lo, hi in reversed(t["box_zyx"])]
+        by_sitk = image.TransformContinuousIndexToPhysicalPoint(centre_xyz)
+        by_numpy = origin + direction @ (spacing * np.array(centre_xyz))
+        np.testing.assert_allclose(t["centre_mm"], by_sitk, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(t["centre_mm"], by_numpy, rtol=0, atol=1e-6)
