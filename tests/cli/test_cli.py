@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -254,22 +255,70 @@ def test_shell_end_to_end(ct_pipeline, test_cases, tmp_path):
     assert report["aggregation"] == "paper"
 
 
-def test_bench_reports_latency_and_head_overhead(ct_pipeline, test_cases, tmp_path):
+def test_bench_reports_latency_and_head_overhead(ct_pipeline, test_cases, tmp_path, monkeypatch):
+    """The reported statistics are those of the raw timings the bench measured (captured by wrapping its
+    timing loop): p50 = median, p95 = numpy's 95th percentile, derived rates and overheads recomputed.
+    Tolerance: rel 1e-12 (the JSON round trip of a float is exact; only the arithmetic order may differ)."""
+    import statistics
+
+    import segsentry.bench
+    from factory import nnunet_network_geometry
+    from segsentry.runtime import load_bundle
+
+    raw: list[list[float]] = []
+    timed = segsentry.bench._timed
+
+    def recording(call, *, warmup, repeats):
+        times = timed(call, warmup=warmup, repeats=repeats)
+        raw.append(list(times))
+        return times
+
+    monkeypatch.setattr(segsentry.bench, "_timed", recording)
     case = next(iter(test_cases["ct"].values()))[0]
     out = tmp_path / "bench.json"
     result = _run("bench", ct_pipeline.ood_onnx, "--backend", "onnxruntime", "--batch", "1", "--batch", "2",
-                  "--repeats", "2", "--warmup", "1", "--volume", case, "-o", out)
-    assert result.exit_code == 0
+                  "--repeats", "3", "--warmup", "1", "--volume", case, "-o", out)
+    assert result.exit_code == 0, result.output
     data = json.loads(out.read_text())
+    bundle = load_bundle(ct_pipeline.ood_onnx)
+    assert data["model_sha256"] == bundle.weights_sha256
+    assert tuple(data["patch_size"]) == tuple(ct_pipeline.spec.patch_size)
+    assert data["feature_dim"] == bundle.manifest.features.dim
+    assert {"machine", "versions", "date"} <= set(data) and data["versions"]["onnxruntime"]
     (r,) = data["results"]
     assert r["backend"] == "onnxruntime"
     assert [b["batch"] for b in r["batches"]] == [1, 2]
-    for b in r["batches"]:
-        assert b["p50_s_per_call"] > 0 and b["p95_s_per_call"] >= b["p50_s_per_call"] * 0.5
-        assert b["network_only_p50_s_per_call"] > 0
-    stages = r["volume"]["stages_s"]
-    assert {"read", "preprocess", "inference", "resample_back", "write", "total"} <= set(stages)
-    assert 0 <= r["volume"]["ood_overhead_fraction_of_e2e"] < 1
+    # per batch size: with the head, the network alone, the head alone -- each `repeats` timed calls
+    assert len(raw) == 3 * 2 and all(len(t) == 3 for t in raw)
+    assert all(math.isfinite(t) and t > 0 for times in raw for t in times)
+    approx = lambda value: pytest.approx(value, rel=1e-12)  # noqa: E731
+    for b, (full, bare, head) in zip(r["batches"], (raw[0:3], raw[3:6])):
+        n = b["batch"]
+        assert b["p50_s_per_call"] == approx(statistics.median(full))
+        assert b["p95_s_per_call"] == approx(float(np.percentile(full, 95)))
+        assert min(full) <= b["p50_s_per_call"] <= b["p95_s_per_call"] <= max(full)
+        assert b["p50_s_per_patch"] == approx(b["p50_s_per_call"] / n)
+        assert b["patches_per_s"] == approx(n / b["p50_s_per_call"])
+        assert b["network_only_p50_s_per_call"] == approx(statistics.median(bare))
+        assert b["head_overhead_fraction"] == approx(
+            (statistics.median(full) - statistics.median(bare)) / statistics.median(bare))
+        assert b["head_only_p50_s_per_call"] == approx(statistics.median(head))
+    v = r["volume"]
+    assert v["n_patches"] == len(nnunet_network_geometry(ct_pipeline.model_dir, [case]).tiles) == 18
+    stages = v["stages_s"]
+    parts = ("read", "preprocess", "inference", "scoring", "resample_back", "write")
+    assert set(stages) == {*parts, "total"}
+    assert all(math.isfinite(stages[k]) and stages[k] >= 0 for k in stages)  # rounded to 0.1 ms: may read 0
+    # the stages are disjoint parts of the case's total, which is part of the timed run (tolerance: rounding)
+    assert sum(stages[k] for k in parts) <= stages["total"] + 6 * 5e-5
+    assert 0 < stages["total"] <= v["wall_s"] + 5e-5
+    assert v["distance_aggregation_s"] > 0
+    first = r["batches"][0]
+    expected = (first["head_only_p50_s_per_call"] / first["batch"] * v["n_patches"] + v["distance_aggregation_s"]) \
+        / v["wall_s"]
+    assert v["ood_overhead_fraction_of_e2e"] == approx(expected)
+    assert 0 < v["ood_overhead_fraction_of_e2e"] < 1
+    assert r["process_peak_rss_mb_so_far"] > 0
     assert "gpu_memory_used_mb" not in r  # CPU backend: no GPU memory entry
 
 
