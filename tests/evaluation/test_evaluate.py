@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import csv
 import json
+import math
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -20,7 +23,41 @@ def cohorts(tmp_path_factory):
     return root
 
 
+def _tpr95(values) -> float:
+    """The authors' rule, written out: sorted scores, index floor((n-1)·0.95), mean with the next one."""
+    v = sorted(values)
+    i = math.floor((len(v) - 1) * 0.95)
+    return (v[i] + v[min(i + 1, len(v) - 1)]) / 2
+
+
+def _esce(u, dice, bins: int = 10) -> float:
+    """ESCE of confidence 1 - U against Dice, equal-width bins [lo, hi) of [0, 1], 1.0 in the last bin."""
+    confidence, dice = 1 - np.asarray(u, dtype=np.float64), np.asarray(dice, dtype=np.float64)
+    index = np.minimum((confidence * bins).astype(int), bins - 1)
+    return sum(np.mean(index == m) * abs(dice[index == m].mean() - confidence[index == m].mean())
+               for m in range(bins) if np.any(index == m))
+
+
+def _column(method: str) -> str:
+    """cases.csv column of a results.json method name ('max softmax (T=10)' -> 'max_softmax_T10')."""
+    if method.startswith("max softmax (T="):
+        return f"max_softmax_T{method[len('max softmax (T='):-1]}"
+    return method.replace(" ", "_")
+
+
 def test_eval_report(cohorts, tmp_path):
+    """Every number in the far-OOD table recomputed from cases.csv; the Mahalanobis score separates far-OOD
+    phantoms from ID ones.
+
+    Tolerances: cases.csv holds 6 significant digits (Dice 6 decimals), so thresholds rel 1e-5, ESCE and mean
+    Dice abs 1e-5; AUC, TPR and FPR are ratios of counts and compared exactly (abs 1e-12). Measured here (3 ID,
+    3 far-OOD phantoms): Mahalanobis AUC 1.0 (ID U 0.208-0.252, far-OOD 0.267-0.297), FPR 0, error 1/6; the
+    output-based baselines 0.0 (far-OOD phantoms look *more* confident -- the silent failures of the paper).
+    With 3 x 3 cases the AUC is a multiple of 1/9: the bound 8/9 allows one misordered ID/OOD pair, while a
+    random score gives 0.5 in expectation and an inverted one 0.
+    """
+    from sklearn.metrics import roc_auc_score
+
     result = CliRunner().invoke(app, ["eval", "run", str(demo_bundle_path()), "--id", str(cohorts / "id"),
                                       "--ood", f"far={cohorts / 'far'}", "-o", str(tmp_path / "report")])
     assert result.exit_code == 0, result.output
@@ -28,16 +65,39 @@ def test_eval_report(cohorts, tmp_path):
     rows = {r["method"]: r for r in data["scenarios"]["far"]}
     assert set(rows) >= {"mahalanobis", "kl uniform", "energy"}
     assert any(m.startswith("max softmax (T=") for m in rows)
-    for r in rows.values():
-        assert 0 <= r["auc"] <= 1 and 0 <= r["fpr"] <= 1 and 0 <= r["error"] <= 1
-    assert rows["mahalanobis"]["esce"] is not None and rows["energy"]["esce"] is None
-    assert 0 <= data["mean_dice"]["id"] <= 1
+    cases = list(csv.DictReader((tmp_path / "report" / "cases.csv").open()))
+    assert len(cases) == 6
+    assert sorted(c["case"] for c in cases) == ["FO_000", "FO_001", "FO_002", "ID_000", "ID_001", "ID_002"]
+    assert {c["group"] for c in cases if c["case"].startswith("ID")} == {"id"}
+    assert {c["group"] for c in cases if c["case"].startswith("FO")} == {"far"}
+    is_ood = [c["group"] == "far" for c in cases]
+    dice = np.array([float(c["dice"]) for c in cases])
+
+    assert rows["mahalanobis"]["auc"] >= 8 / 9
+    for method, row in rows.items():
+        scores = np.array([float(c[_column(method)]) for c in cases])
+        ids, oods = scores[~np.array(is_ood)], scores[np.array(is_ood)]
+        assert row["auc"] == pytest.approx(roc_auc_score(is_ood, scores), abs=1e-12), method
+        assert row["threshold"] == pytest.approx(_tpr95(ids), rel=1e-5), method
+        tpr, fpr = float(np.mean(ids <= row["threshold"])), float(np.mean(oods <= row["threshold"]))
+        assert row["tpr"] == pytest.approx(tpr, abs=1e-12) and row["fpr"] == pytest.approx(fpr, abs=1e-12), method
+        assert row["error"] == pytest.approx(0.5 * (1 - tpr) + 0.5 * fpr, abs=1e-12), method
+        if method == "energy":  # not a [0, 1] uncertainty: no ESCE
+            assert row["esce"] is None
+        else:
+            assert row["esce"] == pytest.approx(_esce(scores, dice), abs=1e-5), method
+    # the reported max-softmax temperature is the lowest-ESCE one of T = 1, 10, 100 (ties: the smaller T)
+    by_t = {t: _esce([float(c[f"max_softmax_T{t}"]) for c in cases], dice) for t in (1, 10, 100)}
+    best = min(by_t, key=lambda t: (by_t[t], t))
+    assert f"max softmax (T={best})" in rows
+    assert data["mean_dice"]["id"] == pytest.approx(dice[~np.array(is_ood)].mean(), abs=1e-5)
+    assert data["mean_dice"]["far"] == pytest.approx(dice[np.array(is_ood)].mean(), abs=1e-5)
     md = (tmp_path / "report" / "report.md").read_text()
     assert "| method | ESCE | Error | FPR | AUC |" in md
+    assert f"| mahalanobis | {rows['mahalanobis']['esce']:.3f} | {rows['mahalanobis']['error']:.3f} | " \
+           f"{rows['mahalanobis']['fpr']:.3f} | {rows['mahalanobis']['auc']:.3f} |" in md
     html = (tmp_path / "report" / "report.html").read_text()
     assert "<svg" in html and "silent failures" in html
-    lines = (tmp_path / "report" / "cases.csv").read_text().splitlines()
-    assert len(lines) == 1 + 6
 
 
 def test_eval_usage_errors(cohorts, tmp_path):
