@@ -1,9 +1,18 @@
-"""Calibration driver: out-of-sample training scores (cross-fit by case) versus the paper's in-sample scores."""
+"""Calibration driver: out-of-sample training scores (cross-fit by case) versus the paper's in-sample scores;
+unusable training cases, the fused-head check and the output guard."""
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
+import logging
+import shutil
+
 import numpy as np
 import pytest
+import SimpleITK as sitk
+
+from factory import write_volume
 
 from segsentry.calib import calibrate
 from segsentry.errors import CalibrationError
@@ -48,3 +57,99 @@ def test_l2_feature_norm_is_recorded_and_deployed(ct_pipeline, test_cases, tmp_p
     assert scores[0] != pytest.approx(scores[1])
     with pytest.raises(CalibrationError, match="feature normalisation"):
         calibrate(ct_pipeline.features_onnx, [ct_pipeline.images], tmp_path / "x.onnx", feature_norm="l3")
+
+
+def _training_folder_with_bad_cases(pipeline, folder):
+    """The pipeline's four training cases plus four that cannot be used, each for another reason."""
+    folder.mkdir()
+    for files in pipeline.cases.values():
+        for f in files:
+            shutil.copy(f, folder / f.name)
+    good = next(iter(pipeline.cases.values()))[0]
+    (folder / "garbage_0000.nii.gz").write_bytes(b"not an image at all")
+    shutil.copy(good, folder / "twochan_0000.nii.gz")  # a second channel for a one-channel model
+    shutil.copy(good, folder / "twochan_0001.nii.gz")
+    array = sitk.GetArrayFromImage(sitk.ReadImage(str(good))).astype(np.float32)
+    array[3, 40, 30] = np.nan
+    write_volume(folder / "nan_0000.mha", array, spacing_xyz=(0.8, 0.75, 4.0))  # NIfTI would drop the NaN
+    sitk.WriteImage(sitk.GetImageFromArray(np.ones((20, 20), np.float32)), str(folder / "flat_0000.nii.gz"))
+    return folder
+
+
+def test_unusable_training_cases_are_skipped_reported_and_left_out(ct_pipeline, tmp_path, caplog):
+    """Bad cases are skipped with a logged reason, reported in ``failed`` and to ``on_case``, and change nothing:
+    the calibration equals the session bundle's, calibrated on the four good cases alone with the same settings
+    (same backend, same patches: train scores rtol 1e-9)."""
+    folder = _training_folder_with_bad_cases(ct_pipeline, tmp_path / "imagesTr")
+    progress = []
+    with caplog.at_level(logging.ERROR, logger="segsentry.calib.calibrate"):
+        result = calibrate(ct_pipeline.features_onnx, [folder], tmp_path / "m.ood.onnx", estimator="ledoit-wolf",
+                           score_folds=1, threshold_rule="paper", on_case=lambda *args: progress.append(args))
+
+    expected_errors = {
+        "garbage": "cannot read",
+        "twochan": "expected channel files _0000, found _0000, _0001",
+        "nan": "1 voxel(s) are NaN or infinite",
+        "flat": "2D image",
+    }
+    assert set(result.failed) == set(expected_errors)
+    for case_id, fragment in expected_errors.items():
+        assert fragment in result.failed[case_id], (case_id, result.failed[case_id])
+    skipped = {r.getMessage() for r in caplog.records if r.levelno == logging.ERROR and r.name.startswith("segsentry")}
+    assert skipped == {f"training case {c} skipped: {e}" for c, e in result.failed.items()}
+    assert {args for args in progress if args[2] is not None} == {(c, 0, e) for c, e in result.failed.items()}
+    good = sorted(ct_pipeline.cases)
+    assert result.case_ids == good
+    assert [args for args in progress if args[2] is None] == [(c, 18, None) for c in good]  # 2 x 3 x 3 tiles
+
+    reference = load_bundle(ct_pipeline.ood_onnx).manifest.calibration
+    written = load_bundle(tmp_path / "m.ood.onnx").manifest.calibration
+    assert written.n_cases == 4 and written.n_patches == 4 * 18 == reference.n_patches
+    np.testing.assert_allclose(written.train_scores, reference.train_scores, rtol=1e-9)
+    assert written.threshold == pytest.approx(reference.threshold, rel=1e-9)
+    assert written.shrinkage == pytest.approx(reference.shrinkage, rel=1e-9)
+    assert 0 <= result.head_check_max_rel_error <= 1e-3
+
+
+def test_every_training_case_failing_is_an_error(ct_pipeline, tmp_path):
+    folder = tmp_path / "imagesTr"
+    folder.mkdir()
+    (folder / "garbage_0000.nii.gz").write_bytes(b"not an image at all")
+    with pytest.raises(CalibrationError, match="every training case failed; nothing to calibrate on"):
+        calibrate(ct_pipeline.features_onnx, [folder], tmp_path / "m.ood.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["imagesTr"]
+
+
+def test_fused_head_that_disagrees_with_numpy_is_refused(ct_pipeline, tmp_path, monkeypatch):
+    """A head folded from a Gaussian scaled by 1.1 (W -> 1.1 W, complement scale -> 1.21 x) gives distances
+    1.21 x numpy's: a relative error of 0.21 (float32 noise ~1e-6 does not change the 3-digit message). The
+    check must raise before anything is written."""
+    module = importlib.import_module("segsentry.calib.calibrate")
+    fold = module.fold_mahalanobis_head
+
+    def skewed_fold(model, fit, **kwargs):
+        skewed = dataclasses.replace(fit, components=fit.components * 1.1,
+                                     complement_scale=fit.complement_scale * 1.21)
+        return fold(model, skewed, **kwargs)
+
+    monkeypatch.setattr(module, "fold_mahalanobis_head", skewed_fold)
+    with pytest.raises(CalibrationError,
+                       match=r"^fused head disagrees with the numpy distance \(max relative error 0\.21\)$"):
+        calibrate(ct_pipeline.features_onnx, [ct_pipeline.images], tmp_path / "m.ood.onnx", score_folds=1, threshold_rule="paper")
+    assert list(tmp_path.iterdir()) == []  # no bundle, no temporary file
+
+
+def test_output_may_not_overwrite_the_input_bundle(ct_pipeline, tmp_path):
+    """The same file under three names (itself, a path through '..', a symlink): refused, input byte-identical,
+    nothing else written."""
+    features = tmp_path / "m.features.onnx"
+    shutil.copy(ct_pipeline.features_onnx, features)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "link.onnx").symlink_to(features)
+    before = features.read_bytes()
+    for output in (features, tmp_path / "sub" / ".." / features.name, tmp_path / "link.onnx"):
+        with pytest.raises(CalibrationError, match="the output must not overwrite the input bundle"):
+            calibrate(features, [ct_pipeline.images], output)
+        assert features.read_bytes() == before, output
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["link.onnx", "m.features.onnx", "sub"]
+    assert (tmp_path / "link.onnx").is_symlink()
