@@ -1,20 +1,36 @@
-"""segsentry.runtime.crop against nnU-Net v2.8.1 / acvl_utils / scipy (test oracles only); all exact."""
+"""segsentry.runtime.crop against nnU-Net v2.8.1 / acvl_utils / scipy (test oracles only); all exact.
+
+The nnU-Net and acvl_utils oracles come from fixtures (``nn_cropping``, ``acvl_bbox``): without them only the
+comparisons against them skip; the scipy hole-filling oracle and the oracle-free tests still run.
+"""
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import numpy as np
 import pytest
+from scipy.ndimage import binary_fill_holes
 
-pytest.importorskip("nnunetv2")
-from acvl_utils.cropping_and_padding.bounding_boxes import (  # noqa: E402
-    get_bbox_from_mask,
-    insert_crop_into_image,
-)
-from nnunetv2.preprocessing.cropping.cropping import create_nonzero_mask  # noqa: E402
-from nnunetv2.preprocessing.cropping.cropping import crop_to_nonzero as nn_crop_to_nonzero  # noqa: E402
-from scipy.ndimage import binary_fill_holes  # noqa: E402
+from segsentry.runtime.crop import bbox_from_mask, crop_to_nonzero, fill_holes, insert_crop, nonzero_mask
 
-from segsentry.runtime.crop import bbox_from_mask, crop_to_nonzero, fill_holes, insert_crop, nonzero_mask  # noqa: E402
+
+@pytest.fixture(scope="module")
+def nn_cropping() -> ModuleType:
+    """nnU-Net's cropping module (``create_nonzero_mask``, ``crop_to_nonzero``); skips without nnunetv2."""
+    pytest.importorskip("nnunetv2")
+    from nnunetv2.preprocessing.cropping import cropping
+
+    return cropping
+
+
+@pytest.fixture(scope="module")
+def acvl_bbox() -> ModuleType:
+    """acvl_utils' bounding-box module (``get_bbox_from_mask``, ``insert_crop_into_image``); skips without it."""
+    pytest.importorskip("acvl_utils")
+    from acvl_utils.cropping_and_padding import bounding_boxes
+
+    return bounding_boxes
 
 
 def ball(shape: tuple[int, ...], center: tuple[float, ...], radius: float) -> np.ndarray:
@@ -79,15 +95,15 @@ def test_fill_holes_edge_cases() -> None:
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_nonzero_mask_matches_nnunet(seed: int) -> None:
+def test_nonzero_mask_matches_nnunet(nn_cropping: ModuleType, seed: int) -> None:
     data = image_with_structures(seed)
-    np.testing.assert_array_equal(nonzero_mask(data), create_nonzero_mask(data))
+    np.testing.assert_array_equal(nonzero_mask(data), nn_cropping.create_nonzero_mask(data))
     data2d = data[:, 9]  # (c, x, y)
-    np.testing.assert_array_equal(nonzero_mask(data2d), create_nonzero_mask(data2d))
+    np.testing.assert_array_equal(nonzero_mask(data2d), nn_cropping.create_nonzero_mask(data2d))
 
 
-def check_crop_matches_nnunet(data: np.ndarray) -> None:
-    expected_data, expected_seg, expected_bbox = nn_crop_to_nonzero(data.copy())
+def check_crop_matches_nnunet(nn_cropping: ModuleType, data: np.ndarray) -> None:
+    expected_data, expected_seg, expected_bbox = nn_cropping.crop_to_nonzero(data.copy())
     cropped, mask, bbox = crop_to_nonzero(data)
     assert bbox == [[int(a), int(b)] for a, b in expected_bbox]
     assert all(type(v) is int for pair in bbox for v in pair)
@@ -97,12 +113,12 @@ def check_crop_matches_nnunet(data: np.ndarray) -> None:
     np.testing.assert_array_equal(mask, expected_seg[0] == 0)
 
 
-def test_crop_matches_nnunet_on_structures() -> None:
-    check_crop_matches_nnunet(image_with_structures())
+def test_crop_matches_nnunet_on_structures(nn_cropping: ModuleType) -> None:
+    check_crop_matches_nnunet(nn_cropping, image_with_structures())
 
 
 @pytest.mark.parametrize("seed", range(20))
-def test_crop_matches_nnunet_random(seed: int) -> None:
+def test_crop_matches_nnunet_random(nn_cropping: ModuleType, seed: int) -> None:
     rng = np.random.default_rng(100 + seed)
     shape = (int(rng.integers(1, 3)), *(int(v) for v in rng.integers(1, 16, 3)))
     data = np.zeros(shape, dtype=np.float32)
@@ -114,12 +130,15 @@ def test_crop_matches_nnunet_random(seed: int) -> None:
         box = (c, *(slice(a, b) for a, b in zip(lo, hi)))
         data[box] = rng.normal(size=data[box].shape)
         data[box][rng.random(data[box].shape) < 0.3] = 0.0
-    check_crop_matches_nnunet(data)
+    check_crop_matches_nnunet(nn_cropping, data)
+
+
+def test_crop_all_zero_image_matches_nnunet(nn_cropping: ModuleType) -> None:
+    check_crop_matches_nnunet(nn_cropping, np.zeros((2, 5, 6, 7), dtype=np.float32))
 
 
 def test_crop_all_zero_image_gives_full_box() -> None:
     data = np.zeros((2, 5, 6, 7), dtype=np.float32)
-    check_crop_matches_nnunet(data)
     cropped, mask, bbox = crop_to_nonzero(data)
     assert bbox == [[0, 5], [0, 6], [0, 7]]
     assert cropped.shape == data.shape and not mask.any()
@@ -132,13 +151,13 @@ def test_crop_returns_a_view_like_nnunet() -> None:
 
 
 @pytest.mark.parametrize("seed", range(3))
-def test_bbox_from_mask_matches_acvl(seed: int) -> None:
+def test_bbox_from_mask_matches_acvl(acvl_bbox: ModuleType, seed: int) -> None:
     for mask in random_masks(seed, 60):
         if mask.ndim != 3:
             continue
         sparse = mask & (np.random.default_rng(seed).random(mask.shape) < 0.05)
         for m in (mask, sparse, np.zeros_like(mask)):
-            assert bbox_from_mask(m) == [[int(a), int(b)] for a, b in get_bbox_from_mask(m)]
+            assert bbox_from_mask(m) == [[int(a), int(b)] for a, b in acvl_bbox.get_bbox_from_mask(m)]
 
 
 def test_bbox_from_mask_any_dimension() -> None:
@@ -157,17 +176,17 @@ def test_bbox_from_mask_any_dimension() -> None:
         [[0, 8], [0, 7], [0, 6]],
     ],
 )
-def test_insert_crop_matches_acvl(bbox: list[list[int]]) -> None:
+def test_insert_crop_matches_acvl(acvl_bbox: ModuleType, bbox: list[list[int]]) -> None:
     rng = np.random.default_rng(0)
     crop = rng.normal(size=(2, *(b - a for a, b in bbox))).astype(np.float32)
     target = np.zeros((2, 8, 7, 6), dtype=np.float32)
-    expected = insert_crop_into_image(target.copy(), crop, bbox)
+    expected = acvl_bbox.insert_crop_into_image(target.copy(), crop, bbox)
     got = insert_crop(target, crop, bbox)
     assert got is target
     np.testing.assert_array_equal(got, expected)
     # bbox over all axes of a spatial-only target
     target3 = np.full((8, 7, 6), -1.0, dtype=np.float32)
-    expected3 = insert_crop_into_image(target3.copy(), crop[0], bbox)
+    expected3 = acvl_bbox.insert_crop_into_image(target3.copy(), crop[0], bbox)
     np.testing.assert_array_equal(insert_crop(target3, crop[0], bbox), expected3)
 
 

@@ -1,5 +1,8 @@
 """segsentry.runtime.resample against nnU-Net v2.8.1's resampling (scipy/scikit-image are test oracles only).
 
+The oracle comes from the ``nn`` fixture: without nnunetv2 only the comparisons skip; the argument checks, the
+no-copy / no-mutation tests and the import-hygiene test still run.
+
 Tolerances. The implementation redoes scipy's spline arithmetic operation by operation, so every output is
 expected to be bit-identical, and ``test_bit_identical`` requires exactly that (float64 outputs included).
 The acceptance criteria the runtime is held to are looser and checked separately in ``test_matches_nnunet``:
@@ -16,19 +19,12 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from types import ModuleType
+
 import numpy as np
 import pytest
 
-pytest.importorskip("nnunetv2")
-from nnunetv2.preprocessing.resampling.default_resampling import (  # noqa: E402
-    compute_new_shape as nn_compute_new_shape,
-)
-from nnunetv2.preprocessing.resampling.default_resampling import (  # noqa: E402
-    determine_do_sep_z_and_axis,
-    resample_data_or_seg_to_shape,
-)
-
-from segsentry.runtime.resample import compute_new_shape, determine_separate_z, resample_to_shape  # noqa: E402
+from segsentry.runtime.resample import compute_new_shape, determine_separate_z, resample_to_shape
 
 FLOAT32_ATOL = 1e-6  # times max(1, max |value|)
 FLOAT32_MIN_IDENTICAL = 0.999
@@ -102,18 +98,27 @@ def make_data(case: Case, seed: int = 0) -> np.ndarray:
     return x.astype(case.dtype)
 
 
-def target_shape(case: Case) -> tuple[int, int, int]:
+@pytest.fixture(scope="module")
+def nn() -> ModuleType:
+    """nnU-Net's resampling module (the oracle); only the tests that compare against it skip without nnunetv2."""
+    pytest.importorskip("nnunetv2")
+    from nnunetv2.preprocessing.resampling import default_resampling
+
+    return default_resampling
+
+
+def target_shape(nn: ModuleType, case: Case) -> tuple[int, int, int]:
     if case.new_shape is not None:
         return case.new_shape
-    return tuple(int(s) for s in nn_compute_new_shape(case.shape[1:], case.current_spacing, case.new_spacing))
+    return tuple(int(s) for s in nn.compute_new_shape(case.shape[1:], case.current_spacing, case.new_spacing))
 
 
-def run_both(case: Case) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def run_both(nn: ModuleType, case: Case) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     data = make_data(case)
-    new_shape = target_shape(case)
+    new_shape = target_shape(nn, case)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        expected = resample_data_or_seg_to_shape(
+        expected = nn.resample_data_or_seg_to_shape(
             data, new_shape, case.current_spacing, case.new_spacing, is_seg=False, order=case.order,
             order_z=case.order_z, force_separate_z=case.force_separate_z,
         )
@@ -132,10 +137,10 @@ def identical_fraction(got: np.ndarray, expected: np.ndarray) -> float:
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_matches_nnunet(case: Case) -> None:
-    data, got, expected = run_both(case)
+def test_matches_nnunet(nn: ModuleType, case: Case) -> None:
+    data, got, expected = run_both(nn, case)
     assert got.dtype == expected.dtype == data.dtype
-    assert got.shape == expected.shape == (case.shape[0], *target_shape(case))
+    assert got.shape == expected.shape == (case.shape[0], *target_shape(nn, case))
     if got.dtype == np.float32:
         scale = max(1.0, float(np.max(np.abs(expected.astype(np.float64)))))
         assert np.max(np.abs(got.astype(np.float64) - expected.astype(np.float64))) <= FLOAT32_ATOL * scale
@@ -148,20 +153,20 @@ def test_matches_nnunet(case: Case) -> None:
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_bit_identical(case: Case) -> None:
-    _, got, expected = run_both(case)
+def test_bit_identical(nn: ModuleType, case: Case) -> None:
+    _, got, expected = run_both(nn, case)
     assert identical_fraction(got, expected) == 1.0
 
 
 @pytest.mark.parametrize("seed", range(40))
-def test_random_configurations_bit_identical(seed: int) -> None:
+def test_random_configurations_bit_identical(nn: ModuleType, seed: int) -> None:
     """Random shapes (including length-1 axes), spacings, orders, dtypes and separate-z settings."""
     rng = np.random.default_rng(1000 + seed)
     shape = (int(rng.integers(1, 3)), *(int(v) for v in rng.integers(1, 15, 3)))
     spacings = [0.5, 0.8, 1.0, 1.5, 3.0, 5.0]
     current = tuple(float(v) for v in rng.choice(spacings, 3))
     new = tuple(float(v) for v in rng.choice(spacings, 3))
-    new_shape = tuple(int(s) for s in nn_compute_new_shape(shape[1:], current, new))
+    new_shape = tuple(int(s) for s in nn.compute_new_shape(shape[1:], current, new))
     if 0 in new_shape:
         new_shape = tuple(max(1, s) for s in new_shape)
     case = Case(
@@ -170,13 +175,13 @@ def test_random_configurations_bit_identical(seed: int) -> None:
         force_separate_z=[None, None, True, False][int(rng.integers(4))], new_shape=new_shape,
         data=["normal", "zero-background", "integers"][int(rng.integers(3))],
     )
-    _, got, expected = run_both(case)
+    _, got, expected = run_both(nn, case)
     assert got.dtype == expected.dtype and got.shape == expected.shape
     assert identical_fraction(got, expected) == 1.0
 
 
 @pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning")
-def test_nan_and_inf_propagate_like_scipy() -> None:
+def test_nan_and_inf_propagate_like_scipy(nn: ModuleType) -> None:
     rng = np.random.default_rng(3)
     for order, order_z, spacing in [(3, 0, (1.0, 1.0, 1.0)), (1, 1, (4.0, 1.0, 1.0)), (3, 3, (4.0, 1.0, 1.0)),
                                     (1, 0, (1.0, 1.0, 4.0)), (0, 0, (4.0, 1.0, 1.0))]:
@@ -186,8 +191,8 @@ def test_nan_and_inf_propagate_like_scipy() -> None:
         data[0, 1, 1, 1] = np.inf
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            expected = resample_data_or_seg_to_shape(data, (10, 7, 12), spacing, (1.0, 1.0, 1.0), False, order,
-                                                     order_z, None)
+            expected = nn.resample_data_or_seg_to_shape(data, (10, 7, 12), spacing, (1.0, 1.0, 1.0), False, order,
+                                                        order_z, None)
         got = resample_to_shape(data, (10, 7, 12), spacing, (1.0, 1.0, 1.0), order=order, order_z=order_z)
         assert identical_fraction(got, expected) == 1.0
 
@@ -216,21 +221,21 @@ def test_input_is_not_modified() -> None:
         ((3, 512, 512), (np.float64(2.5), 0.4883, 0.4883), (np.float64(1.0), 0.8, 0.8)),
     ],
 )
-def test_compute_new_shape_matches_nnunet(old_shape, old_spacing, new_spacing) -> None:
-    expected = tuple(int(v) for v in nn_compute_new_shape(old_shape, old_spacing, new_spacing))
+def test_compute_new_shape_matches_nnunet(nn, old_shape, old_spacing, new_spacing) -> None:
+    expected = tuple(int(v) for v in nn.compute_new_shape(old_shape, old_spacing, new_spacing))
     got = compute_new_shape(old_shape, old_spacing, new_spacing)
     assert got == expected
     assert all(type(v) is int for v in got)
 
 
-def test_determine_separate_z_matches_nnunet() -> None:
+def test_determine_separate_z_matches_nnunet(nn: ModuleType) -> None:
     spacings = [(1.0, 1.0, 1.0), (5.0, 0.8, 0.8), (0.8, 5.0, 0.8), (0.8, 0.8, 5.0), (3.0, 1.0, 1.0),
                 (3.1, 1.0, 1.0), (0.24, 1.25, 1.25), (2.0, 2.0, 0.5), (4.0, 4.0, 4.0), (1.0, 3.0, 2.0)]
     for current in spacings:
         for new in spacings:
             for force in (None, True, False):
                 for threshold in (3.0, 2.0):
-                    expected = determine_do_sep_z_and_axis(force, current, new, threshold)
+                    expected = nn.determine_do_sep_z_and_axis(force, current, new, threshold)
                     got = determine_separate_z(current, new, force_separate_z=force, anisotropy_threshold=threshold)
                     assert got == (bool(expected[0]), None if expected[1] is None else int(expected[1]))
 
