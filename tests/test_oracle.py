@@ -103,11 +103,11 @@ def test_runtime_scores_training_cases_as_calibration_did(ct_pipeline, tmp_path)
 
     calibration = load_bundle(ct_pipeline.ood_onnx).manifest.calibration
     result = run_batch(ct_pipeline.ood_onnx, [ct_pipeline.images], tmp_path / "out")
-    scores = [o.report["score"] for o in result.outcomes]
+    scores = [o.report.score for o in result.outcomes]
     np.testing.assert_allclose(sorted(scores), sorted(calibration.train_scores), rtol=1e-5)
     report = json.loads((tmp_path / "out" / f"{result.outcomes[0].case_id}.json").read_text())
     assert report["ood"] == (report["uncertainty"] > report["threshold"])
-    assert sum(o.report["ood"] for o in result.outcomes) <= 1  # 95 % TPR on 4 training cases
+    assert sum(o.report.ood for o in result.outcomes) <= 1  # 95 % TPR on 4 training cases
     assert report["model_sha256"] == load_bundle(ct_pipeline.ood_onnx).weights_sha256
     assert len(report["top_patches"]) >= 1
     box = report["top_patches"][0]["box_zyx"]
@@ -164,7 +164,8 @@ def test_top_patches_match_an_independent_geometry(kind, request, test_cases, tm
     geometry = nnunet_network_geometry(pipeline.model_dir, files)
     if kind == "ct-thin-padded":
         assert geometry.pad_below[0] == 3 and geometry.shape_preprocessed[0] == 10
-    report = run_batch(pipeline.ood_onnx, files, tmp_path / "out", backend="onnxruntime", qa=False).outcomes[0].report
+    result = run_batch(pipeline.ood_onnx, files, tmp_path / "out", backend="onnxruntime", qa=False)
+    report = result.outcomes[0].report.to_dict()
     assert report["n_patches"] == len(geometry.tiles)
 
     # the per-patch distances of the same bundle (tiles in nnU-Net's order, checked against our own tiling)

@@ -116,7 +116,7 @@ def test_every_training_case_failing_is_an_error(ct_pipeline, tmp_path):
     folder.mkdir()
     (folder / "garbage_0000.nii.gz").write_bytes(b"not an image at all")
     with pytest.raises(CalibrationError, match="every training case failed; nothing to calibrate on"):
-        calibrate(ct_pipeline.features_onnx, [folder], tmp_path / "m.ood.onnx")
+        calibrate(ct_pipeline.features_onnx, [folder], tmp_path / "m.ood.onnx", threshold_rule="paper")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["imagesTr"]
 
 
@@ -135,7 +135,8 @@ def test_fused_head_that_disagrees_with_numpy_is_refused(ct_pipeline, tmp_path, 
     monkeypatch.setattr(module, "fold_mahalanobis_head", skewed_fold)
     with pytest.raises(CalibrationError,
                        match=r"^fused head disagrees with the numpy distance \(max relative error 0\.21\)$"):
-        calibrate(ct_pipeline.features_onnx, [ct_pipeline.images], tmp_path / "m.ood.onnx", score_folds=1, threshold_rule="paper")
+        calibrate(ct_pipeline.features_onnx, [ct_pipeline.images], tmp_path / "m.ood.onnx", score_folds=1,
+                  threshold_rule="paper")
     assert list(tmp_path.iterdir()) == []  # no bundle, no temporary file
 
 
