@@ -37,17 +37,13 @@ LABELS = {"ort-gpu": "ort-gpu backend (onnxruntime CUDA provider, fp32)",
 
 
 def make_gpu_backend(name: str, bundle, *, cache_dir: Path, batch_size: int):
-    """``ort-gpu`` through ``create_backend``; ``tensorrt`` directly, its engine's max batch = ``batch_size`` so
-    every full batch replays the captured CUDA graph. Raises MissingDependencyError / BackendError."""
-    from segsentry.runtime.backends import create_backend
-    from segsentry.runtime.backends.tensorrt import TensorrtBackend
+    """Both through ``create_backend`` with ``max_batch = batch_size``: tensorrt's engine profile, so every full
+    batch replays the captured CUDA graph (ort-gpu ignores it). Raises MissingDependencyError / BackendError."""
+    from segsentry.runtime.backends import BackendOptions, create_backend
 
     m = bundle.manifest
-    if name == "tensorrt":
-        return TensorrtBackend(bundle.model_bytes, channels=m.num_channels, patch_size=m.patch_size,
-                               max_batch=batch_size, cache_dir=cache_dir)
     return create_backend(name, bundle.model_bytes, channels=m.num_channels, patch_size=m.patch_size,
-                          cache_dir=cache_dir)
+                          options=BackendOptions(cache_dir=cache_dir, max_batch=batch_size))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     from segsentry.export import export_nnunet
     from segsentry.phantoms import make_chest_ct
     from segsentry.runtime import load_bundle, read_case
+    from segsentry.runtime.backends import BackendOptions
     from segsentry.runtime.backends.torch import TorchBackend
     from segsentry.runtime.io import CaseInput
     from segsentry.runtime.pipeline import predict_case
@@ -100,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         image, props = SimpleITKIO().read_images([str(case)])
         loaded = read_case(CaseInput("case", (case,)), num_channels=m.num_channels)
         backend = TorchBackend(bundle.model_bytes, manifest=m, channels=m.num_channels, patch_size=m.patch_size,
-                               device="cuda", fp16=True)
+                               options=BackendOptions(precision="fp16"), cuda=True)
         others, setup_seconds, not_measured = {}, {}, {}
         for name in GPU_BACKENDS:
             start = time.perf_counter()

@@ -26,7 +26,7 @@ import numpy as np
 
 from segsentry.contract import Output
 from segsentry.errors import InputError
-from segsentry.runtime.backends import GPU_BACKENDS, create_backend, resolve_backend_name
+from segsentry.runtime.backends import GPU_BACKENDS, BackendOptions, create_backend, resolve_backend_name
 from segsentry.runtime.bundle import Bundle, load_bundle
 
 
@@ -122,9 +122,9 @@ def bench_backend(
         head_session = ort.InferenceSession(head, providers=["CPUExecutionProvider"])
         head_input = head_session.get_inputs()[0].name  # the features tensor
     with create_backend(name, bundle.model_bytes, channels=m.num_channels, patch_size=m.patch_size,
-                        threads=threads, manifest=m, cache_dir=bundle.path) as full, \
-            create_backend(name, plain, channels=m.num_channels, patch_size=m.patch_size, threads=threads,
-                           manifest=m) as bare:
+                        options=BackendOptions(threads=threads, cache_dir=bundle.path), manifest=m) as full, \
+            create_backend(name, plain, channels=m.num_channels, patch_size=m.patch_size,
+                           options=BackendOptions(threads=threads), manifest=m) as bare:
         for n in batch_sizes:
             batch = rng.standard_normal((n, m.num_channels, *m.patch_size)).astype(np.float32)
             with_head = _timed(lambda b=batch: full.run(b), warmup=warmup, repeats=repeats)
@@ -175,7 +175,7 @@ def bench_volume(bundle: Bundle, backend: str, volume: Path, *, threads: int | N
     with tempfile.TemporaryDirectory(prefix="segsentry-bench-") as tmp:
         start = time.perf_counter()
         with create_backend(backend, bundle.model_bytes, channels=m.num_channels, patch_size=m.patch_size,
-                            threads=threads, manifest=m, cache_dir=bundle.path) as engine:
+                            options=BackendOptions(threads=threads, cache_dir=bundle.path), manifest=m) as engine:
             case_start = t0 = time.perf_counter()
             loaded = read_case(case, num_channels=m.num_channels)
             stages = {"read": time.perf_counter() - t0}

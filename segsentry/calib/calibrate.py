@@ -28,7 +28,7 @@ from segsentry.calib.head import fold_mahalanobis_head
 from segsentry.contract import Aggregation, Estimator, FeatureNorm, Output, ThresholdRule
 from segsentry.errors import BundleError, CalibrationError, SegsentryError
 from segsentry.manifest import Calibration, Manifest, write_manifest
-from segsentry.runtime.backends import create_backend
+from segsentry.runtime.backends import BackendOptions, create_backend
 from segsentry.runtime.bundle import load_bundle
 from segsentry.runtime.backends.base import Backend
 from segsentry.runtime.guard import ContentStats, content_stats, input_range
@@ -151,7 +151,7 @@ def calibrate(
     patches: list[_CasePatches] = []
     with FeatureStore(directory=workdir) as store, create_backend(
         backend, bundle.model_bytes, channels=manifest.num_channels,
-        patch_size=manifest.patch_size, threads=threads, manifest=manifest,
+        patch_size=manifest.patch_size, options=BackendOptions(threads=threads), manifest=manifest,
     ) as engine:
         content: list[ContentStats] = []
         for case, inference in _features_per_case(cases, engine, manifest, batch_size, failed, on_case, "training",

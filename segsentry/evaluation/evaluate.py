@@ -42,7 +42,7 @@ from segsentry.evaluation.metrics import (
     tpr95_threshold,
 )
 from segsentry.manifest import Manifest
-from segsentry.runtime.backends import create_backend
+from segsentry.runtime.backends import BackendOptions, create_backend
 from segsentry.runtime.batch import run_batch
 from segsentry.runtime.bundle import Bundle, load_bundle
 from segsentry.runtime.io import CaseInput, read_case
@@ -137,11 +137,11 @@ def _sampling_engines(bundle: Bundle, *, tta: bool, mc_variant: bytes | None, mc
     engines: dict[str, tuple[object, Sampler]] = {}
     if tta:
         engine = create_backend(backend, bundle.model_bytes, channels=m.num_channels, patch_size=m.patch_size,
-                                threads=threads, manifest=m)
+                                options=BackendOptions(threads=threads), manifest=m)
         engines["tta"] = (engine, lambda files, e=engine: tta_uncertainty(files, bundle, e))
     if mc_variant is not None:
         engine = create_backend("onnxruntime", mc_variant, channels=m.num_channels, patch_size=m.patch_size,
-                                threads=threads)
+                                options=BackendOptions(threads=threads))
         engines["mc_dropout"] = (engine, lambda files, e=engine: mc_dropout_uncertainty(
             files, bundle, e, passes=mc_passes))
     return engines

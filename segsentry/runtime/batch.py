@@ -16,7 +16,7 @@ from pathlib import Path
 
 from segsentry._atomic import write_text_atomic
 from segsentry.errors import SegsentryError
-from segsentry.runtime.backends import create_backend, resolve_backend_name
+from segsentry.runtime.backends import BackendOptions, create_backend, resolve_backend_name
 from segsentry.runtime.bundle import Bundle, load_bundle
 from segsentry.runtime.io import CaseInput, collect_cases, guard_outputs, read_case, write_image
 from segsentry.runtime.pipeline import predict_case
@@ -94,8 +94,9 @@ def run_batch(
     output_dir.mkdir(parents=True, exist_ok=True)
     outcomes: list[CaseOutcome] = []
     with create_backend(backend_name, bundle.model_bytes, channels=manifest.num_channels,
-                        patch_size=manifest.patch_size, threads=threads, manifest=manifest,
-                        cache_dir=bundle.path, low_memory=low_memory) as engine:  # TensorRT caches its engine beside the bundle
+                        patch_size=manifest.patch_size, manifest=manifest,
+                        options=BackendOptions(threads=threads, low_memory=low_memory, cache_dir=bundle.path),
+                        ) as engine:  # TensorRT caches its engine beside the bundle
         # the engine holds its own copy of the graph: drop ours (the weights' size: 123 MB for a fullres net)
         bundle = replace(bundle, model_bytes=b"")
         for case in cases:

@@ -27,6 +27,10 @@ from segsentry.runtime import backends
 from segsentry.runtime.backends import (
     AUTO_ORDER,
     AVAILABLE,
+    BACKENDS,
+    GPU_BACKENDS,
+    BackendBase,
+    BackendOptions,
     create_backend,
     resolve_auto,
     resolve_backend_name,
@@ -95,7 +99,8 @@ def test_openvino_throughput_hint_and_thread_limit(ct_pipeline):
     from segsentry.runtime.backends.openvino import OpenvinoBackend
 
     with _engine("onnxruntime", bundle) as ref, OpenvinoBackend(
-        bundle.model_bytes, channels=m.num_channels, patch_size=m.patch_size, threads=1, performance_hint="throughput"
+        bundle.model_bytes, channels=m.num_channels, patch_size=m.patch_size, options=BackendOptions(threads=1),
+        performance_hint="throughput",
     ) as ov:
         assert_outputs_match(ov.run(batch), ref.run(batch), where="openvino/throughput")
     with pytest.raises(BackendError, match="performance hint"):
@@ -130,7 +135,7 @@ def test_onnxruntime_low_memory_turns_the_arena_off_and_changes_no_output(ct_pip
     batch = np.random.default_rng(4).normal(size=(2, m.num_channels, *m.patch_size)).astype(np.float32)
     with create_backend("onnxruntime", bundle.model_bytes, channels=m.num_channels, patch_size=m.patch_size) as fast, \
             create_backend("onnxruntime", bundle.model_bytes, channels=m.num_channels, patch_size=m.patch_size,
-                           low_memory=True) as lean:
+                           options=BackendOptions(low_memory=True)) as lean:
         assert fast.session.get_session_options().enable_cpu_mem_arena is True
         assert lean.session.get_session_options().enable_cpu_mem_arena is False
         a, b = fast.run(batch), lean.run(batch)
@@ -304,6 +309,67 @@ def test_available_names():
     assert AUTO_ORDER == ("tensorrt", "ort-gpu", "openvino", "onnxruntime")
 
 
+def test_registry_is_the_one_table():
+    """AVAILABLE and GPU_BACKENDS are read off BACKENDS; every entry names a real class of its module."""
+    import importlib
+
+    assert AVAILABLE == tuple(BACKENDS)
+    assert GPU_BACKENDS == ("tensorrt", "ort-gpu")
+    assert {name for name, spec in BACKENDS.items() if spec.gpu} == set(GPU_BACKENDS)
+    assert {name for name, spec in BACKENDS.items() if spec.needs_manifest} == {"torch"}
+    assert {name: spec.extra for name, spec in BACKENDS.items()} == {
+        "onnxruntime": None, "openvino": "openvino", "torch": "export", "ort-gpu": "gpu", "tensorrt": "trt"}
+    for name, spec in BACKENDS.items():
+        if name == "torch":
+            _requires("torch")  # its module lives in segsentry.export, which needs torch
+        backend_class = getattr(importlib.import_module(spec.module), spec.class_name)
+        assert backend_class.name == name and issubclass(backend_class, BackendBase)
+
+
+# -- options -----------------------------------------------------------------------------------------------
+
+def test_backend_options_defaults_and_checks(tmp_path):
+    options = BackendOptions()
+    assert (options.threads, options.low_memory, options.cache_dir, options.device, options.precision,
+            options.max_batch) == (None, False, None, 0, None, None)
+    assert options.precision_or("fp16") == "fp16" and BackendOptions(precision="fp32").precision_or("fp16") == "fp32"
+    assert BackendOptions(cache_dir=str(tmp_path)).cache_dir == tmp_path  # a str path becomes a Path
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.threads = 2  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        BackendOptions(2)  # type: ignore[misc]  # keyword-only
+    for bad, match in [({"threads": 0}, "threads must be a positive number"),
+                       ({"threads": True}, "threads must be a positive number"),
+                       ({"device": -1}, "CUDA device must be an index"),
+                       ({"device": "cuda"}, "CUDA device must be an index"),
+                       ({"precision": "int8"}, "precision must be one of fp32, fp16"),
+                       ({"max_batch": 0}, "max batch must be at least 1")]:
+        with pytest.raises(BackendError, match=match):
+            BackendOptions(**bad)
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_cpu_backends_refuse_fp16(backend, ct_pipeline):
+    """fp16 on a CPU engine would silently run float32: refused, with the backends that can do it named."""
+    _requires(backend)
+    bundle = load_bundle(ct_pipeline.ood_onnx)
+    with pytest.raises(BackendError, match=f"the {backend} backend runs the float32 graph only.*tensorrt or ort-gpu"):
+        _engine(backend, bundle, options=BackendOptions(precision="fp16"))
+    with _engine(backend, bundle, options=BackendOptions(precision="fp32")) as engine:
+        assert engine.options.precision == "fp32"
+
+
+def test_create_backend_hands_the_options_over(ct_pipeline):
+    bundle = load_bundle(ct_pipeline.ood_onnx)
+    options = BackendOptions(threads=1, low_memory=True, cache_dir=ct_pipeline.ood_onnx, max_batch=2)
+    with _engine("onnxruntime", bundle, options=options) as engine:  # cache_dir, max_batch: ignored on the CPU
+        assert engine.options is options
+        session = engine.session.get_session_options()
+        assert session.intra_op_num_threads == 1 and session.enable_cpu_mem_arena is False
+    with _engine("onnxruntime", bundle) as engine:
+        assert engine.options == BackendOptions()
+
+
 @pytest.mark.parametrize("name,extra,package", [("tensorrt", "trt", "tensorrt"), ("trt", "trt", "tensorrt"),
                                                 ("ort-gpu", "gpu", "onnxruntime-gpu")])
 def test_gpu_backend_without_its_package_names_the_extra(name, extra, package, ct_pipeline, monkeypatch):
@@ -412,4 +478,5 @@ def test_torch_fp16_is_cuda_only(ct_pipeline):
     bundle = load_bundle(ct_pipeline.ood_onnx)
     m = bundle.manifest
     with pytest.raises(BackendError, match="fp16 autocast is supported on CUDA only"):
-        TorchBackend(bundle.model_bytes, manifest=m, channels=m.num_channels, patch_size=m.patch_size, fp16=True)
+        TorchBackend(bundle.model_bytes, manifest=m, channels=m.num_channels, patch_size=m.patch_size,
+                     options=BackendOptions(precision="fp16"))

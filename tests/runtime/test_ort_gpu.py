@@ -19,7 +19,7 @@ import onnxruntime
 import pytest
 
 from segsentry.errors import BackendError, MissingDependencyError
-from segsentry.runtime.backends import create_backend, cuda_device_count
+from segsentry.runtime.backends import BackendOptions, create_backend, cuda_device_count
 from segsentry.runtime.backends.fp16 import mixed_fp16_bytes
 from segsentry.runtime.backends.ort_gpu import (
     CUDA_EP,
@@ -34,9 +34,10 @@ REAL_SESSION = onnxruntime.InferenceSession
 TOLERANCES = {"fp32": (1e-3, 1e-3), "fp16": (2e-2, 1e-2)}  # (logits/features of scale, distance rtol)
 
 
-def _gpu(bundle, **kwargs) -> OrtGpuBackend:
+def _gpu(bundle, *, use_trt_ep: bool = False, **options) -> OrtGpuBackend:
     m = bundle.manifest
-    return OrtGpuBackend(bundle.model_bytes, channels=m.num_channels, patch_size=m.patch_size, **kwargs)
+    return OrtGpuBackend(bundle.model_bytes, channels=m.num_channels, patch_size=m.patch_size,
+                         options=BackendOptions(**options), use_trt_ep=use_trt_ep)
 
 
 def _batch(bundle, n: int, seed: int = 5) -> np.ndarray:
@@ -95,7 +96,7 @@ def test_a_session_that_lost_cuda_is_refused_not_run_on_the_cpu(precision, ct_pi
     SessionWithoutCuda.created.clear()
     bundle = load_bundle(ct_pipeline.ood_onnx)
     with pytest.raises(BackendError, match="could not start CUDAExecutionProvider.*Not falling back to the CPU"):
-        _gpu(bundle, precision=precision, device_id=1)
+        _gpu(bundle, precision=precision, device=1)
     (asked,) = SessionWithoutCuda.created
     assert [name for name, _ in asked["providers"]] == [CUDA_EP]  # the CPU provider is never requested
     assert asked["providers"][0][1]["device_id"] == 1
@@ -104,7 +105,7 @@ def test_a_session_that_lost_cuda_is_refused_not_run_on_the_cpu(precision, ct_pi
 
 
 def test_precision_is_checked(ct_pipeline):
-    with pytest.raises(BackendError, match="precision must be 'fp32' or 'fp16'"):
+    with pytest.raises(BackendError, match="precision must be one of fp32, fp16"):
         _gpu(load_bundle(ct_pipeline.ood_onnx), precision="int8")  # type: ignore[arg-type]
 
 

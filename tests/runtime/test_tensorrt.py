@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from segsentry.errors import BackendError, MissingDependencyError
-from segsentry.runtime.backends import create_backend, cuda_device_count
+from segsentry.runtime.backends import BackendOptions, create_backend, cuda_device_count
 from segsentry.runtime.backends.tensorrt import (
     TensorrtBackend,
     cuda_device_name,
@@ -36,9 +36,10 @@ TOLERANCES = {"fp32": (1e-3, 1e-3), "fp16": (2e-2, 1e-2)}  # (logits/features of
 CUDA_MODULES = ("cuda", "cuda.bindings", "cuda.bindings.runtime", "cuda.cudart")
 
 
-def _create(bundle, name="tensorrt", **kwargs):
+def _create(bundle, name="tensorrt", **options):
     m = bundle.manifest
-    return create_backend(name, bundle.model_bytes, channels=m.num_channels, patch_size=m.patch_size, **kwargs)
+    return create_backend(name, bundle.model_bytes, channels=m.num_channels, patch_size=m.patch_size,
+                          options=BackendOptions(**options))
 
 
 # -- the engine cache key ----------------------------------------------------------------------------------------
@@ -166,9 +167,10 @@ def _assert_close(got, ref, precision, where):
             assert float(np.max(np.abs(got[name] - expected))) <= logit_tol * scale, (where, name)
 
 
-def _trt(bundle, **kwargs) -> TensorrtBackend:
+def _trt(bundle, *, cuda_graph: bool = True, **options) -> TensorrtBackend:
     m = bundle.manifest
-    return TensorrtBackend(bundle.model_bytes, channels=m.num_channels, patch_size=m.patch_size, **kwargs)
+    return TensorrtBackend(bundle.model_bytes, channels=m.num_channels, patch_size=m.patch_size,
+                           options=BackendOptions(**options), cuda_graph=cuda_graph)
 
 
 @pytest.mark.trt
@@ -228,7 +230,8 @@ def test_fp16_engine_keeps_distances_beyond_fp16_range(ct_pipeline, trt_ready):
     m = load_bundle(ct_pipeline.ood_onnx).manifest
     batch = _batch(load_bundle(ct_pipeline.ood_onnx), 2)
     with create_backend("onnxruntime", data, channels=m.num_channels, patch_size=m.patch_size) as cpu, \
-            TensorrtBackend(data, channels=m.num_channels, patch_size=m.patch_size, precision="fp16") as trt:
+            TensorrtBackend(data, channels=m.num_channels, patch_size=m.patch_size,
+                            options=BackendOptions(precision="fp16")) as trt:
         ref = cpu.run(batch)
         assert ref["distance"].min() > 65504
         _assert_close(trt.run(batch), ref, "fp16", "scaled head")

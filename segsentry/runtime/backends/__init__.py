@@ -20,26 +20,47 @@ import importlib
 import logging
 import os
 from collections.abc import Sequence
-from pathlib import Path
+from dataclasses import dataclass
 
 from segsentry.errors import BackendError
 from segsentry.manifest import Manifest
 from segsentry.runtime.backends.base import Backend, BackendBase, check_batch
+from segsentry.runtime.backends.options import PRECISIONS, BackendOptions, Precision
 
 log = logging.getLogger(__name__)
 
-AVAILABLE = ("onnxruntime", "openvino", "torch", "ort-gpu", "tensorrt")
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """Where a backend lives: imported lazily, only when :func:`create_backend` is asked for it.
+
+    Attributes:
+        module: the dotted module that defines the backend class (one file per backend).
+        class_name: the backend class in ``module``.
+        extra: the pip extra that installs the engine (``None``: a core dependency).
+        gpu: runs on an NVIDIA CUDA GPU (``auto`` tries it only when the driver reports a device).
+        needs_manifest: the class takes the bundle manifest (``manifest=``) as well as the bundle bytes.
+    """
+
+    module: str
+    class_name: str
+    extra: str | None
+    gpu: bool = False
+    needs_manifest: bool = False
+
+
+BACKENDS: dict[str, BackendSpec] = {  # backend name -> where it lives; the order is AVAILABLE's
+    "onnxruntime": BackendSpec("segsentry.runtime.backends.onnxruntime", "OnnxruntimeBackend", None),
+    "openvino": BackendSpec("segsentry.runtime.backends.openvino", "OpenvinoBackend", "openvino"),
+    "torch": BackendSpec("segsentry.runtime.backends.torch", "TorchBackend", "export", needs_manifest=True),
+    "ort-gpu": BackendSpec("segsentry.runtime.backends.ort_gpu", "OrtGpuBackend", "gpu", gpu=True),
+    "tensorrt": BackendSpec("segsentry.runtime.backends.tensorrt", "TensorrtBackend", "trt", gpu=True),
+}
+AVAILABLE = tuple(BACKENDS)
 ALIASES = {"ort": "onnxruntime", "cpu": "onnxruntime", "ov": "openvino", "pytorch": "torch",
            "onnxruntime-gpu": "ort-gpu", "trt": "tensorrt"}
 AUTO_ORDER = ("tensorrt", "ort-gpu", "openvino", "onnxruntime")  # what ``auto`` tries, best first
-GPU_BACKENDS = ("tensorrt", "ort-gpu")
-_IMPLEMENTATIONS = {  # backend name -> (module in this package, class): one file per backend, imported lazily
-    "onnxruntime": ("onnxruntime", "OnnxruntimeBackend"),
-    "openvino": ("openvino", "OpenvinoBackend"),
-    "torch": ("torch", "TorchBackend"),
-    "ort-gpu": ("ort_gpu", "OrtGpuBackend"),
-    "tensorrt": ("tensorrt", "TensorrtBackend"),
-}  # tried by ``auto`` only when a CUDA device is present
+GPU_BACKENDS = tuple(name for name in AUTO_ORDER if BACKENDS[name].gpu)  # ("tensorrt", "ort-gpu")
 _DRIVER_LIBRARIES = ("nvcuda.dll",) if os.name == "nt" else ("libcuda.so.1", "libcuda.so")
 
 
@@ -118,36 +139,30 @@ def create_backend(
     channels: int,
     patch_size: Sequence[int],
     input_name: str = "image",
-    threads: int | None = None,
+    options: BackendOptions | None = None,
     manifest: Manifest | None = None,
-    cache_dir: Path | None = None,
-    low_memory: bool = False,
 ) -> Backend:
     """Create the backend ``name`` (resolved with :func:`resolve_backend_name`) for the bundle bytes ``model``.
 
-    Every backend runs ``(n, channels, *patch_size)`` float32 batches. ``manifest`` is the bundle's manifest;
-    the ``torch`` backend requires it (it rebuilds the network from ``manifest.source``), the others ignore it.
-    ``low_memory`` trades speed for peak memory where the engine has such a switch (``onnxruntime``: no CPU
-    memory arena; the other backends ignore it). ``cache_dir`` is where ``tensorrt`` caches its engine (``None``: built in memory on every creation) and
-    ``ort-gpu`` its TensorRT-provider engines; the CPU backends ignore it. The GPU backends run at their
-    default precision (``ort-gpu`` float32, ``tensorrt`` FP16 with an FP32 head); construct
-    :class:`~segsentry.runtime.backends.tensorrt.TensorrtBackend` or
-    :class:`~segsentry.runtime.backends.ort_gpu.OrtGpuBackend` directly for other settings.
-    A backend whose package is missing raises :class:`~segsentry.errors.MissingDependencyError`; a GPU backend
-    on a machine without a usable CUDA GPU raises :class:`~segsentry.errors.BackendError`.
+    Every backend runs ``(n, channels, *patch_size)`` float32 batches. ``options`` (default
+    ``BackendOptions()``) are the engine settings; what each backend does with each of them is listed in
+    :mod:`segsentry.runtime.backends.options` (e.g. ``cache_dir`` is where ``tensorrt`` caches its engine and
+    ``ort-gpu`` its TensorRT-provider engines; the CPU backends ignore it). ``manifest`` is the bundle's
+    manifest; the ``torch`` backend requires it (it rebuilds the network from ``manifest.source``), the others
+    are not given it. Backend-specific keywords (OpenVINO's performance hint, TensorRT's CUDA graph switch,
+    ort-gpu's TensorRT provider) are reached by constructing the class of :data:`BACKENDS` directly.
+    The backend's module is imported here, on first use. A backend whose package is missing raises
+    :class:`~segsentry.errors.MissingDependencyError`; a GPU backend on a machine without a usable CUDA GPU
+    raises :class:`~segsentry.errors.BackendError`.
     """
     key = resolve_backend_name(name)
-    module, cls = _IMPLEMENTATIONS[key]
-    specific = {  # the keywords each backend takes besides the common ones
-        "onnxruntime": {"threads": threads, "low_memory": low_memory},
-        "openvino": {"threads": threads},
-        "torch": {"threads": threads, "manifest": manifest},
-        "ort-gpu": {"threads": threads, "cache_dir": cache_dir},
-        "tensorrt": {"cache_dir": cache_dir},
-    }[key]
-    backend_class = getattr(importlib.import_module(f"segsentry.runtime.backends.{module}"), cls)
-    return backend_class(model, channels=channels, patch_size=patch_size, input_name=input_name, **specific)
+    spec = BACKENDS[key]
+    backend_class = getattr(importlib.import_module(spec.module), spec.class_name)
+    specific = {"manifest": manifest} if spec.needs_manifest else {}
+    return backend_class(model, channels=channels, patch_size=patch_size, input_name=input_name,
+                         options=BackendOptions() if options is None else options, **specific)
 
 
-__all__ = ["AUTO_ORDER", "AVAILABLE", "GPU_BACKENDS", "Backend", "BackendBase", "check_batch", "create_backend",
-           "cuda_device_count", "resolve_auto", "resolve_backend_name"]
+__all__ = ["AUTO_ORDER", "AVAILABLE", "BACKENDS", "GPU_BACKENDS", "PRECISIONS", "Backend", "BackendBase",
+           "BackendOptions", "BackendSpec", "Precision", "check_batch", "create_backend", "cuda_device_count",
+           "resolve_auto", "resolve_backend_name"]

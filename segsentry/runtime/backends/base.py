@@ -1,7 +1,9 @@
 """The backend protocol (after Polygraphy's runners): ``run(batch) -> outputs``, context-managed.
 
 A backend wraps one inference engine for one bundle. Input checks live here, in one place, so every
-backend validates batches the same way.
+backend validates batches the same way. Every backend class takes ``(model, *, channels, patch_size,
+input_name, options)`` with one :class:`~segsentry.runtime.backends.options.BackendOptions`, plus the few
+keywords only that engine has.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from segsentry.errors import BackendError, MissingDependencyError
+from segsentry.runtime.backends.options import BackendOptions
 
 
 @runtime_checkable
@@ -54,13 +57,17 @@ def import_optional(module: str, *, package: str, extra: str, purpose: str) -> M
 
 
 class BackendBase:
-    """Shared context-manager plumbing; subclasses implement ``_run`` and optionally ``close``."""
+    """Shared context-manager plumbing; subclasses implement ``_run`` and optionally ``close``.
+
+    ``options`` is kept as given (``self.options``) so a caller can see what the engine was created with.
+    """
 
     name = "base"
 
-    def __init__(self, *, channels: int, patch_size: Sequence[int]) -> None:
+    def __init__(self, *, channels: int, patch_size: Sequence[int], options: BackendOptions) -> None:
         self.channels = channels
         self.patch_size = tuple(int(p) for p in patch_size)
+        self.options = options
 
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         return self._run(check_batch(batch, channels=self.channels, patch_size=self.patch_size))

@@ -17,6 +17,7 @@ import numpy as np
 
 from segsentry.errors import BackendError, first_line
 from segsentry.runtime.backends.base import BackendBase
+from segsentry.runtime.backends.options import BackendOptions
 
 
 def session_options(ort: ModuleType, *, threads: int | None, low_memory: bool = False) -> Any:
@@ -44,16 +45,17 @@ class OnnxruntimeBackend(BackendBase):
         channels: int,
         patch_size: Sequence[int],
         input_name: str = "image",
-        threads: int | None = None,
-        low_memory: bool = False,
+        options: BackendOptions = BackendOptions(),
     ) -> None:
-        super().__init__(channels=channels, patch_size=patch_size)
+        """Uses ``options.threads`` and ``options.low_memory``; refuses ``precision="fp16"``; ignores the rest."""
+        super().__init__(channels=channels, patch_size=patch_size, options=options)
+        options.require_fp32(self.name)
         import onnxruntime as ort
 
-        self.low_memory = low_memory
-        options = session_options(ort, threads=threads, low_memory=low_memory)
+        self.low_memory = options.low_memory
+        session = session_options(ort, threads=options.threads, low_memory=options.low_memory)
         try:
-            self.session = ort.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(model, sess_options=session, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own exception types
             raise BackendError(f"onnxruntime cannot load the bundle: {first_line(exc)}") from exc
         self.input_name = input_name

@@ -20,12 +20,12 @@ import numpy as np
 from segsentry import _onnx_wire
 from segsentry.errors import BackendError, first_line
 from segsentry.runtime.backends.base import BackendBase, import_optional
+from segsentry.runtime.backends.options import BackendOptions
 
 log = logging.getLogger(__name__)
 
 PerformanceHint = Literal["latency", "throughput"]
 DEVICE = "CPU"
-
 
 
 def _read_model(core: Any, model: bytes) -> Any:
@@ -62,10 +62,14 @@ class OpenvinoBackend(BackendBase):
         channels: int,
         patch_size: Sequence[int],
         input_name: str = "image",
-        threads: int | None = None,
+        options: BackendOptions = BackendOptions(),
         performance_hint: PerformanceHint = "latency",
     ) -> None:
-        super().__init__(channels=channels, patch_size=patch_size)
+        """Uses ``options.threads``; refuses ``precision="fp16"``; ignores the rest. ``performance_hint``
+        (``"latency"`` or ``"throughput"``) is OpenVINO's own setting."""
+        super().__init__(channels=channels, patch_size=patch_size, options=options)
+        options.require_fp32(self.name)
+        threads = options.threads
         if performance_hint not in ("latency", "throughput"):
             raise BackendError(f"OpenVINO performance hint must be 'latency' or 'throughput', got {performance_hint!r}")
         ov = import_optional("openvino", package="openvino", extra="openvino", purpose="The OpenVINO backend")

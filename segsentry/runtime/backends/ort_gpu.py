@@ -26,17 +26,17 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
 from segsentry.errors import BackendError, MissingDependencyError, first_line
 from segsentry.runtime.backends.base import BackendBase, import_optional
 from segsentry.runtime.backends.onnxruntime import session_options
+from segsentry.runtime.backends.options import BackendOptions, Precision
 
 log = logging.getLogger(__name__)
 
-Precision = Literal["fp32", "fp16"]
 CUDA_EP = "CUDAExecutionProvider"
 TRT_EP = "TensorrtExecutionProvider"
 PURPOSE = ("The ort-gpu backend (onnxruntime's CUDA execution provider, on an NVIDIA CUDA GPU; onnxruntime-gpu "
@@ -114,15 +114,14 @@ class OrtGpuBackend(BackendBase):
         channels: int,
         patch_size: Sequence[int],
         input_name: str = "image",
-        threads: int | None = None,
-        device_id: int = 0,
-        precision: Precision = "fp32",
+        options: BackendOptions = BackendOptions(),
         use_trt_ep: bool = False,
-        cache_dir: Path | None = None,
     ) -> None:
-        super().__init__(channels=channels, patch_size=patch_size)
-        if precision not in ("fp32", "fp16"):
-            raise BackendError(f"ort-gpu precision must be 'fp32' or 'fp16', got {precision!r}")
+        """Uses ``options.threads``, ``device``, ``precision`` (default ``fp32``) and, with ``use_trt_ep``,
+        ``cache_dir``; ignores ``low_memory`` and ``max_batch``."""
+        super().__init__(channels=channels, patch_size=patch_size, options=options)
+        threads, device_id, cache_dir = options.threads, options.device, options.cache_dir
+        precision = options.precision_or("fp32")
         ort = import_optional("onnxruntime", package="onnxruntime-gpu", extra="gpu", purpose=PURPOSE)
         available = ort.get_available_providers()
         if CUDA_EP not in available:

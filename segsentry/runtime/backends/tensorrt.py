@@ -35,7 +35,7 @@ import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
@@ -44,11 +44,10 @@ from segsentry._atomic import write_bytes_atomic
 from segsentry.errors import BackendError, MissingDependencyError
 from segsentry.manifest import weights_sha256
 from segsentry.runtime.backends.base import BackendBase, import_optional
+from segsentry.runtime.backends.options import PRECISIONS, BackendOptions
 
 log = logging.getLogger(__name__)
 
-Precision = Literal["fp32", "fp16"]
-PRECISIONS = ("fp32", "fp16")
 PURPOSE = "The tensorrt backend"
 DEFAULT_MAX_BATCH = 4
 
@@ -187,10 +186,11 @@ class TensorrtBackend(BackendBase):
 
     Args:
         model: the bundle bytes (float32 ONNX with its manifest).
-        precision: ``"fp16"`` (default; FP32 normalisations and head) or ``"fp32"``.
-        max_batch: the largest batch of the engine's optimization profile; larger batches run in chunks.
-        cache_dir: folder (or bundle ``*.onnx`` path) for the engine cache; ``None`` builds in memory.
-        device_id: the CUDA device (the calling thread's current device is set to it).
+        options: ``precision`` ``"fp16"`` (default; FP32 normalisations and head) or ``"fp32"``; ``max_batch``
+            the largest batch of the engine's optimization profile (default 4; larger batches run in chunks);
+            ``cache_dir`` folder (or bundle ``*.onnx`` path) for the engine cache (``None`` builds in memory);
+            ``device`` the CUDA device (the calling thread's current device is set to it). ``threads`` and
+            ``low_memory`` are ignored.
         cuda_graph: capture ``execute_async_v3`` for ``max_batch`` into a CUDA graph (fallback: plain calls).
         workspace_bytes: TensorRT workspace pool limit (default: TensorRT's).
     """
@@ -204,18 +204,14 @@ class TensorrtBackend(BackendBase):
         channels: int,
         patch_size: Sequence[int],
         input_name: str = "image",
-        precision: Precision = "fp16",
-        max_batch: int = DEFAULT_MAX_BATCH,
-        cache_dir: Path | None = None,
-        device_id: int = 0,
+        options: BackendOptions = BackendOptions(),
         cuda_graph: bool = True,
         workspace_bytes: int | None = None,
     ) -> None:
-        super().__init__(channels=channels, patch_size=patch_size)
-        if precision not in PRECISIONS:
-            raise BackendError(f"TensorRT precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-        if max_batch < 1:
-            raise BackendError(f"TensorRT max batch must be at least 1, got {max_batch}")
+        super().__init__(channels=channels, patch_size=patch_size, options=options)
+        precision = options.precision_or("fp16")
+        max_batch = DEFAULT_MAX_BATCH if options.max_batch is None else options.max_batch
+        cache_dir, device_id = options.cache_dir, options.device
         self._buffers: list[tuple[str, Any]] = []  # (kind, pointer) freed by close()
         self._graph_exec: Any = None
         self._graph: Any = None

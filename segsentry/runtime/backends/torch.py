@@ -10,7 +10,8 @@ Mahalanobis head is applied in torch from the bundle's own ``ood_head/*`` initia
     distance = sum((delta @ components_t) ** 2, 1) [+ complement_scale * sum((delta - (delta @ V) @ V^T) ** 2, 1)]
 
 So this backend only works on a machine that holds the model folder. It runs eager, under
-``torch.inference_mode()``, on ``device`` (default ``"cpu"``), with optional fp16 autocast on CUDA only.
+``torch.inference_mode()``, on the CPU (or a CUDA device with ``cuda=True``), with optional fp16 autocast on
+CUDA only.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import numpy as np
 from segsentry.errors import BackendError, ModelFolderError, first_line
 from segsentry.manifest import Manifest
 from segsentry.runtime.backends.base import BackendBase, import_optional
+from segsentry.runtime.backends.options import BackendOptions
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +79,10 @@ class TorchBackend(BackendBase):
     bundle's ONNX output names: ``logits`` ``(n, classes, *patch_size)``, ``distance`` ``(n,)`` when the
     bundle is calibrated, ``features`` ``(n, D)`` when the manifest lists that output.
 
-    ``threads`` calls ``torch.set_num_threads`` (process-wide). ``fp16=True`` turns on float16 autocast for
-    the network on CUDA devices only; the head always runs in float32.
+    ``options.threads`` calls ``torch.set_num_threads`` (process-wide). ``cuda=True`` runs on CUDA device
+    ``options.device`` (default: the CPU, and ``device`` is ignored). ``options.precision="fp16"`` turns on
+    float16 autocast for the network, on CUDA only; the head always runs in float32. ``low_memory``,
+    ``cache_dir`` and ``max_batch`` are ignored.
     """
 
     name = "torch"
@@ -91,11 +95,12 @@ class TorchBackend(BackendBase):
         channels: int,
         patch_size: Sequence[int],
         input_name: str = "image",
-        threads: int | None = None,
-        device: str = "cpu",
-        fp16: bool = False,
+        options: BackendOptions = BackendOptions(),
+        cuda: bool = False,
     ) -> None:
-        super().__init__(channels=channels, patch_size=patch_size)
+        super().__init__(channels=channels, patch_size=patch_size, options=options)
+        threads, fp16 = options.threads, options.precision == "fp16"
+        device = f"cuda:{options.device}" if cuda else "cpu"
         if manifest is None:
             raise BackendError("the torch backend needs the bundle manifest (create_backend(..., manifest=...))")
         model_dir = _source_folder(manifest)
