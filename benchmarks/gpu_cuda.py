@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     from segsentry.phantoms import make_chest_ct
     from segsentry.runtime import load_bundle, read_case
     from segsentry.runtime.backends import BackendOptions
-    from segsentry.runtime.backends.torch import TorchBackend
+    from segsentry.export.torch_backend import TorchBackend
     from segsentry.runtime.io import CaseInput
     from segsentry.runtime.pipeline import predict_case
 

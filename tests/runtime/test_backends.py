@@ -473,7 +473,7 @@ def test_torch_refuses_a_changed_checkpoint(ct_pipeline, tmp_path):
 
 def test_torch_fp16_is_cuda_only(ct_pipeline):
     _requires("torch")
-    from segsentry.runtime.backends.torch import TorchBackend
+    from segsentry.export.torch_backend import TorchBackend
 
     bundle = load_bundle(ct_pipeline.ood_onnx)
     m = bundle.manifest

@@ -1,7 +1,9 @@
 """Inference backends behind one protocol; ``create_backend`` picks one by name.
 
 CPU: ``onnxruntime`` (always installed), ``openvino`` (the ``openvino`` extra) and ``torch`` (the reference
-PyTorch network rebuilt from the bundle's nnU-Net model folder, the ``export`` extra). GPU: ``ort-gpu``
+PyTorch network rebuilt from the bundle's nnU-Net model folder, the ``export`` extra; it lives beside the exporter,
+``export/torch_backend.py``, and the runtime never imports the exporter: the registry :data:`BACKENDS` names each
+backend's module, imported only when that backend is created). GPU: ``ort-gpu``
 (onnxruntime's CUDA execution provider, the ``gpu`` extra; float32 by default) and ``tensorrt`` (the ``trt``
 extra; FP16 network with an FP32 Mahalanobis head by default). The GPU backends have not run on GPU hardware
 yet (see their module docstrings for what was run where).
@@ -22,7 +24,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from segsentry.errors import BackendError
+from segsentry.errors import BackendError, MissingDependencyError
 from segsentry.manifest import Manifest
 from segsentry.runtime.backends.base import Backend, BackendBase, check_batch
 from segsentry.runtime.backends.options import PRECISIONS, BackendOptions, Precision
@@ -52,7 +54,7 @@ class BackendSpec:
 BACKENDS: dict[str, BackendSpec] = {  # backend name -> where it lives; the order is AVAILABLE's
     "onnxruntime": BackendSpec("segsentry.runtime.backends.onnxruntime", "OnnxruntimeBackend", None),
     "openvino": BackendSpec("segsentry.runtime.backends.openvino", "OpenvinoBackend", "openvino"),
-    "torch": BackendSpec("segsentry.runtime.backends.torch", "TorchBackend", "export", needs_manifest=True),
+    "torch": BackendSpec("segsentry.export.torch_backend", "TorchBackend", "export", needs_manifest=True),
     "ort-gpu": BackendSpec("segsentry.runtime.backends.ort_gpu", "OrtGpuBackend", "gpu", gpu=True),
     "tensorrt": BackendSpec("segsentry.runtime.backends.tensorrt", "TensorrtBackend", "trt", gpu=True),
 }
@@ -132,6 +134,22 @@ def resolve_backend_name(name: str) -> str:
     raise BackendError(f"unknown backend '{name}'; choose one of: {', '.join((*AVAILABLE, 'auto'))}")
 
 
+def _backend_class(name: str, spec: BackendSpec) -> type:
+    """Import ``spec.module`` and return its backend class. A package the module needs at import time (the
+    exporter's package, home of the torch backend, needs torch) is reported as a :class:`MissingDependencyError`
+    of this backend, naming its extra."""
+    try:
+        module = importlib.import_module(spec.module)
+    except MissingDependencyError as exc:
+        raise MissingDependencyError(exc.package, exc.extra, f"The {name} backend") from exc
+    except ImportError as exc:
+        missing = (exc.name or "").split(".")[0]
+        if spec.extra is None or not missing or missing == "segsentry":
+            raise  # our own module is broken, or a core dependency is missing: not an extra's business
+        raise MissingDependencyError(missing, spec.extra, f"The {name} backend") from exc
+    return getattr(module, spec.class_name)
+
+
 def create_backend(
     name: str,
     model: bytes,
@@ -157,7 +175,7 @@ def create_backend(
     """
     key = resolve_backend_name(name)
     spec = BACKENDS[key]
-    backend_class = getattr(importlib.import_module(spec.module), spec.class_name)
+    backend_class = _backend_class(key, spec)
     specific = {"manifest": manifest} if spec.needs_manifest else {}
     return backend_class(model, channels=channels, patch_size=patch_size, input_name=input_name,
                          options=BackendOptions() if options is None else options, **specific)

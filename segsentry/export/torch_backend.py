@@ -12,6 +12,10 @@ Mahalanobis head is applied in torch from the bundle's own ``ood_head/*`` initia
 So this backend only works on a machine that holds the model folder. It runs eager, under
 ``torch.inference_mode()``, on the CPU (or a CUDA device with ``cuda=True``), with optional fp16 autocast on
 CUDA only.
+
+It lives here, beside the exporter whose model-folder loader and :class:`FeatureTap` it reuses, and is
+registered by name (``torch``) in the runtime's backend table, which imports this module only when the torch
+backend is created: the runtime itself never imports ``segsentry.export``.
 """
 
 from __future__ import annotations
