@@ -235,3 +235,317 @@ def test_fp16_engine_keeps_distances_beyond_fp16_range(ct_pipeline, trt_ready):
         ref = cpu.run(batch)
         assert ref["distance"].min() > 65504
         _assert_close(trt.run(batch), ref, "fp16", "scaled head")
+
+
+# -- the runner and loader against a stand-in TensorRT and cuda-python (runs everywhere) ----------------------------
+#
+# The stand-ins model only what segsentry calls: the builder records what it was asked to build and serializes
+# the bundle's output names; the engine's outputs are the first three input values of each patch times
+# (output index + 1); device and pinned memory are real host memory (ctypes), copies are memmove, and CUDA graph
+# capture records the enqueued work to replay it. They check segsentry's own wiring (loader -> runner, cache,
+# buffers, chunks, CUDA graph, close), not TensorRT's API.
+
+class _FakeCuda:
+    """A stand-in for cuda-python's runtime module, with real host memory behind every pointer."""
+
+    def __init__(self) -> None:
+        self.memory: dict[int, object] = {}
+        self.capturing: list | None = None
+        self.graph_launches = 0
+        self.streams: set[int] = set()
+        self.cudaMemcpyKind = types.SimpleNamespace(cudaMemcpyHostToDevice=1, cudaMemcpyDeviceToHost=2)
+        self.cudaStreamCaptureMode = types.SimpleNamespace(cudaStreamCaptureModeThreadLocal=1)
+        self.cudaStreamNonBlocking = 1
+
+    def _alloc(self, nbytes):
+        import ctypes
+
+        buffer = ctypes.create_string_buffer(int(nbytes))
+        self.memory[ctypes.addressof(buffer)] = buffer
+        return 0, ctypes.addressof(buffer)
+
+    cudaMalloc = cudaMallocHost = _alloc
+
+    def cudaFree(self, pointer):
+        del self.memory[int(pointer)]
+        return (0,)
+
+    cudaFreeHost = cudaFree
+
+    def cudaGetDeviceCount(self):
+        return 0, 1
+
+    def cudaGetErrorString(self, err):
+        return 0, b""
+
+    def cudaGetDeviceProperties(self, device):
+        return 0, types.SimpleNamespace(name=b"Fake GPU\0\0", major=9, minor=0)
+
+    def cudaSetDevice(self, device):
+        return (0,)
+
+    def cudaStreamCreateWithFlags(self, flags):
+        self.streams.add(77)
+        return 0, 77
+
+    def cudaStreamDestroy(self, stream):
+        self.streams.discard(int(stream))
+        return (0,)
+
+    def cudaStreamSynchronize(self, stream):
+        return (0,)
+
+    def cudaMemcpyAsync(self, dst, src, nbytes, kind, stream):
+        import ctypes
+
+        ctypes.memmove(int(dst), int(src), int(nbytes))
+        return (0,)
+
+    def cudaStreamBeginCapture(self, stream, mode):
+        self.capturing = []
+        return (0,)
+
+    def cudaStreamEndCapture(self, stream):
+        graph, self.capturing = self.capturing, None
+        return 0, graph
+
+    def cudaGraphInstantiate(self, graph, flags):
+        return 0, list(graph)
+
+    def cudaGraphLaunch(self, graph_exec, stream):
+        self.graph_launches += 1
+        for work in graph_exec:
+            work()
+        return (0,)
+
+    def cudaGraphExecDestroy(self, graph_exec):
+        return (0,)
+
+    def cudaGraphDestroy(self, graph):
+        return (0,)
+
+    def cudaGetLastError(self):
+        return (0,)
+
+
+def _fake_tensorrt(cuda: _FakeCuda) -> types.ModuleType:
+    """A stand-in for the tensorrt module: builder, parser, runtime, engine and execution context."""
+    import json
+
+    from segsentry import _onnx_wire
+
+    trt = types.ModuleType("tensorrt")
+    trt.__version__ = "10.99.0-fake"
+    trt.builds = []  # one dict per build_serialized_network call
+    trt.NetworkDefinitionCreationFlag = types.SimpleNamespace(STRONGLY_TYPED=0)
+    trt.BuilderFlag = types.SimpleNamespace(TF32="TF32")
+    trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE="WORKSPACE")
+    trt.TensorIOMode = types.SimpleNamespace(INPUT="input", OUTPUT="output")
+    trt.nptype = lambda dtype: np.float32
+
+    class ILogger:
+        Severity = types.SimpleNamespace(INTERNAL_ERROR=0, ERROR=1, WARNING=2, INFO=3, VERBOSE=4)
+
+        def __init__(self) -> None:
+            pass
+
+    class Network:
+        def __init__(self, flags):
+            self.flags, self.inputs, self.outputs, self.parsed = flags, [], [], b""
+
+        @property
+        def num_inputs(self):
+            return len(self.inputs)
+
+        def get_input(self, i):
+            return types.SimpleNamespace(name=self.inputs[i])
+
+    class OnnxParser:
+        num_errors = 0
+
+        def __init__(self, network, logger):
+            self.network = network
+
+        def parse(self, data):
+            self.network.parsed, self.network.inputs = data, ["image"]
+            self.network.outputs = list(_onnx_wire.graph_output_names(data))
+            return True
+
+    class Config:
+        def __init__(self):
+            self.cleared, self.pools, self.profiles = [], {}, []
+
+        def clear_flag(self, flag):
+            self.cleared.append(flag)
+
+        def set_memory_pool_limit(self, pool, size):
+            self.pools[pool] = size
+
+        def add_optimization_profile(self, profile):
+            self.profiles.append(profile)
+
+    class Profile:
+        def set_shape(self, name, low, opt, high):
+            self.shapes = (name, tuple(low), tuple(opt), tuple(high))
+
+    class Builder:
+        def __init__(self, logger):
+            pass
+
+        def create_network(self, flags):
+            return Network(flags)
+
+        def create_builder_config(self):
+            return Config()
+
+        def create_optimization_profile(self):
+            return Profile()
+
+        def build_serialized_network(self, network, config):
+            (profile,) = config.profiles
+            trt.builds.append({"flags": network.flags, "parsed": network.parsed, "cleared": config.cleared,
+                               "pools": dict(config.pools), "profile": profile.shapes})
+            return b"ENGINE" + json.dumps({"outputs": network.outputs, "max_batch": profile.shapes[3][0]}).encode()
+
+    class Context:
+        def __init__(self, engine):
+            self.engine, self.shape, self.addresses = engine, None, {}
+
+        def set_input_shape(self, name, shape):
+            if name != "image" or not 1 <= shape[0] <= self.engine.max_batch:
+                return False
+            self.shape = tuple(shape)
+            return True
+
+        def get_tensor_shape(self, name):
+            return (self.shape[0], 3)
+
+        def set_tensor_address(self, name, pointer):
+            self.addresses[name] = int(pointer)
+            return True
+
+        def _compute(self, shape):
+            import ctypes
+            import math
+
+            def view(name, dims):
+                count = math.prod(dims)
+                return np.ctypeslib.as_array((ctypes.c_float * count).from_address(self.addresses[name])).reshape(dims)
+
+            inputs = view("image", shape).reshape(shape[0], -1)
+            for k, name in enumerate(self.engine.outputs):
+                view(name, (shape[0], 3))[:] = inputs[:, :3] * np.float32(k + 1)
+
+        def execute_async_v3(self, stream):
+            shape = self.shape
+            if cuda.capturing is not None:
+                cuda.capturing.append(lambda: self._compute(shape))
+            else:
+                self._compute(shape)
+            return True
+
+    class Engine:
+        def __init__(self, spec):
+            self.outputs, self.max_batch = spec["outputs"], spec["max_batch"]
+            self.names = ["image", *self.outputs]
+            self.num_io_tensors = len(self.names)
+
+        def get_tensor_name(self, i):
+            return self.names[i]
+
+        def get_tensor_mode(self, name):
+            return trt.TensorIOMode.INPUT if name == "image" else trt.TensorIOMode.OUTPUT
+
+        def get_tensor_dtype(self, name):
+            return "float32"
+
+        def create_execution_context(self):
+            return Context(self)
+
+    class Runtime:
+        def __init__(self, logger):
+            pass
+
+        def deserialize_cuda_engine(self, data):
+            return Engine(json.loads(data[len(b"ENGINE"):])) if data.startswith(b"ENGINE") else None
+
+    trt.ILogger, trt.OnnxParser, trt.Builder, trt.Runtime = ILogger, OnnxParser, Builder, Runtime
+    return trt
+
+
+@pytest.fixture
+def fake_trt(monkeypatch):
+    cuda = _FakeCuda()
+    trt = _fake_tensorrt(cuda)
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    monkeypatch.setitem(sys.modules, "cuda.bindings.runtime", cuda)
+    return trt, cuda
+
+
+def _expected(bundle, batch):
+    from segsentry import _onnx_wire
+
+    names = _onnx_wire.graph_output_names(bundle.model_bytes)
+    flat = batch.reshape(batch.shape[0], -1)[:, :3]
+    return {name: flat * np.float32(k + 1) for k, name in enumerate(names)}
+
+
+def test_stand_in_tensorrt_builds_caches_runs_in_chunks_and_frees(ct_pipeline, fake_trt, tmp_path, caplog):
+    trt, cuda = fake_trt
+    bundle = load_bundle(ct_pipeline.ood_onnx)
+    m = bundle.manifest
+    with caplog.at_level(logging.INFO, logger="segsentry.runtime.backends"):
+        with _create(bundle, precision="fp32", max_batch=2, cache_dir=tmp_path) as first:
+            assert first.name == "tensorrt" and first.precision == "fp32" and first.max_batch == 2
+            assert first.cache_path is not None and first.cache_path.is_file() and first.cache_path.parent == tmp_path
+            assert first.cache_path.name.startswith("segsentry.trt-fp32-b2-")
+            assert first._graph_exec is not None  # captured at max_batch
+            for i, n in enumerate((1, 2, 5, 2)):
+                batch = _batch(bundle, n, seed=i)
+                got = first.run(batch)
+                for name, value in _expected(bundle, batch).items():
+                    np.testing.assert_array_equal(got[name], value, err_msg=f"n={n} {name}")
+            assert cuda.graph_launches == 4  # n=2 twice and the two full chunks of n=5
+            buffers = len(cuda.memory)
+            assert buffers == 2 * (1 + len(first.output_names))  # device + pinned host per tensor
+    (build,) = trt.builds
+    assert build["parsed"] == bundle.model_bytes and build["flags"] == 1 and build["cleared"] == ["TF32"]
+    assert build["profile"] == ("image", (1, m.num_channels, *m.patch_size), (2, m.num_channels, *m.patch_size),
+                                (2, m.num_channels, *m.patch_size))
+    assert build["pools"] == {}
+    assert not cuda.memory and not cuda.streams  # close() freed every buffer and the stream
+    first.close()  # twice is fine
+    with pytest.raises(BackendError, match="was closed"):
+        first.run(_batch(bundle, 1))
+    assert "building the TensorRT engine" in caplog.text and "cached at" in caplog.text
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="segsentry.runtime.backends"):
+        with _create(bundle, precision="fp32", max_batch=2, cache_dir=tmp_path) as second:
+            assert second.cache_path == first.cache_path
+    assert len(trt.builds) == 1 and "loaded from" in caplog.text  # reused, not rebuilt
+    first.cache_path.write_bytes(b"not an engine")
+    with _create(bundle, precision="fp32", max_batch=2, cache_dir=tmp_path):
+        pass
+    assert len(trt.builds) == 2 and first.cache_path.read_bytes().startswith(b"ENGINE")  # rebuilt, overwritten
+
+
+def test_stand_in_tensorrt_defaults_fp16_graph_no_cache_and_no_cuda_graph(ct_pipeline, fake_trt, tmp_path):
+    from segsentry.runtime.backends.fp16 import mixed_fp16_bytes
+
+    trt, cuda = fake_trt
+    bundle = load_bundle(ct_pipeline.ood_onnx)
+    with _create(bundle) as engine:  # defaults: fp16, max batch 4, no cache
+        assert engine.precision == "fp16" and engine.max_batch == 4 and engine.cache_path is None
+    assert trt.builds[-1]["parsed"] == mixed_fp16_bytes(bundle.model_bytes, extra="trt")
+    assert not any(tmp_path.iterdir())
+    batch = _batch(bundle, 3)
+    with _trt(bundle, precision="fp32", max_batch=2, cuda_graph=False) as plain:
+        assert plain._graph_exec is None
+        got = plain.run(batch)
+    for name, value in _expected(bundle, batch).items():
+        np.testing.assert_array_equal(got[name], value)
+    assert cuda.graph_launches == 0 and not cuda.memory
+    with _create(bundle, precision="fp32", cache_dir=tmp_path) as fp32, \
+            _create(bundle, precision="fp16", cache_dir=tmp_path) as fp16:
+        assert fp32.cache_path != fp16.cache_path and fp32.cache_path.parent == fp16.cache_path.parent
