@@ -2,8 +2,9 @@
 
 Run everywhere: :func:`engine_cache_path` (a pure function), the errors for a missing ``tensorrt`` or
 ``cuda-python`` and for a machine without a CUDA GPU (a stand-in ``cudart`` module, and cuda-python's own when
-it is installed). The ``trt`` tests need TensorRT, cuda-python and a CUDA GPU and skip with the reason
-otherwise; they have not run yet (no GPU on the development machine).
+it is installed), and the loader and runner wired together against stand-ins for tensorrt and cuda-python
+(build, cache, buffers, chunks, CUDA graph replay, close). The ``trt`` tests need TensorRT, cuda-python and a
+CUDA GPU and skip with the reason otherwise; they have not run yet (no GPU on the development machine).
 
 GPU tolerances (tensorrt vs onnxruntime CPU, same inputs): ``fp32`` (TF32 off) logits and features
 ``1e-3 * max(1, scale)``, distances ``rtol 1e-3``; ``fp16`` (FP32 normalisations and head) ``2e-2`` and ``1e-2``,
@@ -21,12 +22,8 @@ import pytest
 
 from segsentry.errors import BackendError, MissingDependencyError
 from segsentry.runtime.backends import BackendOptions, create_backend, cuda_device_count
-from segsentry.runtime.backends.tensorrt import (
-    TensorrtBackend,
-    cuda_device_name,
-    engine_cache_path,
-    import_cudart,
-)
+from segsentry.runtime.backends.tensorrt import TensorrtBackend, cuda_device_name, import_cudart
+from segsentry.runtime.backends.tensorrt_loader import engine_cache_path
 from segsentry.runtime.bundle import load_bundle
 
 SHA = "ab" * 32
@@ -199,7 +196,7 @@ def test_cuda_graph_replays_the_same_results(ct_pipeline, trt_ready):
 def test_engine_cache_is_written_then_reused(ct_pipeline, trt_ready, tmp_path, caplog):
     bundle = load_bundle(ct_pipeline.ood_onnx)
     batch = _batch(bundle, 1)
-    with caplog.at_level(logging.INFO, logger="segsentry.runtime.backends.tensorrt"):
+    with caplog.at_level(logging.INFO, logger="segsentry.runtime.backends.tensorrt_loader"):
         with _create(bundle, cache_dir=tmp_path) as first:
             expected = first.run(batch)
             path = first.cache_path
@@ -549,3 +546,30 @@ def test_stand_in_tensorrt_defaults_fp16_graph_no_cache_and_no_cuda_graph(ct_pip
     with _create(bundle, precision="fp32", cache_dir=tmp_path) as fp32, \
             _create(bundle, precision="fp16", cache_dir=tmp_path) as fp16:
         assert fp32.cache_path != fp16.cache_path and fp32.cache_path.parent == fp16.cache_path.parent
+
+
+def test_stand_in_tensorrt_runs_on_when_the_cache_cannot_be_written(ct_pipeline, fake_trt, tmp_path, caplog):
+    trt, _ = fake_trt
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    bundle = load_bundle(ct_pipeline.ood_onnx)
+    with caplog.at_level(logging.WARNING, logger="segsentry.runtime.backends"):
+        with _create(bundle, precision="fp32", cache_dir=blocker / "engines") as engine:
+            assert engine.cache_path.parent == blocker / "engines" and not engine.cache_path.exists()
+            assert set(engine.run(_batch(bundle, 1))) == set(engine.output_names)
+    assert "cannot write the TensorRT engine cache" in caplog.text and len(trt.builds) == 1
+
+
+def test_loader_network_is_the_bundle_or_its_fp16_graph(ct_pipeline):
+    from segsentry.runtime.backends.fp16 import mixed_fp16_bytes
+    from segsentry.runtime.backends.tensorrt_loader import cache_path_for, network_bytes
+
+    model = load_bundle(ct_pipeline.ood_onnx).model_bytes
+    assert network_bytes(model, "fp32") is model
+    assert network_bytes(model, "fp16") == mixed_fp16_bytes(model, extra="trt")
+    key = {k: v for k, v in KEY.items() if k != "onnx_sha256"}
+    assert cache_path_for(None, model, **key) is None
+    from segsentry.manifest import weights_sha256
+
+    assert cache_path_for(ct_pipeline.ood_onnx, model, **key) == engine_cache_path(
+        ct_pipeline.ood_onnx, onnx_sha256=weights_sha256(model), **key)

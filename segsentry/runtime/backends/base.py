@@ -4,6 +4,10 @@ A backend wraps one inference engine for one bundle. Input checks live here, in 
 backend validates batches the same way. Every backend class takes ``(model, *, channels, patch_size,
 input_name, options)`` with one :class:`~segsentry.runtime.backends.options.BackendOptions`, plus the few
 keywords only that engine has.
+
+A backend is a *runner* (Polygraphy's ``runner.py``): it owns a session or engine context and its buffers and
+releases them in ``close()``. Making what it runs -- the FP16 graph (``fp16.py``), a TensorRT engine build and
+its cache (``tensorrt_loader.py``) -- is a *loader*'s job, kept in its own module.
 """
 
 from __future__ import annotations

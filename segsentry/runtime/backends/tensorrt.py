@@ -1,89 +1,48 @@
-"""TensorRT backend (the ``trt`` extra: ``tensorrt>=10`` and ``cuda-python>=12``).
+"""TensorRT backend (the ``trt`` extra: ``tensorrt>=10`` and ``cuda-python>=12``): the runner.
 
-Build: the network TensorRT parses is the bundle itself (``precision="fp32"``) or
-:func:`~segsentry.runtime.backends.fp16.to_mixed_fp16` of it (``"fp16"``, the default: FP16 network, FP32
-normalisations and Mahalanobis head, float32 inputs and outputs). The network is created with
-``NetworkDefinitionCreationFlag.STRONGLY_TYPED`` (TensorRT 10; always on in 11), so the graph's types decide
-each layer's precision and the head cannot be demoted to FP16; TF32 is turned off so FP32 layers are float32.
-One optimization profile covers the ``image`` batch axis: min 1, opt = max = ``max_batch``; larger batches
-are run in chunks of ``max_batch``.
-
-Engine cache: with ``cache_dir`` the serialized engine is stored there (written atomically) under
-:func:`engine_cache_path`, keyed by the sha256 of the ONNX graph TensorRT parsed (so the FP16 graph has its
-own key), the TensorRT version, the GPU (name and compute capability), the precision and ``max_batch``;
-without it the engine is built in memory every time (minutes for 3D networks). An unreadable cached engine
-is rebuilt and overwritten.
+The engine comes from :mod:`.tensorrt_loader` (graph: the bundle for ``fp32``, its FP16 graph with FP32
+normalisations and Mahalanobis head for ``fp16``, the default; strongly typed build with one optimization
+profile, batch 1..``max_batch``; engine cache in ``options.cache_dir``). This module owns what runs it: the
+execution context, device and pinned host buffers, the stream and the CUDA graph, all released in ``close()``.
+Batches larger than ``max_batch`` are run in chunks of ``max_batch``.
 
 Run: device buffers for ``max_batch`` patches, pinned host buffers and a non-blocking stream come from
 cuda-python (``cuda.bindings.runtime``, or ``cuda.cudart`` in older releases). Every tensor address is fixed
 at construction, so ``execute_async_v3`` for the full ``max_batch`` shape is captured once into a CUDA graph
 and replayed; smaller batches (and every batch when capture fails) use a plain ``execute_async_v3``.
 
-Run on this machine (no GPU, no TensorRT): :func:`engine_cache_path`, the errors for a missing ``tensorrt`` or
-``cuda-python`` and for a machine without a CUDA GPU (:func:`cuda_device_name` with a stand-in ``cudart``), and
-the FP16 pass the engine is built from. Never run on GPU hardware so far: engine build and deserialization,
-buffers, copies, CUDA graph capture and inference; the ``trt``-marked tests in
-``tests/runtime/test_tensorrt.py`` do that where TensorRT and a CUDA GPU exist.
+Run on this machine (no GPU, no TensorRT): the errors for a missing ``tensorrt`` or ``cuda-python`` and for a
+machine without a CUDA GPU (:func:`cuda_device_name` with a stand-in ``cudart``), and the loader's pure parts.
+Never run on GPU hardware so far: engine build and deserialization, buffers, copies, CUDA graph capture and
+inference; the ``trt``-marked tests in ``tests/runtime/test_tensorrt.py`` do that where TensorRT and a CUDA GPU
+exist.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import json
 import logging
 import math
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from segsentry import _onnx_wire
-from segsentry._atomic import write_bytes_atomic
 from segsentry.errors import BackendError, MissingDependencyError
-from segsentry.manifest import weights_sha256
 from segsentry.runtime.backends.base import BackendBase, import_optional
-from segsentry.runtime.backends.options import PRECISIONS, BackendOptions
+from segsentry.runtime.backends.options import BackendOptions
+from segsentry.runtime.backends.tensorrt_loader import (
+    DEFAULT_MAX_BATCH,
+    cache_path_for,
+    load_engine,
+    network_bytes,
+    trt_logger,
+)
 
 log = logging.getLogger(__name__)
 
 PURPOSE = "The tensorrt backend"
-DEFAULT_MAX_BATCH = 4
-
-
-def engine_cache_path(
-    bundle_path_or_dir: str | Path,
-    *,
-    onnx_sha256: str,
-    trt_version: str,
-    gpu_name: str,
-    precision: str,
-    max_batch: int,
-) -> Path:
-    """Where the TensorRT engine for these inputs is cached; a pure function of its arguments.
-
-    ``bundle_path_or_dir`` is a bundle file (``*.onnx``: the engine goes beside it, named after it) or a folder.
-    The name holds the precision, ``max_batch`` and the first 16 hex digits of the sha256 of every key field
-    (``onnx_sha256`` of the graph TensorRT parses, ``trt_version``, ``gpu_name``, ``precision``, ``max_batch``),
-    e.g. ``model.ood.trt-fp16-b4-0123456789abcdef.engine``: an engine built elsewhere, by another TensorRT or
-    from other weights never matches.
-    """
-    if precision not in PRECISIONS:
-        raise BackendError(f"TensorRT precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if max_batch < 1:
-        raise BackendError(f"TensorRT max batch must be at least 1, got {max_batch}")
-    if len(onnx_sha256) != 64 or any(c not in "0123456789abcdef" for c in onnx_sha256):
-        raise BackendError(f"expected a lowercase hex sha256 of the ONNX graph, got {onnx_sha256!r}")
-    key = json.dumps({"onnx_sha256": onnx_sha256, "tensorrt": trt_version, "gpu": gpu_name,
-                      "precision": precision, "max_batch": int(max_batch)}, sort_keys=True)
-    digest = hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
-    path = Path(bundle_path_or_dir)
-    if path.suffix == ".onnx":
-        folder, stem = path.parent, path.name[: -len(".onnx")]
-    else:
-        folder, stem = path, "segsentry"
-    return folder / f"{stem}.trt-{precision}-b{int(max_batch)}-{digest}.engine"
 
 
 def import_cudart() -> Any:
@@ -126,50 +85,6 @@ def cuda_device_name(cudart: Any, device_id: int) -> str:
     prop = _cuda_call(cudart, "cudaGetDeviceProperties", cudart.cudaGetDeviceProperties(device_id))
     name = prop.name.split(b"\0", 1)[0].decode("utf-8", "replace") if isinstance(prop.name, bytes) else prop.name
     return f"{name.strip()} sm_{prop.major}{prop.minor}"
-
-
-def _trt_logger(trt: Any) -> Any:
-    """A ``trt.ILogger`` that forwards to :mod:`logging` (TensorRT's INFO and VERBOSE at DEBUG)."""
-    severity = trt.ILogger.Severity
-    levels = {severity.INTERNAL_ERROR: logging.CRITICAL, severity.ERROR: logging.ERROR,
-              severity.WARNING: logging.WARNING, severity.INFO: logging.DEBUG, severity.VERBOSE: logging.DEBUG}
-
-    class Logger(trt.ILogger):
-        def __init__(self) -> None:
-            trt.ILogger.__init__(self)
-
-        def log(self, level: Any, msg: str) -> None:
-            log.log(levels.get(level, logging.DEBUG), "TensorRT: %s", msg)
-
-    return Logger()
-
-
-def build_engine(trt: Any, logger: Any, onnx_bytes: bytes, *, input_name: str, sample_shape: Sequence[int],
-                 max_batch: int, workspace_bytes: int | None = None) -> bytes:
-    """Parse ``onnx_bytes`` into a strongly typed network and build a serialized engine (batch 1..max_batch)."""
-    builder = trt.Builder(logger)
-    strongly_typed = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
-    network = builder.create_network(0 if strongly_typed is None else 1 << int(strongly_typed))
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse(onnx_bytes):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise BackendError(f"TensorRT cannot parse the bundle: {errors or 'no error reported'}")
-    inputs = [network.get_input(i).name for i in range(network.num_inputs)]
-    if input_name not in inputs:
-        raise BackendError(f"the bundle has no input '{input_name}' (inputs: {', '.join(inputs)})")
-    config = builder.create_builder_config()
-    if hasattr(trt.BuilderFlag, "TF32"):
-        config.clear_flag(trt.BuilderFlag.TF32)
-    if workspace_bytes:
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_bytes))
-    profile = builder.create_optimization_profile()
-    full = (max_batch, *sample_shape)
-    profile.set_shape(input_name, (1, *sample_shape), full, full)
-    config.add_optimization_profile(profile)
-    serialized = builder.build_serialized_network(network, config)
-    if serialized is None:
-        raise BackendError("TensorRT could not build an engine for the bundle (its log, above, says why)")
-    return bytes(serialized)
 
 
 def _host_array(pointer: int, shape: Sequence[int]) -> np.ndarray:
@@ -229,21 +144,18 @@ class TensorrtBackend(BackendBase):
             output_names = _onnx_wire.graph_output_names(model)
         except ValueError as exc:
             raise BackendError(f"tensorrt backend: not a valid ONNX model ({exc})") from exc
-        if precision == "fp16":
-            from segsentry.runtime.backends.fp16 import mixed_fp16_bytes
-
-            network_bytes = mixed_fp16_bytes(model, extra="trt")
-        else:
-            network_bytes = model
+        network = network_bytes(model, precision)  # the loader's graph: the bundle, or its FP16 graph
         self.precision, self.max_batch, self.device_id = precision, int(max_batch), device_id
         self.input_name, self.output_names = input_name, list(output_names)
-        self._logger = _trt_logger(trt)  # must outlive the runtime and engine
+        self._logger = trt_logger(trt)  # must outlive the runtime and engine
         sample_shape = (self.channels, *self.patch_size)
-        self.cache_path = None if cache_dir is None else engine_cache_path(
-            cache_dir, onnx_sha256=weights_sha256(network_bytes), trt_version=str(trt.__version__),
-            gpu_name=self.gpu_name, precision=precision, max_batch=self.max_batch)
+        self.cache_path = cache_path_for(cache_dir, network, trt_version=str(trt.__version__),
+                                         gpu_name=self.gpu_name, precision=precision, max_batch=self.max_batch)
         self._runtime = trt.Runtime(self._logger)
-        self.engine = self._load_or_build(network_bytes, sample_shape)
+        self.engine = load_engine(trt, self._runtime, self._logger, network, cache_path=self.cache_path,
+                                  input_name=self.input_name, sample_shape=sample_shape, max_batch=self.max_batch,
+                                  precision=precision, gpu_name=self.gpu_name)
+        del network
         self.context = self.engine.create_execution_context()
         if self.context is None:
             raise BackendError("TensorRT could not create an execution context (out of GPU memory?)")
@@ -261,30 +173,6 @@ class TensorrtBackend(BackendBase):
                   precision, self.max_batch, self._graph_exec is not None, self.cache_path)
 
     # -- construction ------------------------------------------------------------------------------------
-
-    def _load_or_build(self, network_bytes: bytes, sample_shape: Sequence[int]) -> Any:
-        """The deserialized engine: from the cache when it loads, else built (and cached when there is a path)."""
-        path = self.cache_path
-        if path is not None and path.is_file():
-            engine = self._runtime.deserialize_cuda_engine(path.read_bytes())
-            if engine is not None:
-                log.info("TensorRT engine loaded from %s", path)
-                return engine
-            log.warning("cached TensorRT engine %s cannot be loaded; rebuilding it", path)
-        log.info("building the TensorRT engine (%s, max batch %d) on %s; this takes minutes for 3D networks",
-                 self.precision, self.max_batch, self.gpu_name)
-        serialized = build_engine(self._trt, self._logger, network_bytes, input_name=self.input_name,
-                                  sample_shape=sample_shape, max_batch=self.max_batch)
-        if path is not None:
-            try:
-                write_bytes_atomic(path, serialized)
-                log.info("TensorRT engine cached at %s", path)
-            except OSError as exc:
-                log.warning("cannot write the TensorRT engine cache %s (%s); continuing without it", path, exc)
-        engine = self._runtime.deserialize_cuda_engine(serialized)
-        if engine is None:
-            raise BackendError("TensorRT could not deserialize the engine it just built (its log says why)")
-        return engine
 
     def _malloc(self, kind: str, nbytes: int) -> int:
         """``nbytes`` of device memory (``kind="device"``) or pinned host memory (``"host"``), freed by close()."""
