@@ -164,10 +164,10 @@ def _assert_close(got, ref, precision, where):
             assert float(np.max(np.abs(got[name] - expected))) <= logit_tol * scale, (where, name)
 
 
-def _trt(bundle, *, cuda_graph: bool = True, **options) -> TensorrtBackend:
+def _trt(bundle, *, cuda_graph: bool = True, workspace_bytes: int | None = None, **options) -> TensorrtBackend:
     m = bundle.manifest
     return TensorrtBackend(bundle.model_bytes, channels=m.num_channels, patch_size=m.patch_size,
-                           options=BackendOptions(**options), cuda_graph=cuda_graph)
+                           options=BackendOptions(**options), cuda_graph=cuda_graph, workspace_bytes=workspace_bytes)
 
 
 @pytest.mark.trt
@@ -537,9 +537,10 @@ def test_stand_in_tensorrt_defaults_fp16_graph_no_cache_and_no_cuda_graph(ct_pip
     assert trt.builds[-1]["parsed"] == mixed_fp16_bytes(bundle.model_bytes, extra="trt")
     assert not any(tmp_path.iterdir())
     batch = _batch(bundle, 3)
-    with _trt(bundle, precision="fp32", max_batch=2, cuda_graph=False) as plain:
+    with _trt(bundle, precision="fp32", max_batch=2, cuda_graph=False, workspace_bytes=1 << 20) as plain:
         assert plain._graph_exec is None
         got = plain.run(batch)
+    assert trt.builds[-1]["pools"] == {"WORKSPACE": 1 << 20}
     for name, value in _expected(bundle, batch).items():
         np.testing.assert_array_equal(got[name], value)
     assert cuda.graph_launches == 0 and not cuda.memory

@@ -154,7 +154,7 @@ class TensorrtBackend(BackendBase):
         self._runtime = trt.Runtime(self._logger)
         self.engine = load_engine(trt, self._runtime, self._logger, network, cache_path=self.cache_path,
                                   input_name=self.input_name, sample_shape=sample_shape, max_batch=self.max_batch,
-                                  precision=precision, gpu_name=self.gpu_name)
+                                  precision=precision, gpu_name=self.gpu_name, workspace_bytes=workspace_bytes)
         del network
         self.context = self.engine.create_execution_context()
         if self.context is None:

@@ -139,9 +139,11 @@ def build_engine(trt: Any, logger: Any, onnx_bytes: bytes, *, input_name: str, s
 
 
 def load_engine(trt: Any, runtime: Any, logger: Any, network: bytes, *, cache_path: Path | None,
-                input_name: str, sample_shape: Sequence[int], max_batch: int, precision: str, gpu_name: str) -> Any:
+                input_name: str, sample_shape: Sequence[int], max_batch: int, precision: str, gpu_name: str,
+                workspace_bytes: int | None = None) -> Any:
     """The engine deserialized by ``runtime``: from ``cache_path`` when it loads, else built from ``network``
-    (the graph :func:`network_bytes` chose) and written to ``cache_path`` when given.
+    (the graph :func:`network_bytes` chose; ``workspace_bytes`` limits TensorRT's workspace pool) and written to
+    ``cache_path`` when given.
 
     An engine in the cache that ``runtime`` cannot deserialize is rebuilt and overwritten; a cache that cannot be
     written is logged and skipped. ``logger`` (:func:`trt_logger`) must outlive ``runtime`` and the engine.
@@ -156,7 +158,7 @@ def load_engine(trt: Any, runtime: Any, logger: Any, network: bytes, *, cache_pa
     log.info("building the TensorRT engine (%s, max batch %d) on %s; this takes minutes for 3D networks",
              precision, max_batch, gpu_name)
     serialized = build_engine(trt, logger, network, input_name=input_name, sample_shape=sample_shape,
-                              max_batch=max_batch)
+                              max_batch=max_batch, workspace_bytes=workspace_bytes)
     if path is not None:
         try:
             write_bytes_atomic(path, serialized)
