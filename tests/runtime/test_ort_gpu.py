@@ -21,13 +21,7 @@ import pytest
 from segsentry.errors import BackendError, MissingDependencyError
 from segsentry.runtime.backends import BackendOptions, create_backend, cuda_device_count
 from segsentry.runtime.backends.fp16 import mixed_fp16_bytes
-from segsentry.runtime.backends.ort_gpu import (
-    CUDA_EP,
-    TRT_EP,
-    DeviceIoBinding,
-    OrtGpuBackend,
-    provider_list,
-)
+from segsentry.runtime.backends.ort_gpu import CUDA_EP, TRT_EP, DeviceIoBinding, OrtGpuBackend, provider_list
 from segsentry.runtime.bundle import load_bundle
 
 REAL_SESSION = onnxruntime.InferenceSession
@@ -142,6 +136,43 @@ def test_device_io_binding_matches_session_run(ct_pipeline):
             np.testing.assert_array_equal(got[name], ref[name])
         assert (io._input is previous) == (i == 1)  # same shape: updated in place; new shape: reallocated
         previous = io._input
+
+
+class SessionClaimingCuda(SessionWithoutCuda):
+    """A real CPU session that reports the CUDA provider as active (the loader's check passes)."""
+
+    def get_providers(self):
+        return [CUDA_EP]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_runner_wiring_with_a_session_that_claims_cuda(precision, ct_pipeline, monkeypatch):
+    """Loader -> runner -> IO binding -> close, on the CPU: the session claims CUDA, the binding uses 'cpu'."""
+    from segsentry.runtime.backends import ort_gpu
+
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: [CUDA_EP, "CPUExecutionProvider"])
+    monkeypatch.setattr(onnxruntime, "InferenceSession", SessionClaimingCuda)
+    real_binding = ort_gpu.DeviceIoBinding
+    monkeypatch.setattr(ort_gpu, "DeviceIoBinding",
+                        lambda *args, **kwargs: real_binding(*args, **{**kwargs, "device_type": "cpu"}))
+    SessionWithoutCuda.created.clear()
+    bundle = load_bundle(ct_pipeline.ood_onnx)
+    batch = _batch(bundle, 2)
+    with _gpu(bundle, precision=precision, device=0, threads=1) as gpu:
+        assert gpu.name == "ort-gpu" and gpu.precision == precision and gpu.device_id == 0
+        assert gpu.output_names == ["logits", "distance"]
+        got = gpu.run(batch)
+        (asked,) = SessionWithoutCuda.created
+        expected_model = bundle.model_bytes if precision == "fp32" else mixed_fp16_bytes(bundle.model_bytes,
+                                                                                          extra="gpu")
+        assert asked["model"] == expected_model and [n for n, _ in asked["providers"]] == [CUDA_EP]
+        ref_session = REAL_SESSION(expected_model, providers=["CPUExecutionProvider"])
+        ref = dict(zip(gpu.output_names, ref_session.run(gpu.output_names, {"image": batch})))
+        for name in gpu.output_names:
+            np.testing.assert_array_equal(got[name], ref[name])
+    assert gpu.session is None
+    with pytest.raises(BackendError, match="the ort-gpu backend was closed"):
+        gpu.run(batch)
 
 
 # -- on a CUDA GPU (never run yet) --------------------------------------------------------------------------------
