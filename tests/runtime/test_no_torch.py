@@ -49,7 +49,7 @@ print("BACKEND", result.backend, len(result.outcomes), len(result.failed))
 print("LOADED", sorted(m for m in sys.modules if m.startswith("segsentry.")
                        and (m.split(".")[1] in ("export", "calib", "evaluation", "cli")
                             or m.startswith("segsentry.runtime.backends.")
-                            and m.rsplit(".", 1)[1] not in ("base", "options", "onnxruntime"))))
+                            and m.rsplit(".", 1)[1] not in ("base", "options", "onnxruntime", "ort_loader"))))
 """
 
 

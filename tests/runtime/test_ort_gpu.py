@@ -21,7 +21,8 @@ import pytest
 from segsentry.errors import BackendError, MissingDependencyError
 from segsentry.runtime.backends import BackendOptions, create_backend, cuda_device_count
 from segsentry.runtime.backends.fp16 import mixed_fp16_bytes
-from segsentry.runtime.backends.ort_gpu import CUDA_EP, TRT_EP, DeviceIoBinding, OrtGpuBackend, provider_list
+from segsentry.runtime.backends.ort_gpu import DeviceIoBinding, OrtGpuBackend
+from segsentry.runtime.backends.ort_loader import CUDA_EP, TRT_EP, provider_list
 from segsentry.runtime.bundle import load_bundle
 
 REAL_SESSION = onnxruntime.InferenceSession

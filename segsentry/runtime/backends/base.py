@@ -7,7 +7,8 @@ keywords only that engine has.
 
 A backend is a *runner* (Polygraphy's ``runner.py``): it owns a session or engine context and its buffers and
 releases them in ``close()``. Making what it runs -- the FP16 graph (``fp16.py``), a TensorRT engine build and
-its cache (``tensorrt_loader.py``) -- is a *loader*'s job, kept in its own module.
+its cache (``tensorrt_loader.py``), an onnxruntime session with its providers (``ort_loader.py``) -- is a
+*loader*'s job, kept in its own module.
 """
 
 from __future__ import annotations

@@ -10,27 +10,13 @@ Arena on by default (speed first); ``low_memory`` for memory-bound machines.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from types import ModuleType
-from typing import Any
 
 import numpy as np
 
 from segsentry.errors import BackendError, first_line
 from segsentry.runtime.backends.base import BackendBase
 from segsentry.runtime.backends.options import BackendOptions
-
-
-def session_options(ort: ModuleType, *, threads: int | None, low_memory: bool = False) -> Any:
-    """``SessionOptions`` shared by the onnxruntime backends (CPU here, CUDA in ``ort_gpu``): all graph
-    optimisations, ``threads`` intra-op threads (None: onnxruntime's default), errors-only logging, and the CPU
-    memory arena unless ``low_memory``."""
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.enable_cpu_mem_arena = not low_memory
-    if threads:
-        options.intra_op_num_threads = threads
-    options.log_severity_level = 3
-    return options
+from segsentry.runtime.backends.ort_loader import cpu_session
 
 
 class OnnxruntimeBackend(BackendBase):
@@ -50,14 +36,8 @@ class OnnxruntimeBackend(BackendBase):
         """Uses ``options.threads`` and ``options.low_memory``; refuses ``precision="fp16"``; ignores the rest."""
         super().__init__(channels=channels, patch_size=patch_size, options=options)
         options.require_fp32(self.name)
-        import onnxruntime as ort
-
         self.low_memory = options.low_memory
-        session = session_options(ort, threads=options.threads, low_memory=options.low_memory)
-        try:
-            self.session = ort.InferenceSession(model, sess_options=session, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # onnxruntime raises its own exception types
-            raise BackendError(f"onnxruntime cannot load the bundle: {first_line(exc)}") from exc
+        self.session = cpu_session(model, options)
         self.input_name = input_name
         self.output_names = [o.name for o in self.session.get_outputs()]
 

@@ -1,16 +1,9 @@
-"""onnxruntime GPU backend (the ``gpu`` extra, ``onnxruntime-gpu``): CUDA execution provider, TensorRT EP optional.
+"""onnxruntime GPU backend (the ``gpu`` extra, ``onnxruntime-gpu``): the runner.
 
-The session is created with ``CUDAExecutionProvider`` (``device_id``; ``cudnn_conv_algo_search=EXHAUSTIVE`` and
-``cudnn_conv_use_max_workspace=1``, which decide the speed of 3D convolutions; ``use_tf32=0`` so ``fp32``
-means float32, as on the CPU) and, with ``use_trt_ep=True``, ``TensorrtExecutionProvider`` in front of it (engine
-cache in ``cache_dir`` when given). The CPU provider is never listed: after the session is created its active
-providers are checked, and a session that lost the CUDA provider (no GPU, missing CUDA/cuDNN libraries) is
-refused with a :class:`~segsentry.errors.BackendError` instead of silently running on the CPU.
-
-``precision="fp16"`` runs the graph from :func:`segsentry.runtime.backends.fp16.to_mixed_fp16` (FP16 network,
-FP32 normalisations and Mahalanobis head, float32 inputs and outputs). The TensorRT EP then gets
-``trt_fp16_enable=False`` on purpose: FP16 comes from the graph's explicit types; the flag would let
-TensorRT 10's weak typing pick FP16 kernels for the FP32 head as well (and TensorRT 11 removed it).
+The session comes from :func:`segsentry.runtime.backends.ort_loader.gpu_session`: the CUDA execution provider
+(TensorRT EP in front of it with ``use_trt_ep``), the FP16 graph for ``precision="fp16"``, and a check that
+the session really runs on CUDA (no silent CPU fallback). This module owns the session and its device IO
+binding and releases them in ``close()``.
 
 Each ``run`` copies the batch once into a CUDA ``OrtValue`` (reused while the batch shape stays the same),
 binds the outputs to the device and copies them back after the run (:class:`DeviceIoBinding`).
@@ -25,43 +18,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from segsentry.errors import BackendError, MissingDependencyError, first_line
-from segsentry.runtime.backends.base import BackendBase, import_optional
-from segsentry.runtime.backends.onnxruntime import session_options
-from segsentry.runtime.backends.options import BackendOptions, Precision
+from segsentry.errors import BackendError, first_line
+from segsentry.runtime.backends.base import BackendBase
+from segsentry.runtime.backends.options import BackendOptions
+from segsentry.runtime.backends.ort_loader import CUDA_EP, TRT_EP, gpu_session
 
 log = logging.getLogger(__name__)
-
-CUDA_EP = "CUDAExecutionProvider"
-TRT_EP = "TensorrtExecutionProvider"
-PURPOSE = ("The ort-gpu backend (onnxruntime's CUDA execution provider, on an NVIDIA CUDA GPU; onnxruntime-gpu "
-           "replaces the CPU-only onnxruntime package)")
-
-
-def provider_list(*, device_id: int, precision: Precision, use_trt_ep: bool,
-                  cache_dir: Path | None) -> list[tuple[str, dict[str, Any]]]:
-    """The ``(provider, options)`` pairs the session is created with, best first; never the CPU provider."""
-    cuda = {
-        "device_id": device_id,
-        "cudnn_conv_algo_search": "EXHAUSTIVE",
-        "cudnn_conv_use_max_workspace": "1",
-        "use_tf32": "0",
-    }
-    providers: list[tuple[str, dict[str, Any]]] = [(CUDA_EP, cuda)]
-    if use_trt_ep:
-        trt: dict[str, Any] = {"device_id": device_id, "trt_fp16_enable": False}
-        if cache_dir is not None:  # a folder, or a bundle file whose folder holds the cache
-            folder = Path(cache_dir).parent if Path(cache_dir).suffix == ".onnx" else Path(cache_dir)
-            trt.update(trt_engine_cache_enable=True, trt_engine_cache_path=str(folder))
-        providers.insert(0, (TRT_EP, trt))
-    log.debug("ort-gpu providers (%s): %s", precision, providers)
-    return providers
-
 
 class DeviceIoBinding:
     """One IO binding for a session: the input copied once per call to ``device_type``, outputs bound there.
@@ -122,40 +88,18 @@ class OrtGpuBackend(BackendBase):
         super().__init__(channels=channels, patch_size=patch_size, options=options)
         threads, device_id, cache_dir = options.threads, options.device, options.cache_dir
         precision = options.precision_or("fp32")
-        ort = import_optional("onnxruntime", package="onnxruntime-gpu", extra="gpu", purpose=PURPOSE)
-        available = ort.get_available_providers()
-        if CUDA_EP not in available:
-            raise MissingDependencyError("onnxruntime-gpu", "gpu", PURPOSE)
-        if use_trt_ep and TRT_EP not in available:
-            raise MissingDependencyError("onnxruntime-gpu", "gpu", "The ort-gpu backend's TensorRT provider")
-        if precision == "fp16":
-            from segsentry.runtime.backends.fp16 import mixed_fp16_bytes
+        self.session = gpu_session(model, device_id=device_id, precision=precision, use_trt_ep=use_trt_ep,
+                                   cache_dir=cache_dir, threads=threads)  # the loader: graph, providers, checks
+        import onnxruntime as ort  # imported by the loader already
 
-            model = mixed_fp16_bytes(model, extra="gpu")
-        providers = provider_list(device_id=device_id, precision=precision, use_trt_ep=use_trt_ep,
-                                  cache_dir=cache_dir)
-        options = session_options(ort, threads=threads)  # errors-only logging: a provider failing is an error
-        try:
-            self.session = ort.InferenceSession(model, sess_options=options, providers=providers)
-        except Exception as exc:  # onnxruntime raises its own exception types
-            raise BackendError(f"onnxruntime-gpu cannot load the bundle on CUDA device {device_id}: "
-                               f"{first_line(exc)}") from exc
-        active = self.session.get_providers()
-        wanted = [name for name, _ in providers]
-        if any(name not in active for name in wanted):
-            raise BackendError(
-                f"onnxruntime-gpu could not start {', '.join(n for n in wanted if n not in active)} on device "
-                f"{device_id} (active: {', '.join(active)}): no usable CUDA GPU, or the CUDA / cuDNN"
-                f"{' / TensorRT' if use_trt_ep else ''} libraries it needs are missing (onnxruntime logged the "
-                "reason above). Not falling back to the CPU; use --backend onnxruntime for CPU inference"
-            )
         self.input_name = input_name
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.precision = precision
         self.device_id = device_id
         self._io = DeviceIoBinding(ort, self.session, input_name=input_name, output_names=self.output_names,
                                    device_type="cuda", device_id=device_id)
-        log.debug("ort-gpu: onnxruntime %s on device %d with %s (%s)", ort.__version__, device_id, active, precision)
+        log.debug("ort-gpu: onnxruntime %s on device %d with %s (%s)", ort.__version__, device_id,
+                  self.session.get_providers(), precision)
 
     def _run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         if self._io is None:
