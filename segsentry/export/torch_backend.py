@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from segsentry.contract import HEAD_SCOPE, L2_EPS, FeatureNorm, HeadInitializer, Output
 from segsentry.errors import BackendError, ModelFolderError, first_line
 from segsentry.manifest import Manifest
 from segsentry.runtime.backends.base import BackendBase, import_optional
@@ -34,7 +35,6 @@ from segsentry.runtime.backends.options import BackendOptions
 
 log = logging.getLogger(__name__)
 
-HEAD_PREFIX = "ood_head/"  # segsentry.calib.head.PREFIX (not imported: that module needs the onnx package eagerly)
 PURPOSE = "The torch backend"
 
 
@@ -55,8 +55,8 @@ def read_head(initializers: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     ``mean`` ``(D,)``, ``components_t`` ``(D, k)`` and, for shrinkage fits with ``N <= D``, ``basis``
     ``(D, r)`` and ``complement_scale`` (one value). Empty for an uncalibrated bundle.
     """
-    return {name[len(HEAD_PREFIX):]: np.array(value, dtype=np.float32)  # a writable copy, for torch.from_numpy
-            for name, value in initializers.items() if name.startswith(HEAD_PREFIX)}
+    return {name[len(HEAD_SCOPE):]: np.array(value, dtype=np.float32)  # a writable copy, for torch.from_numpy
+            for name, value in initializers.items() if name.startswith(HEAD_SCOPE)}
 
 
 def _source_folder(manifest: Manifest) -> Path:
@@ -147,14 +147,17 @@ class TorchBackend(BackendBase):
                               pooling=manifest.features.pooling).eval().to(self.device)
 
         self.output_names = dict(manifest.outputs)  # role -> ONNX output name
-        head = read_head(initializers) if "distance" in self.output_names else {}
-        if "distance" in self.output_names and not {"mean", "components_t"} <= head.keys():
+        has_distance = Output.DISTANCE.value in self.output_names
+        head = read_head(initializers) if has_distance else {}
+        if has_distance and not {HeadInitializer.MEAN.value, HeadInitializer.COMPONENTS_T.value} <= head.keys():
             raise BackendError("the bundle lists a 'distance' output but has no ood_head/mean and "
                                "ood_head/components_t initializers")
         del initializers
         self._head = {k: torch.from_numpy(v).to(self.device) for k, v in head.items()
-                      if k in ("mean", "components_t", "basis")}
-        scale = head.get("complement_scale")
+                      if k in (HeadInitializer.MEAN, HeadInitializer.COMPONENTS_T, HeadInitializer.BASIS)}
+        calibration = manifest.calibration
+        self._l2 = calibration is not None and FeatureNorm(calibration.feature_norm) is FeatureNorm.L2
+        scale = head.get(HeadInitializer.COMPLEMENT_SCALE.value)
         self._complement_scale = float(scale.reshape(-1)[0]) if scale is not None and scale.size else 0.0
         self.input_name = input_name
         log.debug("torch backend: %s fold %s on %s (fp16=%s, head=%s)", model_dir, source.get("fold"),
@@ -185,10 +188,13 @@ class TorchBackend(BackendBase):
 
     def _head_distance(self, features: Any) -> Any:
         """Squared Mahalanobis distance ``(n,)`` float32 of ``features`` ``(n, D)``, as the folded ONNX head."""
-        delta = features.float() - self._head["mean"]
-        y = delta @ self._head["components_t"]
+        z = features.float()
+        if self._l2:  # Mahalanobis++: the head's ReduceL2 -> Max(L2_EPS) -> Div
+            z = z / z.norm(dim=1, keepdim=True).clamp_min(L2_EPS)
+        delta = z - self._head[HeadInitializer.MEAN.value]
+        y = delta @ self._head[HeadInitializer.COMPONENTS_T.value]
         distance = (y * y).sum(1)
-        basis = self._head.get("basis")
+        basis = self._head.get(HeadInitializer.BASIS.value)
         if basis is not None and self._complement_scale != 0.0:
             resid = delta - (delta @ basis) @ basis.T
             distance = distance + self._complement_scale * (resid * resid).sum(1)
@@ -203,9 +209,9 @@ class TorchBackend(BackendBase):
                 x = torch.from_numpy(batch if batch.flags.writeable else batch.copy()).to(self.device)
                 with torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=self.fp16):
                     logits, features = self.tap(x)
-                roles: dict[str, Any] = {"logits": logits.float(), "features": features.float()}
-                if "distance" in self.output_names:
-                    roles["distance"] = self._head_distance(features)
+                roles: dict[str, Any] = {Output.LOGITS.value: logits.float(), Output.FEATURES.value: features.float()}
+                if Output.DISTANCE.value in self.output_names:
+                    roles[Output.DISTANCE.value] = self._head_distance(features)
                 return {name: roles[role].cpu().numpy().astype(np.float32, copy=False)
                         for role, name in self.output_names.items() if role in roles}
         except BackendError:

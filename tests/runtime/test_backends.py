@@ -480,3 +480,18 @@ def test_torch_fp16_is_cuda_only(ct_pipeline):
     with pytest.raises(BackendError, match="fp16 autocast is supported on CUDA only"):
         TorchBackend(bundle.model_bytes, manifest=m, channels=m.num_channels, patch_size=m.patch_size,
                      options=BackendOptions(precision="fp16"))
+
+
+@pytest.mark.parametrize("backend", OTHER_BACKENDS)
+def test_l2_feature_norm_parity_with_onnxruntime(backend, ct_pipeline, tmp_path):
+    """A Mahalanobis++ bundle (ReduceL2/Max/Div in the head) gives the same distances on every engine; the torch
+    backend applies the normalisation itself from the manifest."""
+    from segsentry.calib import calibrate
+
+    _requires(backend)
+    path = calibrate(ct_pipeline.features_onnx, [ct_pipeline.images], tmp_path / "l2.onnx", feature_norm="l2").path
+    bundle = load_bundle(path)
+    m = bundle.manifest
+    batch = np.random.default_rng(3).standard_normal((2, m.num_channels, *m.patch_size)).astype(np.float32)
+    with _engine("onnxruntime", bundle) as ref, _engine(backend, bundle) as other:
+        assert_outputs_match(other.run(batch), ref.run(batch), where=f"{backend}/l2")
