@@ -1,7 +1,9 @@
 """Evaluation of OOD detection and segmentation calibration.
 
-:mod:`.metrics` (numpy only) holds the paper's metrics and output baselines; :mod:`.evaluate` runs ``ood-eval``
-through the runtime; :mod:`.shifts` builds TorchIO transformation shifts (``eval`` extra, imported lazily).
+:mod:`.metrics` (numpy only) holds the paper's metrics; :mod:`.baselines` the output baselines of one case's
+logits; :mod:`.evaluate` runs ``ood-eval`` through the runtime and computes its results, :mod:`.render` turns
+them into the markdown and HTML report; :mod:`.shifts` builds TorchIO transformation shifts (``eval`` extra,
+imported lazily).
 """
 
 from segsentry.evaluation.metrics import (

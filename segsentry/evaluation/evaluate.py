@@ -1,29 +1,33 @@
 """``ood-eval``: run a bundle on an in-distribution set and named OOD sets, compare OOD scores as in the paper.
 
-Every case goes through the runtime's ``run_batch`` (one sliding-window core), so the Mahalanobis score and the
-output baselines (max softmax at T = 1, 10, 100 — the lowest-ESCE T is reported, as the paper does —, KL from
-uniform, energy) come from the same aggregated logits. The sample-based baselines go through the same core too:
-TTA (``tta=True``: 8 flip combinations) and MC dropout (``mc_dropout=True``: the bundle with test-time dropout
-after the encoder stages, :mod:`.mc_dropout`, 10 passes on onnxruntime); both score a case by the voxel mean of
-the standard deviation of the foreground probability.
+Each case is read once, preprocessed once and run once through the runtime's sliding window
+(:func:`~segsentry.runtime.pipeline.infer_volume_for_case`, the core ``ood-run`` uses); everything else is
+computed from the arrays in memory. :func:`~segsentry.runtime.pipeline.finish_case` gives the Mahalanobis U and
+the mask in the input geometry (Dice against the label file); the output baselines
+(:func:`~segsentry.evaluation.baselines.output_baselines`: max softmax at T = 1, 10, 100 — the lowest-ESCE T is
+reported, as the paper does —, KL from uniform, energy) come from the same network-space logits. The sample-based
+baselines rerun the same core on the same preprocessed volume: TTA (``tta=True``: the 7 other flip combinations,
+the unflipped prediction is the case's own) and MC dropout (``mc_dropout=True``: the bundle with test-time
+dropout after the encoder stages, :mod:`.mc_dropout`, 10 passes on onnxruntime); both score a case by the voxel
+mean of the standard deviation of the foreground probability.
 
 Per OOD scenario, one table in the paper's layout: methods × ESCE, detection error, FPR and AUC. The detection
 threshold of every method is the 95 % TPR boundary of its scores on the in-distribution test set (the authors'
 rule), so methods are compared at the same TPR. ESCE needs Dice, i.e. labels; energy is not a [0, 1]
 uncertainty, so it has no ESCE. ``layers={NAME: BUNDLE}`` adds the feature-layer ablation (paper Table 11):
-other calibrated bundles of the same network, tapped at other layers, scored on the same sets. The HTML report
-also draws every method's score distribution per set (paper Fig. 8: name sets ``kind-weak``, ``kind-medium``,
-``kind-strong`` to see the levels side by side).
+other calibrated bundles of the same network (and so the same preprocessing), tapped at other layers, run on
+the same preprocessed volumes. The report (:mod:`.render`) also draws every method's score distribution per set
+(paper Fig. 8: name sets ``kind-weak``, ``kind-medium``, ``kind-strong`` to see the levels side by side).
 """
 
 from __future__ import annotations
 
 import csv
-import html
 import io
 import itertools
 import json
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +36,8 @@ import onnx
 import SimpleITK as sitk
 
 from segsentry._atomic import write_text_atomic
+from segsentry.errors import SegsentryError
+from segsentry.evaluation.baselines import output_baselines
 from segsentry.evaluation.mc_dropout import add_mc_dropout
 from segsentry.evaluation.metrics import (
     EvaluationError,
@@ -41,19 +47,21 @@ from segsentry.evaluation.metrics import (
     temperature_scaling_search,
     tpr95_threshold,
 )
+from segsentry.evaluation.render import MethodDistribution, ReportView, ScenarioView, report_html, report_markdown
 from segsentry.manifest import Manifest
-from segsentry.runtime.backends import BackendOptions, create_backend
-from segsentry.runtime.batch import run_batch
+from segsentry.runtime.backends import BackendOptions, create_backend, resolve_backend_name
+from segsentry.runtime.backends.base import Backend
 from segsentry.runtime.bundle import Bundle, load_bundle
-from segsentry.runtime.io import CaseInput, read_case
-from segsentry.runtime.pipeline import infer_volume
+from segsentry.runtime.io import CaseInput, collect_cases, read_case
+from segsentry.runtime.pipeline import finish_case, infer_volume, infer_volume_for_case
 from segsentry.runtime.preprocess import preprocess
+from segsentry.runtime.scoring import normalise_score, subject_score
 
-SILENT_FAILURE_DICE = 0.6
 METHODS = ("mahalanobis", "max_softmax", "kl_uniform", "energy")
 SAMPLED = {"tta": "TTA (8 flips)", "mc_dropout": "MC dropout"}  # optional sample-based baselines
 MC_PASSES = 10
 MC_P = 0.5
+FLIPS = [c for r in range(4) for c in itertools.combinations((1, 2, 3), r)]  # spatial axes of (c, Z, Y, X)
 
 
 @dataclass
@@ -62,6 +70,18 @@ class CaseResult:
     group: str  # "id" or the OOD set's name
     scores: dict[str, float]  # method -> uncertainty (energy: raw)
     dice: float | None
+
+
+@dataclass(frozen=True)
+class Engines:
+    """What an evaluation runs a case on: the main bundle's engine, one engine per layer-ablation bundle
+    (name -> its manifest and engine) and the optional MC dropout engine. ``tta`` reuses ``main``."""
+
+    main: Backend
+    layers: Mapping[str, tuple[Manifest, Backend]]
+    tta: bool = False
+    mc_dropout: Backend | None = None
+    mc_passes: int = MC_PASSES
 
 
 def _images_and_labels(folder: Path) -> tuple[Path, Path | None]:
@@ -74,11 +94,11 @@ def _images_and_labels(folder: Path) -> tuple[Path, Path | None]:
     return folder, None
 
 
-def _preprocessed(files: Sequence[Path], bundle: Bundle) -> np.ndarray:
-    m = bundle.manifest
-    loaded = read_case(CaseInput("sampled", tuple(files)), num_channels=m.num_channels)
-    data, _ = preprocess(loaded.image, loaded.spacing, m.preprocessing)
-    return data
+def _softmax_background(logits: np.ndarray) -> np.ndarray:
+    x = logits.astype(np.float32)
+    x -= x.max(0, keepdims=True)
+    np.exp(x, out=x)
+    return x[0] / x.sum(0)
 
 
 def _foreground_std(logit_maps: Iterable[np.ndarray]) -> float:
@@ -94,99 +114,97 @@ def _foreground_std(logit_maps: Iterable[np.ndarray]) -> float:
     return float(np.mean(np.sqrt(np.maximum(total_sq / count - mean * mean, 0.0))))
 
 
-def tta_uncertainty(files: Sequence[Path], bundle: Bundle, engine) -> float:
-    """TTA baseline: 8 flip combinations of the preprocessed volume through the same sliding window; the
-    uncertainty is the voxel mean of the standard deviation of the foreground probability (1 - P(background))."""
-    data = _preprocessed(files, bundle)
+def tta_std(data: np.ndarray, engine: Backend, manifest: Manifest, *, logits: np.ndarray | None = None) -> float:
+    """TTA baseline of a preprocessed volume ``data`` ``(c, Z, Y, X)``: the 8 flip combinations through the sliding
+    window, the voxel mean of the standard deviation of the foreground probability (1 - P(background)).
 
+    ``logits`` ``(k, Z, Y, X)``: the unflipped prediction when it is already at hand (it is not run again).
+    """
     def predictions() -> Iterator[np.ndarray]:
-        for axes in [c for r in range(4) for c in itertools.combinations((1, 2, 3), r)]:
-            flipped = np.ascontiguousarray(np.flip(data, axes)) if axes else data
-            logits = infer_volume(flipped, engine, bundle.manifest).logits
-            yield np.flip(logits, axes) if axes else logits
+        for axes in FLIPS:
+            if not axes:
+                yield logits if logits is not None else infer_volume(data, engine, manifest).logits
+                continue
+            flipped = infer_volume(np.ascontiguousarray(np.flip(data, axes)), engine, manifest).logits
+            yield np.flip(flipped, axes)
 
     return _foreground_std(predictions())
 
 
-def mc_dropout_uncertainty(files: Sequence[Path], bundle: Bundle, engine, *, passes: int = MC_PASSES) -> float:
-    """MC dropout baseline: ``passes`` sliding-window runs of the dropout variant (``engine`` built from
-    :func:`~segsentry.evaluation.mc_dropout.add_mc_dropout`), each patch with fresh masks; the uncertainty is the
-    voxel mean of the standard deviation of the foreground probability."""
+def mc_dropout_std(data: np.ndarray, engine: Backend, manifest: Manifest, *, passes: int = MC_PASSES) -> float:
+    """MC dropout baseline of a preprocessed volume ``data`` ``(c, Z, Y, X)``: ``passes`` sliding-window runs of
+    the dropout variant (``engine`` built from :func:`~segsentry.evaluation.mc_dropout.add_mc_dropout`), each
+    patch with fresh masks; the voxel mean of the standard deviation of the foreground probability."""
     if passes < 2:
         raise EvaluationError(f"MC dropout needs at least 2 passes; got {passes}")
-    data = _preprocessed(files, bundle)
-    return _foreground_std(infer_volume(data, engine, bundle.manifest).logits for _ in range(passes))
+    return _foreground_std(infer_volume(data, engine, manifest).logits for _ in range(passes))
 
 
-def _softmax_background(logits: np.ndarray) -> np.ndarray:
-    x = logits.astype(np.float32)
-    x -= x.max(0, keepdims=True)
-    np.exp(x, out=x)
-    return x[0] / x.sum(0)
-
-
-Sampler = Callable[[list[Path]], float]  # a case's image files -> its sample-based uncertainty
-
-
-def _sampling_engines(bundle: Bundle, *, tta: bool, mc_variant: bytes | None, mc_passes: int, backend: str,
-                      threads: int | None) -> dict[str, tuple[object, Sampler]]:
-    """name -> (engine, sampler) for the requested sample-based baselines. ``mc_variant`` is the bundle with
-    test-time dropout (:func:`add_mc_dropout`); it always runs on onnxruntime (its random ops are standard ONNX;
-    not every engine implements them)."""
+def _preprocessed(files: Sequence[Path], bundle: Bundle) -> np.ndarray:
     m = bundle.manifest
-    engines: dict[str, tuple[object, Sampler]] = {}
-    if tta:
-        engine = create_backend(backend, bundle.model_bytes, channels=m.num_channels, patch_size=m.patch_size,
-                                options=BackendOptions(threads=threads), manifest=m)
-        engines["tta"] = (engine, lambda files, e=engine: tta_uncertainty(files, bundle, e))
-    if mc_variant is not None:
-        engine = create_backend("onnxruntime", mc_variant, channels=m.num_channels, patch_size=m.patch_size,
-                                options=BackendOptions(threads=threads))
-        engines["mc_dropout"] = (engine, lambda files, e=engine: mc_dropout_uncertainty(
-            files, bundle, e, passes=mc_passes))
-    return engines
+    loaded = read_case(CaseInput("sampled", tuple(files)), num_channels=m.num_channels)
+    data, _ = preprocess(loaded.image, loaded.spacing, m.preprocessing)
+    return data
 
 
-def _ok_reports(result, group: str, what: str) -> dict[str, dict]:
-    """case id -> report of a ``run_batch`` result; raise on a failed case or a bundle without a distance."""
-    reports = {}
-    for o in result.outcomes:
-        if o.status != "ok":
-            raise EvaluationError(f"case {o.case_id} of set '{group}' failed: {o.error}")
-        if o.report.get("uncertainty") is None:
-            raise EvaluationError(f"{what} is not calibrated (no distance output); run ood-calib first")
-        reports[o.case_id] = o.report
-    return reports
+def tta_uncertainty(files: Sequence[Path], bundle: Bundle, engine: Backend) -> float:
+    """:func:`tta_std` of one case given by its image files (read and preprocessed here)."""
+    return tta_std(_preprocessed(files, bundle), engine, bundle.manifest)
 
 
-def run_set(bundle: Path, folder: Path, group: str, work: Path, *, backend: str, threads: int | None,
-            samplers: Mapping[str, Sampler] | None = None,
-            layers: Mapping[str, Path] | None = None) -> list[CaseResult]:
-    """Run one evaluation set. ``samplers`` add sample-based scores by name; ``layers`` are extra calibrated
-    bundles whose U is recorded as ``mahalanobis[NAME]`` (the feature-layer ablation)."""
+def mc_dropout_uncertainty(files: Sequence[Path], bundle: Bundle, engine: Backend, *,
+                           passes: int = MC_PASSES) -> float:
+    """:func:`mc_dropout_std` of one case given by its image files (read and preprocessed here)."""
+    return mc_dropout_std(_preprocessed(files, bundle), engine, bundle.manifest, passes=passes)
+
+
+def _layer_uncertainty(data: np.ndarray, engine: Backend, manifest: Manifest) -> float:
+    """U of a layer-ablation bundle on the main bundle's preprocessed volume (distance map only, no logits)."""
+    calibration = manifest.calibration
+    inference = infer_volume(data, engine, manifest, accumulate_logits=False, aggregation=calibration.aggregation)
+    return normalise_score(subject_score(inference.distance_map), train_min=calibration.train_score_min,
+                           train_max=calibration.train_score_max)
+
+
+def evaluate_case(case: CaseInput, manifest: Manifest, engines: Engines, *,
+                  label: Path | None = None) -> tuple[dict[str, float], float | None]:
+    """Scores (method -> uncertainty) and Dice (``None`` without ``label``) of one case.
+
+    The case is read, preprocessed and run through the main engine once; the baselines, the layer bundles, TTA
+    and MC dropout work on those arrays. Raises :class:`~segsentry.errors.SegsentryError` for a case that
+    cannot be processed.
+    """
+    loaded = read_case(case, num_channels=manifest.num_channels)
+    data, geometry = preprocess(loaded.image, loaded.spacing, manifest.preprocessing)
+    inference = infer_volume_for_case(data, engines.main, manifest)
+    prediction = finish_case(loaded, inference, geometry, manifest, with_uncertainty_map=False)
+    scores = {"mahalanobis": prediction.uncertainty_score, **output_baselines(inference.logits)}
+    for name, (layer_manifest, engine) in engines.layers.items():
+        scores[f"mahalanobis[{name}]"] = _layer_uncertainty(data, engine, layer_manifest)
+    if engines.tta:
+        scores["tta"] = tta_std(data, engines.main, manifest, logits=inference.logits)
+    if engines.mc_dropout is not None:
+        scores["mc_dropout"] = mc_dropout_std(data, engines.mc_dropout, manifest, passes=engines.mc_passes)
+    case_dice = None
+    if label is not None:
+        case_dice = dice(prediction.mask, sitk.GetArrayFromImage(sitk.ReadImage(str(label))))
+    return scores, case_dice
+
+
+def run_set(folder: Path, group: str, manifest: Manifest, engines: Engines) -> list[CaseResult]:
+    """Every case of one evaluation set (nnU-Net raw layout or a plain folder), in :func:`collect_cases` order;
+    the first case that fails raises :class:`EvaluationError` naming it and the set."""
     images, labels = _images_and_labels(folder)
-    reports = _ok_reports(run_batch(bundle, [images], work / group, backend=backend, threads=threads, qa=False),
-                          group, "the bundle")
-    extra = {name: _ok_reports(run_batch(path, [images], work / f"{group}@{name}", backend=backend,
-                                         threads=threads, qa=False), group, f"layer bundle '{name}'")
-             for name, path in (layers or {}).items()}
     cases = []
-    for case_id, r in reports.items():
-        b = r["baselines"]
-        scores = {"mahalanobis": r["uncertainty"], "kl_uniform": b["kl_uniform"], "energy": b["energy"],
-                  **{f"max_softmax_T{t}": b[f"max_softmax_T{t}"] for t in (1, 10, 100)}}
-        for name, layer_reports in extra.items():
-            scores[f"mahalanobis[{name}]"] = layer_reports[case_id]["uncertainty"]
-        for name, sampler in (samplers or {}).items():
-            scores[name] = sampler([Path(f) for f in r["inputs"]])
-        case_dice = None
-        if labels is not None:
-            ref_path = next(iter(sorted(labels.glob(f"{case_id}.*"))), None)
-            if ref_path is not None:
-                pred = sitk.GetArrayFromImage(sitk.ReadImage(r["outputs"]["mask"]))
-                ref = sitk.GetArrayFromImage(sitk.ReadImage(str(ref_path)))
-                case_dice = dice(pred, ref)
-        cases.append(CaseResult(case_id, group, scores, case_dice))
+    for case in collect_cases([images], num_channels=manifest.num_channels):
+        label = next(iter(sorted(labels.glob(f"{case.case_id}.*"))), None) if labels is not None else None
+        try:
+            scores, case_dice = evaluate_case(case, manifest, engines, label=label)
+        except SegsentryError as exc:
+            raise EvaluationError(f"case {case.case_id} of set '{group}' failed: {exc}") from exc
+        except (MemoryError, FloatingPointError, OSError) as exc:
+            raise EvaluationError(f"case {case.case_id} of set '{group}' failed: {type(exc).__name__}: {exc}") from exc
+        cases.append(CaseResult(case.case_id, group, scores, case_dice))
     if not cases:
         raise EvaluationError(f"evaluation set '{group}' ({folder}) holds no cases")
     return cases
@@ -228,73 +246,6 @@ def scenario_table(id_cases: list[CaseResult], ood_cases: list[CaseResult]) -> l
     return rows
 
 
-def _fmt(value: float | None) -> str:
-    return "–" if value is None else f"{value:.3f}"
-
-
-def _scatter_svg(id_cases: list[CaseResult], ood_cases: list[CaseResult], threshold: float, title: str) -> str:
-    """Dice vs Mahalanobis U with the 95 % TPR line; the silent-failure quadrant (Dice < 0.6, U below) shaded."""
-    w, h, pad = 360, 260, 36
-    pts = [(c.scores["mahalanobis"], c.dice, c.group == "id") for c in id_cases + ood_cases if c.dice is not None]
-
-    def x(u: float) -> float:
-        return pad + (w - 2 * pad) * min(max(u, 0), 1)
-
-    def y(d: float) -> float:
-        return h - pad - (h - 2 * pad) * min(max(d, 0), 1)
-
-    dots = "".join(f'<circle cx="{x(u):.1f}" cy="{y(d):.1f}" r="4" fill="{"#2a7" if is_id else "#d33"}" '
-                   f'fill-opacity="0.7"><title>U {u:.3f}, Dice {d:.3f}</title></circle>' for u, d, is_id in pts)
-    return (
-        f'<svg width="{w}" height="{h}" xmlns="http://www.w3.org/2000/svg" role="img"><title>{html.escape(title)}</title>'
-        f'<rect x="{x(0):.1f}" y="{y(SILENT_FAILURE_DICE):.1f}" width="{x(threshold) - x(0):.1f}" '
-        f'height="{y(0) - y(SILENT_FAILURE_DICE):.1f}" fill="#fdd" />'
-        f'<line x1="{x(0)}" y1="{y(0)}" x2="{x(1)}" y2="{y(0)}" stroke="#333" />'
-        f'<line x1="{x(0)}" y1="{y(0)}" x2="{x(0)}" y2="{y(1)}" stroke="#333" />'
-        f'<line x1="{x(threshold):.1f}" y1="{y(0)}" x2="{x(threshold):.1f}" y2="{y(1)}" stroke="#000" stroke-dasharray="4,3" />'
-        f'{dots}<text x="{w / 2 - 30}" y="{h - 6}" font-size="11">uncertainty U</text>'
-        f'<text x="4" y="{pad - 8}" font-size="11">Dice</text>'
-        f'<text x="{x(0) + 2:.1f}" y="{y(0) - 4:.1f}" font-size="9" fill="#a00">silent failures</text></svg>'
-    )
-
-
-def _distribution_svg(groups: Sequence[tuple[str, np.ndarray]], threshold: float, title: str) -> str:
-    """One method's score distribution per set (paper Fig. 8): box (quartiles, median) and the cases as dots;
-    dashed line = the method's 95 % TPR threshold on the ID set. The y axis spans this method's scores."""
-    pad, band, h = 44, 86, 230
-    w = 2 * pad + band * len(groups)
-    values = np.concatenate([v for _, v in groups] + [np.array([threshold])])
-    lo, hi = float(values.min()), float(values.max())
-    span = hi - lo if hi > lo else 1.0
-
-    def y(v: float) -> float:
-        return h - pad - (h - 2 * pad) * (v - lo) / span
-
-    parts = [(f'<svg width="{w}" height="{h}" xmlns="http://www.w3.org/2000/svg" role="img">'
-             f'<title>{html.escape(title)}</title><text x="4" y="14" font-size="12">{html.escape(title)}</text>'),
-             f'<line x1="{pad}" y1="{y(lo):.1f}" x2="{pad}" y2="{y(hi):.1f}" stroke="#333" />',
-             (f'<text x="2" y="{y(hi) + 4:.1f}" font-size="9">{hi:.3g}</text>'
-             f'<text x="2" y="{y(lo) + 4:.1f}" font-size="9">{lo:.3g}</text>')]
-    for i, (name, v) in enumerate(groups):
-        cx = pad + band * i + band / 2
-        q1, med, q3 = np.percentile(v, [25, 50, 75])
-        colour = "#2a7" if i == 0 else "#d33"
-        parts.append(f'<rect x="{cx - 16:.1f}" y="{y(q3):.1f}" width="32" height="{max(y(q1) - y(q3), 1):.1f}" '
-                     f'fill="{colour}" fill-opacity="0.18" stroke="{colour}" />'
-                     f'<line x1="{cx - 16:.1f}" y1="{y(med):.1f}" x2="{cx + 16:.1f}" y2="{y(med):.1f}" '
-                     f'stroke="{colour}" stroke-width="2" />')
-        for j, value in enumerate(v):
-            dx = ((j * 7919) % 23 - 11) * 1.2  # deterministic jitter
-            parts.append(f'<circle cx="{cx + dx:.1f}" cy="{y(value):.1f}" r="2.5" fill="{colour}" '
-                         f'fill-opacity="0.7"><title>{html.escape(name)}: {value:.4g}</title></circle>')
-        label = name if len(name) <= 16 else name[:15] + "…"
-        parts.append(f'<text x="{cx:.1f}" y="{h - pad + 14}" font-size="9" text-anchor="middle">'
-                     f'{html.escape(label)}</text>')
-    parts.append(f'<line x1="{pad}" y1="{y(threshold):.1f}" x2="{w - pad}" y2="{y(threshold):.1f}" stroke="#000" '
-                 f'stroke-dasharray="4,3" /></svg>')
-    return "".join(parts)
-
-
 def layer_ablation_table(id_cases: list[CaseResult], scenarios: Mapping[str, list[CaseResult]],
                          layers: Mapping[str, str]) -> list[dict]:
     """Paper Table 11: per feature layer (score key -> label), AUC and FPR (95 % TPR on ID) per scenario."""
@@ -320,6 +271,13 @@ def _score_methods(cases: list[CaseResult]) -> dict[str, str]:
     return {k: v for k, v in keys.items() if all(k in c.scores for c in cases)}
 
 
+def _engine(bundle: Bundle, backend: str, threads: int | None) -> Backend:
+    m = bundle.manifest
+    return create_backend(backend, bundle.model_bytes, channels=m.num_channels, patch_size=m.patch_size,
+                          options=BackendOptions(threads=threads, cache_dir=bundle.path),  # TensorRT: cache beside it
+                          manifest=m)
+
+
 def evaluate(
     bundle: str | Path, id_set: str | Path, ood_sets: Mapping[str, str | Path], output: str | Path, *,
     backend: str = "auto", threads: int | None = None, tta: bool = False, mc_dropout: bool = False,
@@ -327,7 +285,7 @@ def evaluate(
 ) -> dict:
     """Run everything once, then write ``output/report.md``, ``report.html``, ``cases.csv``, ``results.json``.
 
-    ``tta`` / ``mc_dropout`` add the sample-based baselines (8 / ``mc_passes`` extra sliding-window runs per
+    ``tta`` / ``mc_dropout`` add the sample-based baselines (7 / ``mc_passes`` extra sliding-window runs per
     case). ``layers`` maps a name to another calibrated bundle of the same network tapped at another layer
     (``ood-export --layer``, then ``ood-calib``): the report gets the feature-layer ablation table.
     """
@@ -336,6 +294,8 @@ def evaluate(
         raise EvaluationError("give at least one OOD set (NAME=FOLDER)")
     if "id" in ood_sets:
         raise EvaluationError("'id' is reserved for the in-distribution set; rename that OOD set")
+    if mc_dropout and mc_passes < 2:
+        raise EvaluationError(f"MC dropout needs at least 2 passes; got {mc_passes}")
     layers = {name: Path(path) for name, path in (layers or {}).items()}
     for name, path in layers.items():
         if not name or "[" in name or "]" in name:
@@ -343,111 +303,98 @@ def evaluate(
         if not path.is_file():
             raise EvaluationError(f"layer bundle '{name}' ({path}) is not a file")
     main = load_bundle(bundle)
-    layer_manifests = _same_network(main, layers)
-    work = output / "cases"
+    if main.manifest.calibration is None:
+        raise EvaluationError("the bundle is not calibrated (no distance output); run ood-calib first")
+    layer_bundles = _same_network(main, layers)
+    m = main.manifest
     mc_variant = (add_mc_dropout(onnx.load_from_string(main.model_bytes), p=MC_P).SerializeToString()
                   if mc_dropout else None)
+    backend = resolve_backend_name(backend)
 
-    def run(group: str, folder: Path) -> list[CaseResult]:
-        # fresh engines per set: every set draws the same MC dropout masks from the same seeds
-        engines = _sampling_engines(main, tta=tta, mc_variant=mc_variant, mc_passes=mc_passes, backend=backend,
-                                    threads=threads)
-        try:
-            return run_set(main.path, folder, group, work, backend=backend, threads=threads,
-                           samplers={name: sampler for name, (_, sampler) in engines.items()}, layers=layers)
-        finally:
-            for engine, _ in engines.values():
-                engine.close()
+    sets = {"id": Path(id_set), **{name: Path(folder) for name, folder in ood_sets.items()}}
+    results: dict[str, list[CaseResult]] = {}
+    with ExitStack() as stack:  # one engine per bundle for the whole evaluation
+        engine = stack.enter_context(_engine(main, backend, threads))
+        layer_engines = {name: (b.manifest, stack.enter_context(_engine(b, backend, threads)))
+                         for name, b in layer_bundles.items()}
+        for group, folder in sets.items():
+            # a fresh MC dropout engine per set: every set draws the same dropout masks from the same seeds; it
+            # runs on onnxruntime (its random ops are standard ONNX, not every engine implements them)
+            with (create_backend("onnxruntime", mc_variant, channels=m.num_channels, patch_size=m.patch_size,
+                                 options=BackendOptions(threads=threads)) if mc_variant is not None else nullcontext()) as mc_engine:
+                engines = Engines(main=engine, layers=layer_engines, tta=tta, mc_dropout=mc_engine,
+                                  mc_passes=mc_passes)
+                results[group] = run_set(folder, group, m, engines)
 
-    id_cases = run("id", Path(id_set))
-    scenarios = {}
-    all_cases = list(id_cases)
-    for name, folder in ood_sets.items():
-        ood_cases = run(name, Path(folder))
-        all_cases += ood_cases
-        scenarios[name] = {"rows": scenario_table(id_cases, ood_cases), "cases": ood_cases}
+    result, view = _summarise(main, layer_bundles, results, bundle=bundle, id_set=id_set, ood_sets=ood_sets,
+                             tta=tta, mc_dropout=mc_dropout, mc_passes=mc_passes)
+    write_text_atomic(output / "results.json", json.dumps(result, indent=2) + "\n")
+    write_text_atomic(output / "cases.csv", _cases_csv([c for cases in results.values() for c in cases]))
+    write_text_atomic(output / "report.md", report_markdown(view))
+    write_text_atomic(output / "report.html", report_html(view))
+    return result
+
+
+def _summarise(main: Bundle, layer_bundles: Mapping[str, Bundle], results: Mapping[str, list[CaseResult]], *,
+              bundle: str | Path, id_set: str | Path, ood_sets: Mapping[str, str | Path], tta: bool,
+              mc_dropout: bool, mc_passes: int) -> tuple[dict, ReportView]:
+    """``results.json``'s content and the report's view from the per-set case results (``"id"`` first)."""
+    id_cases = results["id"]
+    all_cases = [c for cases in results.values() for c in cases]
+    groups = list(results)
+    scenarios = {name: scenario_table(id_cases, results[name]) for name in ood_sets}
+    mean_dice = {g: _mean_dice(results[g]) for g in groups}
     spec = main.manifest.features
     layer_keys = {"mahalanobis": f"{spec.layer} (D={spec.dim})"}
-    for name, manifest in layer_manifests.items():
-        spec = manifest.features
+    for name, layer_bundle in layer_bundles.items():
+        spec = layer_bundle.manifest.features
         layer_keys[f"mahalanobis[{name}]"] = f"{name}: {spec.layer} (D={spec.dim})"
-    ablation = (layer_ablation_table(id_cases, {k: v["cases"] for k, v in scenarios.items()}, layer_keys)
-                if layers else None)
+    ablation = (layer_ablation_table(id_cases, {name: results[name] for name in ood_sets}, layer_keys)
+                if layer_bundles else None)
     methods = _score_methods(all_cases)
-    groups = ["id", *ood_sets]
-    distributions = {
-        key: {g: _summary([c.scores[key] for c in all_cases if c.group == g]) for g in groups} for key in methods}
+    distributions = {key: {g: _summary([c.scores[key] for c in results[g]]) for g in groups} for key in methods}
     result = {
         "bundle": str(bundle), "id_set": str(id_set), "ood_sets": {k: str(v) for k, v in ood_sets.items()},
-        "scenarios": {k: v["rows"] for k, v in scenarios.items()},
-        "mean_dice": {g: _mean_dice([c for c in all_cases if c.group == g]) for g in groups},
+        "scenarios": scenarios,
+        "mean_dice": mean_dice,
         "distributions": distributions,
         "sampled_baselines": {"tta": tta, "mc_dropout": {"passes": mc_passes, "p": MC_P} if mc_dropout else None},
     }
     if ablation is not None:
         result["layer_ablation"] = ablation
-    write_text_atomic(output / "results.json", json.dumps(result, indent=2) + "\n")
-    _write_cases_csv(all_cases, output / "cases.csv")
-    md, body = [f"# ood-eval: {Path(bundle).name}", ""], []
-    for name, s in scenarios.items():
-        md += [(f"## {name} (ID: {len(id_cases)} cases, OOD: {len(s['cases'])} cases; mean Dice ID "
-               f"{_fmt(result['mean_dice']['id'])}, OOD {_fmt(result['mean_dice'][name])})"), "",
-               "| method | ESCE | Error | FPR | AUC |", "|---|---|---|---|---|"]
-        md += [f"| {r['method']} | {_fmt(r['esce'])} | {_fmt(r['error'])} | {_fmt(r['fpr'])} | {_fmt(r['auc'])} |"
-               for r in s["rows"]]
-        md.append("")
-        table = "".join(f"<tr><td>{html.escape(r['method'])}</td><td>{_fmt(r['esce'])}</td><td>{_fmt(r['error'])}"
-                        f"</td><td>{_fmt(r['fpr'])}</td><td>{_fmt(r['auc'])}</td></tr>" for r in s["rows"])
-        threshold = next(r["threshold"] for r in s["rows"] if r["method"] == "mahalanobis")
-        body.append(f"<h2>{html.escape(name)}</h2><table><tr><th>method</th><th>ESCE</th><th>Error</th><th>FPR</th>"
-                    f"<th>AUC</th></tr>{table}</table>{_scatter_svg(id_cases, s['cases'], threshold, name)}")
-    if ablation is not None:
-        head = "| feature layer | " + " | ".join(f"{n} AUC / FPR" for n in scenarios) + " |"
-        lines = [f"| {r['layer']} | " + " | ".join(f"{_fmt(r[n]['auc'])} / {_fmt(r[n]['fpr'])}" for n in scenarios)
-                 + " |" for r in ablation]
-        md += ["## Feature-layer ablation (Mahalanobis score per layer)", "", head,
-               "|---|" + "---|" * len(scenarios), *lines, ""]
-        cells = "".join(f"<tr><td>{html.escape(r['layer'])}</td>" + "".join(
-            f"<td>{_fmt(r[n]['auc'])} / {_fmt(r[n]['fpr'])}</td>" for n in scenarios) + "</tr>" for r in ablation)
-        body.append("<h2>Feature-layer ablation</h2><table><tr><th>feature layer</th>" + "".join(
-            f"<th>{html.escape(n)} AUC / FPR</th>" for n in scenarios) + f"</tr>{cells}</table>")
-    md += ["## Score distributions per set (median [IQR])", "",
-           "| method | " + " | ".join(groups) + " |", "|---|" + "---|" * len(groups)]
-    md += [f"| {label} | " + " | ".join(
-        f"{distributions[key][g]['median']:.3g} [{distributions[key][g]['q1']:.3g}–{distributions[key][g]['q3']:.3g}]"
-        for g in groups) + " |" for key, label in methods.items()]
-    md.append("")
-    figures = []
-    for key, label in methods.items():
-        threshold = tpr95_threshold(_method_scores(id_cases, key))
-        figures.append(_distribution_svg(
-            [(g, _method_scores([c for c in all_cases if c.group == g], key)) for g in groups], threshold, label))
-    body.append("<h2>Score distributions per set</h2><div>" + "".join(figures) + "</div>")
-    passes = f"; MC dropout: p = {MC_P} after every encoder stage, {mc_passes} passes" if mc_dropout else ""
-    md.append("Thresholds: 95 % TPR boundary of each method on the ID set. ESCE over ID + OOD cases with labels. "
-              "Scatter (HTML): Dice vs Mahalanobis U, ID green, OOD red, dashed = threshold, shaded = silent "
-              f"failures (Dice < 0.6 kept as in-distribution){passes}.")
-    write_text_atomic(output / "report.md", "\n".join(md) + "\n")
-    write_text_atomic(output / "report.html", "<!doctype html><html><head><meta charset='utf-8'><title>ood-eval</title>"
-                      "<style>body{font-family:system-ui,sans-serif;margin:24px}table{border-collapse:collapse}"
-                      "td,th{border:1px solid #ccc;padding:3px 8px}svg{margin:4px}</style></head><body>"
-                      f"<h1>ood-eval: {html.escape(Path(bundle).name)}</h1>{''.join(body)}"
-                      f"<p>{html.escape(md[-1])}</p></body></html>\n")
-    return result
+    view = ReportView(
+        bundle_name=Path(bundle).name,
+        groups=groups,
+        scenarios=[ScenarioView(
+            name=name, rows=rows, n_id=len(id_cases), n_ood=len(results[name]), mean_dice_id=mean_dice["id"],
+            mean_dice_ood=mean_dice[name],
+            points=[(c.scores["mahalanobis"], c.dice, c.group == "id") for c in id_cases + results[name]
+                    if c.dice is not None],
+            threshold=next(r["threshold"] for r in rows if r["method"] == "mahalanobis"),
+        ) for name, rows in scenarios.items()],
+        ablation=ablation,
+        distributions=[MethodDistribution(
+            key=key, label=label, values=[(g, _method_scores(results[g], key)) for g in groups],
+            summaries=distributions[key], threshold=tpr95_threshold(_method_scores(id_cases, key)),
+        ) for key, label in methods.items()],
+        mc_dropout=(MC_P, mc_passes) if mc_dropout else None,
+    )
+    return result, view
 
 
-def _same_network(main: Bundle, layers: Mapping[str, Path]) -> dict[str, Manifest]:
-    """The layer-ablation bundles' manifests, checked to be the same network and pipeline as ``main`` (tapped
-    elsewhere) and calibrated."""
+def _same_network(main: Bundle, layers: Mapping[str, Path]) -> dict[str, Bundle]:
+    """The layer-ablation bundles, checked to be the same network and pipeline as ``main`` (tapped elsewhere)
+    and calibrated."""
     def fields(m: Manifest) -> dict:
         source = {k: v for k, v in m.source.items() if k != "model_dir"}  # the folder may have moved
         return {"source": source, "labels": m.labels, "channels": m.channels, "patch_size": m.patch_size,
                 "preprocessing": m.preprocessing, "tiling": m.tiling}
 
     expected = fields(main.manifest)
-    manifests = {}
+    bundles = {}
     for name, path in layers.items():
-        manifest = load_bundle(path).manifest
+        layer_bundle = load_bundle(path)
+        manifest = layer_bundle.manifest
         found = fields(manifest)
         for what in expected:
             if found[what] != expected[what]:
@@ -457,8 +404,8 @@ def _same_network(main: Bundle, layers: Mapping[str, Path]) -> dict[str, Manifes
                     "calibrate it")
         if manifest.calibration is None:
             raise EvaluationError(f"layer bundle '{name}' ({path}) is not calibrated; run ood-calib on it first")
-        manifests[name] = manifest
-    return manifests
+        bundles[name] = layer_bundle
+    return bundles
 
 
 def _summary(values: Sequence[float]) -> dict[str, float]:
@@ -471,7 +418,8 @@ def _mean_dice(cases: list[CaseResult]) -> float | None:
     return float(np.mean(values)) if values else None
 
 
-def _write_cases_csv(cases: list[CaseResult], target: Path) -> None:
+def _cases_csv(cases: list[CaseResult]) -> str:
+    """``cases.csv``: one row per case and set, every score key as a column (sorted)."""
     keys = sorted({k for c in cases for k in c.scores})
     buffer = io.StringIO()
     writer = csv.writer(buffer)
@@ -479,4 +427,4 @@ def _write_cases_csv(cases: list[CaseResult], target: Path) -> None:
     for c in cases:
         writer.writerow([c.case_id, c.group, "" if c.dice is None else f"{c.dice:.6f}",
                          *[f"{c.scores[k]:.6g}" for k in keys]])
-    write_text_atomic(target, buffer.getvalue())
+    return buffer.getvalue()

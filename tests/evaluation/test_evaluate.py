@@ -126,42 +126,62 @@ def test_eval_shift_command(cohorts, tmp_path):
     assert bad.exit_code == 2
 
 
-def test_tta_baseline_matches_a_direct_computation(cohorts):
-    """TTA = voxel mean of the std over 8 flips of the foreground probability, recomputed with scipy."""
+def test_tta_baseline_matches_a_direct_computation(tmp_path):
+    """TTA = voxel mean of the std over 8 flips of the foreground probability, recomputed with scipy; the case's
+    own unflipped logits stand in for the identity flip without changing the value."""
     import itertools
 
     import numpy as np
     from scipy.special import softmax
 
-    from segsentry.evaluation.evaluate import tta_uncertainty
+    from segsentry.evaluation.evaluate import tta_std, tta_uncertainty
     from segsentry.runtime import load_bundle, read_case
     from segsentry.runtime.backends import create_backend
     from segsentry.runtime.io import CaseInput
     from segsentry.runtime.pipeline import infer_volume
     from segsentry.runtime.preprocess import preprocess
 
+    write_cohort(tmp_path, cohort="id", n=1, seed=31, prefix="ID", shape=(24, 96, 96))
     bundle = load_bundle(demo_bundle_path())
     m = bundle.manifest
-    files = [cohorts / "id" / "imagesTr" / "ID_000_0000.nii.gz"]
+    files = [tmp_path / "imagesTr" / "ID_000_0000.nii.gz"]
+    loaded = read_case(CaseInput("c", tuple(files)), num_channels=1)
+    data, _ = preprocess(loaded.image, loaded.spacing, m.preprocessing)
     with create_backend("onnxruntime", bundle.model_bytes, channels=1, patch_size=m.patch_size) as engine:
-        got = tta_uncertainty(files, bundle, engine)
-        data, _ = preprocess(read_case(CaseInput("c", tuple(files)), num_channels=1).image,
-                             read_case(CaseInput("c", tuple(files)), num_channels=1).spacing, m.preprocessing)
-        probs = []
-        for axes in [c for r in range(4) for c in itertools.combinations((1, 2, 3), r)]:
-            logits = infer_volume(np.ascontiguousarray(np.flip(data, axes)), engine, m).logits.astype(np.float64)
-            probs.append(1 - softmax(np.flip(logits, axes), axis=0)[0])
-    assert len(probs) == 8
+        flips = [c for r in range(4) for c in itertools.combinations((1, 2, 3), r)]
+        logits = [infer_volume(np.ascontiguousarray(np.flip(data, axes)), engine, m).logits for axes in flips]
+        got = tta_uncertainty(files, bundle, engine)  # read and preprocessed there, all 8 flips run
+        assert tta_std(data, engine, m, logits=logits[0]) == got  # 7 flips run, the unflipped one given
+    assert len(logits) == 8 and flips[0] == ()
+    probs = [1 - softmax(np.flip(x.astype(np.float64), axes), axis=0)[0] for x, axes in zip(logits, flips)]
     assert got == pytest.approx(float(np.mean(np.std(np.stack(probs), axis=0))), rel=1e-4)
 
 
-def test_eval_with_sampled_baselines_adds_rows(tmp_path):
+def test_eval_with_sampled_baselines_adds_rows(tmp_path, monkeypatch):
+    """TTA and MC dropout rows; every case is read, preprocessed and run through the main sliding window once
+    (the baselines work on those arrays), and no per-case files are written."""
+    from segsentry.evaluation import evaluate as module
     from segsentry.evaluation.evaluate import evaluate
 
+    calls = {"read_case": 0, "preprocess": 0, "infer_volume_for_case": 0}
+
+    def counting(name):
+        original = getattr(module, name)
+
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return original(*args, **kwargs)
+        return wrapper
+
+    for name in calls:
+        monkeypatch.setattr(module, name, counting(name))
     write_cohort(tmp_path / "id", cohort="id", n=2, seed=21, prefix="ID", shape=(24, 96, 96))
     write_cohort(tmp_path / "far", cohort="far-ood", n=1, seed=22, prefix="FO", shape=(24, 96, 96))
     result = evaluate(demo_bundle_path(), tmp_path / "id", {"far": tmp_path / "far"}, tmp_path / "r", tta=True,
                       mc_dropout=True, mc_passes=2, backend="onnxruntime")
+    assert calls == {"read_case": 3, "preprocess": 3, "infer_volume_for_case": 3}
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["cases.csv", "report.html", "report.md",
+                                                                 "results.json"]
     rows = {r["method"]: r for r in result["scenarios"]["far"]}
     for method in ("TTA (8 flips)", "MC dropout"):
         assert method in rows and 0 <= rows[method]["auc"] <= 1
@@ -235,3 +255,16 @@ def test_feature_layer_ablation(ct_pipeline, tmp_path):
                               "--ood", f"odd={tmp_path / 'ood'}", "--layer", f"x={tmp_path / 'missing.onnx'}",
                               "-o", str(tmp_path / "r2")])
     assert bad.exit_code == 1 and "is not a file" in " ".join(bad.output.split())
+
+
+def test_failing_case_names_case_and_set(cohorts, tmp_path):
+    """A case that cannot be processed stops the evaluation with its id and set in the message."""
+    from segsentry.evaluation.evaluate import evaluate
+    from segsentry.evaluation.metrics import EvaluationError
+
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "AAA_0000.nii.gz").write_bytes(b"not an image")
+    with pytest.raises(EvaluationError, match=r"case AAA of set 'id' failed: cannot read .*AAA_0000\.nii\.gz"):
+        evaluate(demo_bundle_path(), tmp_path / "bad", {"far": cohorts / "far"}, tmp_path / "r",
+                 backend="onnxruntime")
+    assert not (tmp_path / "r").exists()
