@@ -26,7 +26,8 @@ import csv
 import io
 import itertools
 import json
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,11 +42,19 @@ from segsentry.evaluation.baselines import output_baselines
 from segsentry.evaluation.mc_dropout import add_mc_dropout
 from segsentry.evaluation.metrics import (
     EvaluationError,
+    auc,
+    aurc,
+    bootstrap_interval,
+    detection_error,
     detection_summary,
     dice,
+    e_aurc,
     esce,
+    fpr_at_threshold,
+    risk_coverage,
     temperature_scaling_search,
     tpr95_threshold,
+    tpr_at_threshold,
 )
 from segsentry.evaluation.render import MethodDistribution, ReportView, ScenarioView, report_html, report_markdown
 from segsentry.manifest import Manifest
@@ -64,12 +73,16 @@ MC_P = 0.5
 FLIPS = [c for r in range(4) for c in itertools.combinations((1, 2, 3), r)]  # spatial axes of (c, Z, Y, X)
 
 
+BOOTSTRAP_RESAMPLES = 1000  # per interval; percentile bootstrap, each set of cases resampled on its own
+
+
 @dataclass
 class CaseResult:
     case_id: str
     group: str  # "id" or the OOD set's name
     scores: dict[str, float]  # method -> uncertainty (energy: raw)
     dice: float | None
+    flagged: bool | None = None  # the bundle's own deployed verdict (its threshold and input guard)
 
 
 @dataclass(frozen=True)
@@ -167,8 +180,8 @@ def _layer_uncertainty(data: np.ndarray, engine: Backend, manifest: Manifest) ->
 
 
 def evaluate_case(case: CaseInput, manifest: Manifest, engines: Engines, *,
-                  label: Path | None = None) -> tuple[dict[str, float], float | None]:
-    """Scores (method -> uncertainty) and Dice (``None`` without ``label``) of one case.
+                  label: Path | None = None) -> tuple[dict[str, float], float | None, bool | None]:
+    """Scores (method -> uncertainty), Dice (``None`` without ``label``) and the deployed flag of one case.
 
     The case is read, preprocessed and run through the main engine once; the baselines, the layer bundles, TTA
     and MC dropout work on those arrays. Raises :class:`~segsentry.errors.SegsentryError` for a case that
@@ -188,7 +201,7 @@ def evaluate_case(case: CaseInput, manifest: Manifest, engines: Engines, *,
     case_dice = None
     if label is not None:
         case_dice = dice(prediction.mask, sitk.GetArrayFromImage(sitk.ReadImage(str(label))))
-    return scores, case_dice
+    return scores, case_dice, prediction.ood
 
 
 def run_set(folder: Path, group: str, manifest: Manifest, engines: Engines) -> list[CaseResult]:
@@ -199,12 +212,12 @@ def run_set(folder: Path, group: str, manifest: Manifest, engines: Engines) -> l
     for case in collect_cases([images], num_channels=manifest.num_channels):
         label = next(iter(sorted(labels.glob(f"{case.case_id}.*"))), None) if labels is not None else None
         try:
-            scores, case_dice = evaluate_case(case, manifest, engines, label=label)
+            scores, case_dice, flagged = evaluate_case(case, manifest, engines, label=label)
         except SegsentryError as exc:
             raise EvaluationError(f"case {case.case_id} of set '{group}' failed: {exc}") from exc
         except (MemoryError, FloatingPointError, OSError) as exc:
             raise EvaluationError(f"case {case.case_id} of set '{group}' failed: {type(exc).__name__}: {exc}") from exc
-        cases.append(CaseResult(case.case_id, group, scores, case_dice))
+        cases.append(CaseResult(case.case_id, group, scores, case_dice, flagged))
     if not cases:
         raise EvaluationError(f"evaluation set '{group}' ({folder}) holds no cases")
     return cases
@@ -224,8 +237,28 @@ def _best_temperature(cases: list[CaseResult]) -> int:
     return int(best)
 
 
+def _interval(statistic: Callable[..., float], *groups: np.ndarray) -> list[float] | None:
+    """The 95 % percentile-bootstrap interval of ``statistic``, or ``None`` where it is undefined."""
+    try:
+        return list(bootstrap_interval(statistic, *groups, n_resamples=BOOTSTRAP_RESAMPLES, seed=0))
+    except EvaluationError:
+        return None
+
+
+def _refit_fpr(ids: np.ndarray, oods: np.ndarray) -> float:
+    return fpr_at_threshold(oods, tpr95_threshold(ids))
+
+
+def _refit_error(ids: np.ndarray, oods: np.ndarray) -> float:
+    t = tpr95_threshold(ids)
+    return detection_error(tpr_at_threshold(ids, t), fpr_at_threshold(oods, t))
+
+
 def scenario_table(id_cases: list[CaseResult], ood_cases: list[CaseResult]) -> list[dict]:
-    """One row per method: ESCE (over ID + OOD cases with Dice), detection error, FPR, AUC, threshold."""
+    """One row per method: ESCE (over ID + OOD cases with Dice), detection error, FPR, AUC, threshold.
+
+    This is the paper's protocol: each method's threshold is re-fitted at 95 % TPR on this ID set. Every AUC, FPR
+    and error has a 95 % bootstrap interval (``*_ci``), the threshold re-fitted inside each resample."""
     rows = []
     everything = id_cases + ood_cases
     t_best = _best_temperature(everything)
@@ -233,7 +266,8 @@ def scenario_table(id_cases: list[CaseResult], ood_cases: list[CaseResult]) -> l
     with_dice = [c for c in everything if c.dice is not None]
     for method in methods:
         key = f"max_softmax_T{t_best}" if method == "max_softmax" else method
-        summary = detection_summary(_method_scores(id_cases, key), _method_scores(ood_cases, key))
+        ids, oods = _method_scores(id_cases, key), _method_scores(ood_cases, key)
+        summary = detection_summary(ids, oods)
         error_esce = None
         if with_dice and method != "energy":  # over the cases with labels (a set may be partly labelled)
             error_esce = esce(_method_scores(with_dice, key), np.array([c.dice for c in with_dice]))
@@ -242,8 +276,55 @@ def scenario_table(id_cases: list[CaseResult], ood_cases: list[CaseResult]) -> l
             SAMPLED.get(method, method.replace("_", " ")),
             "esce": error_esce, "error": summary["detection_error"], "fpr": summary["fpr"], "auc": summary["auc"],
             "threshold": summary["threshold"], "tpr": summary["tpr"],
+            "auc_ci": _interval(auc, ids, oods), "fpr_ci": _interval(_refit_fpr, ids, oods),
+            "error_ci": _interval(_refit_error, ids, oods),
         })
     return rows
+
+
+def wilson_interval(k: int, n: int, *, z: float = 1.959963984540054) -> list[float]:
+    """Wilson score 95 % interval of a proportion ``k / n`` (sensible at 0 and n, unlike the bootstrap)."""
+    if n <= 0:
+        raise EvaluationError("wilson_interval: no cases")
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [max(0.0, centre - half), min(1.0, centre + half)]
+
+
+def deployed_table(results: Mapping[str, list[CaseResult]]) -> list[dict]:
+    """The bundle's own flag, as deployed (no threshold re-fitted): per set the fraction flagged OOD with its
+    Wilson 95 % interval -- false alarms on the ID set, detections on the others."""
+    rows = []
+    for group, cases in results.items():
+        flags = [c.flagged for c in cases if c.flagged is not None]
+        if not flags:
+            continue
+        k = int(sum(flags))
+        rows.append({"set": group, "n": len(flags), "flagged": k, "rate": k / len(flags),
+                     "rate_ci": wilson_interval(k, len(flags)),
+                     "meaning": "false alarms" if group == "id" else "detected"})
+    return rows
+
+
+def failure_table(cases: list[CaseResult], methods: Mapping[str, str]) -> dict:
+    """Failure detection (Zenk et al., MedIA 2025) over the cases with a Dice: risk = 1 - Dice, each method's
+    AURC and E-AURC with 95 % bootstrap intervals (cases resampled), and the random-order AURC (the mean risk)."""
+    labelled = [c for c in cases if c.dice is not None]
+    if len(labelled) < 2:
+        return {}
+    risk = 1.0 - np.array([c.dice for c in labelled], dtype=np.float64)
+    rows, curves = [], {}
+    for key, label in methods.items():
+        u = _method_scores(labelled, key)
+        pairs = np.stack([u, risk], axis=1)
+        coverage, selective = risk_coverage(u, risk)
+        curves[key] = {"label": label, "coverage": coverage.tolist(), "risk": selective.tolist()}
+        rows.append({"key": key, "method": label, "aurc": aurc(u, risk), "e_aurc": e_aurc(u, risk),
+                     "aurc_ci": _interval(lambda p: aurc(p[:, 0], p[:, 1]), pairs),
+                     "e_aurc_ci": _interval(lambda p: e_aurc(p[:, 0], p[:, 1]), pairs)})
+    return {"n": len(labelled), "sets": sorted({c.group for c in labelled}), "mean_risk": float(risk.mean()),
+            "random_aurc": float(risk.mean()), "oracle_aurc": aurc(risk, risk), "rows": rows, "curves": curves}
 
 
 def layer_ablation_table(id_cases: list[CaseResult], scenarios: Mapping[str, list[CaseResult]],
@@ -282,12 +363,18 @@ def evaluate(
     bundle: str | Path, id_set: str | Path, ood_sets: Mapping[str, str | Path], output: str | Path, *,
     backend: str = "auto", threads: int | None = None, tta: bool = False, mc_dropout: bool = False,
     mc_passes: int = MC_PASSES, layers: Mapping[str, str | Path] | None = None,
+    failure_sets: Sequence[str] | None = None,
 ) -> dict:
     """Run everything once, then write ``output/report.md``, ``report.html``, ``cases.csv``, ``results.json``.
 
     ``tta`` / ``mc_dropout`` add the sample-based baselines (7 / ``mc_passes`` extra sliding-window runs per
     case). ``layers`` maps a name to another calibrated bundle of the same network tapped at another layer
     (``ood-export --layer``, then ``ood-calib``): the report gets the feature-layer ablation table.
+
+    Three views, each labelled as such: the paper's (thresholds re-fitted at 95 % TPR on the ID set, per
+    method), the deployed one (the bundle's own flag on every set: false alarms on ID, detections elsewhere),
+    and failure detection (risk-coverage, AURC, E-AURC with risk = 1 - Dice) over the labelled cases of
+    ``failure_sets`` (default: every set; "id" names the ID set).
     """
     output = Path(output)
     if not ood_sets:
@@ -326,8 +413,12 @@ def evaluate(
                                   mc_passes=mc_passes)
                 results[group] = run_set(folder, group, m, engines)
 
+    pool = list(sets) if failure_sets is None else list(failure_sets)
+    unknown = [g for g in pool if g not in sets]
+    if unknown:
+        raise EvaluationError(f"failure_sets names unknown sets {unknown}; the sets are {list(sets)}")
     result, view = _summarise(main, layer_bundles, results, bundle=bundle, id_set=id_set, ood_sets=ood_sets,
-                             tta=tta, mc_dropout=mc_dropout, mc_passes=mc_passes)
+                             tta=tta, mc_dropout=mc_dropout, mc_passes=mc_passes, failure_sets=pool)
     write_text_atomic(output / "results.json", json.dumps(result, indent=2) + "\n")
     write_text_atomic(output / "cases.csv", _cases_csv([c for cases in results.values() for c in cases]))
     write_text_atomic(output / "report.md", report_markdown(view))
@@ -337,7 +428,7 @@ def evaluate(
 
 def _summarise(main: Bundle, layer_bundles: Mapping[str, Bundle], results: Mapping[str, list[CaseResult]], *,
               bundle: str | Path, id_set: str | Path, ood_sets: Mapping[str, str | Path], tta: bool,
-              mc_dropout: bool, mc_passes: int) -> tuple[dict, ReportView]:
+              mc_dropout: bool, mc_passes: int, failure_sets: Sequence[str]) -> tuple[dict, ReportView]:
     """``results.json``'s content and the report's view from the per-set case results (``"id"`` first)."""
     id_cases = results["id"]
     all_cases = [c for cases in results.values() for c in cases]
@@ -353,12 +444,22 @@ def _summarise(main: Bundle, layer_bundles: Mapping[str, Bundle], results: Mappi
                 if layer_bundles else None)
     methods = _score_methods(all_cases)
     distributions = {key: {g: _summary([c.scores[key] for c in results[g]]) for g in groups} for key in methods}
+    deployed = deployed_table(results)
+    failure = failure_table([c for g in failure_sets for c in results[g]], methods)
+    calibration = main.manifest.calibration
     result = {
         "bundle": str(bundle), "id_set": str(id_set), "ood_sets": {k: str(v) for k, v in ood_sets.items()},
         "scenarios": scenarios,
         "mean_dice": mean_dice,
         "distributions": distributions,
         "sampled_baselines": {"tta": tta, "mc_dropout": {"passes": mc_passes, "p": MC_P} if mc_dropout else None},
+        "deployed": {"threshold": calibration.threshold, "threshold_rule": calibration.threshold_rule,
+                     "alpha": calibration.alpha, "false_alarm_bound": calibration.false_alarm_bound,
+                     "feature_norm": calibration.feature_norm, "sets": deployed},
+        "failure_detection": {k: v for k, v in failure.items() if k != "curves"},
+        "risk_coverage": failure.get("curves", {}),
+        "bootstrap": {"resamples": BOOTSTRAP_RESAMPLES, "level": 0.95, "method": "percentile, each set resampled "
+                      "on its own; flag rates: Wilson score interval"},
     }
     if ablation is not None:
         result["layer_ablation"] = ablation
@@ -378,8 +479,18 @@ def _summarise(main: Bundle, layer_bundles: Mapping[str, Bundle], results: Mappi
             summaries=distributions[key], threshold=tpr95_threshold(_method_scores(id_cases, key)),
         ) for key, label in methods.items()],
         mc_dropout=(MC_P, mc_passes) if mc_dropout else None,
+        deployed=deployed,
+        deployed_rule=_rule_text(calibration),
+        failure=failure,
     )
     return result, view
+
+
+def _rule_text(c) -> str:  # noqa: ANN001 - manifest.Calibration
+    if c.threshold_rule == "conformal":
+        return (f"U > {c.threshold:.4f}, split-conformal at alpha = {c.alpha:g} (guaranteed false-alarm bound "
+                f"{100 * c.false_alarm_bound:.1f} %), set on {c.calibration_source}")
+    return f"U > {c.threshold:.4f}, the paper's 95 % TPR rule on {c.calibration_source}"
 
 
 def _same_network(main: Bundle, layers: Mapping[str, Path]) -> dict[str, Bundle]:
@@ -423,8 +534,8 @@ def _cases_csv(cases: list[CaseResult]) -> str:
     keys = sorted({k for c in cases for k in c.scores})
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["case", "group", "dice", *keys])
+    writer.writerow(["case", "group", "dice", "flagged", *keys])
     for c in cases:
         writer.writerow([c.case_id, c.group, "" if c.dice is None else f"{c.dice:.6f}",
-                         *[f"{c.scores[k]:.6g}" for k in keys]])
+                         "" if c.flagged is None else int(c.flagged), *[f"{c.scores[k]:.6g}" for k in keys]])
     return buffer.getvalue()

@@ -58,10 +58,42 @@ class ReportView:
     ablation: Sequence[Mapping[str, Any]] | None
     distributions: Sequence[MethodDistribution]
     mc_dropout: tuple[float, int] | None
+    deployed: Sequence[Mapping[str, Any]] = ()  # deployed_table rows: the bundle's own flag per set
+    deployed_rule: str = ""
+    failure: Mapping[str, Any] | None = None  # failure_table: AURC / E-AURC rows and risk-coverage curves
 
 
 def fmt(value: float | None) -> str:
     return "–" if value is None else f"{value:.3f}"
+
+
+def fmt_ci(value: float | None, ci: Sequence[float] | None) -> str:
+    """``0.912 [0.850–0.960]``: a value with its 95 % interval (just the value where there is none)."""
+    if value is None or not ci:
+        return fmt(value)
+    return f"{value:.3f} [{ci[0]:.3f}–{ci[1]:.3f}]"
+
+
+def _deployed_lines(view: ReportView) -> list[str]:
+    if not view.deployed:
+        return []
+    md = ["## Deployed flag (the bundle's own threshold, nothing re-fitted)", "", view.deployed_rule, "",
+          "| set | n | flagged | rate [95 % CI] | |", "|---|---|---|---|---|"]
+    md += [f"| {r['set']} | {r['n']} | {r['flagged']} | {fmt_ci(r['rate'], r['rate_ci'])} | {r['meaning']} |"
+           for r in view.deployed]
+    return md + [""]
+
+
+def _failure_lines(view: ReportView) -> list[str]:
+    f = view.failure
+    if not f:
+        return []
+    md = [f"## Failure detection (risk = 1 − Dice; {f['n']} labelled cases of {', '.join(f['sets'])})", "",
+          f"Random order AURC {f['random_aurc']:.3f} (the mean risk); oracle order {f['oracle_aurc']:.3f}. "
+          "Lower is better.", "", "| method | AURC [95 % CI] | E-AURC [95 % CI] |", "|---|---|---|"]
+    md += [f"| {r['method']} | {fmt_ci(r['aurc'], r['aurc_ci'])} | {fmt_ci(r['e_aurc'], r['e_aurc_ci'])} |"
+           for r in f["rows"]]
+    return md + [""]
 
 
 def footnote(view: ReportView) -> str:
@@ -69,7 +101,10 @@ def footnote(view: ReportView) -> str:
     if view.mc_dropout is not None:
         p, n = view.mc_dropout
         passes = f"; MC dropout: p = {p} after every encoder stage, {n} passes"
-    return ("Thresholds: 95 % TPR boundary of each method on the ID set. ESCE over ID + OOD cases with labels. "
+    return ("Scenario tables (the paper's protocol): each method's threshold re-fitted at the 95 % TPR boundary "
+            "of the ID set, so FPR and error there flatter every method; the deployed table shows the bundle's own "
+            "flag. Intervals: 95 % percentile bootstrap, each set resampled on its own (flag rates: Wilson). "
+            "ESCE over ID + OOD cases with labels. "
             "Scatter (HTML): Dice vs Mahalanobis U, ID green, OOD red, dashed = threshold, shaded = silent "
             f"failures (Dice < {SILENT_FAILURE_DICE} kept as in-distribution){passes}.")
 
@@ -81,10 +116,12 @@ def report_markdown(view: ReportView) -> str:
     for s in view.scenarios:
         md += [(f"## {s.name} (ID: {s.n_id} cases, OOD: {s.n_ood} cases; mean Dice ID {fmt(s.mean_dice_id)}, "
                 f"OOD {fmt(s.mean_dice_ood)})"), "",
-               "| method | ESCE | Error | FPR | AUC |", "|---|---|---|---|---|"]
-        md += [f"| {r['method']} | {fmt(r['esce'])} | {fmt(r['error'])} | {fmt(r['fpr'])} | {fmt(r['auc'])} |"
-               for r in s.rows]
+               "| method | ESCE | Error (re-fitted) | FPR (re-fitted) | AUC |", "|---|---|---|---|---|"]
+        md += [f"| {r['method']} | {fmt(r['esce'])} | {fmt_ci(r['error'], r.get('error_ci'))} | "
+               f"{fmt_ci(r['fpr'], r.get('fpr_ci'))} | {fmt_ci(r['auc'], r.get('auc_ci'))} |" for r in s.rows]
         md.append("")
+    md += _deployed_lines(view)
+    md += _failure_lines(view)
     if view.ablation is not None:
         md += ["## Feature-layer ablation (Mahalanobis score per layer)", "",
                "| feature layer | " + " | ".join(f"{n} AUC / FPR" for n in names) + " |",
@@ -106,10 +143,26 @@ def report_html(view: ReportView) -> str:
     names = [s.name for s in view.scenarios]
     body = []
     for s in view.scenarios:
-        table = "".join(f"<tr><td>{html.escape(r['method'])}</td><td>{fmt(r['esce'])}</td><td>{fmt(r['error'])}"
-                        f"</td><td>{fmt(r['fpr'])}</td><td>{fmt(r['auc'])}</td></tr>" for r in s.rows)
-        body.append(f"<h2>{html.escape(s.name)}</h2><table><tr><th>method</th><th>ESCE</th><th>Error</th>"
-                    f"<th>FPR</th><th>AUC</th></tr>{table}</table>{scatter_svg(s.points, s.threshold, s.name)}")
+        table = "".join(f"<tr><td>{html.escape(r['method'])}</td><td>{fmt(r['esce'])}</td>"
+                        f"<td>{fmt_ci(r['error'], r.get('error_ci'))}</td><td>{fmt_ci(r['fpr'], r.get('fpr_ci'))}"
+                        f"</td><td>{fmt_ci(r['auc'], r.get('auc_ci'))}</td></tr>" for r in s.rows)
+        body.append(f"<h2>{html.escape(s.name)}</h2><table><tr><th>method</th><th>ESCE</th><th>Error (re-fitted)"
+                    f"</th><th>FPR (re-fitted)</th><th>AUC</th></tr>{table}</table>"
+                    f"{scatter_svg(s.points, s.threshold, s.name)}")
+    if view.deployed:
+        cells = "".join(f"<tr><td>{html.escape(r['set'])}</td><td>{r['n']}</td><td>{r['flagged']}</td>"
+                        f"<td>{fmt_ci(r['rate'], r['rate_ci'])}</td><td>{r['meaning']}</td></tr>"
+                        for r in view.deployed)
+        body.append(f"<h2>Deployed flag</h2><p>{html.escape(view.deployed_rule)}</p><table><tr><th>set</th>"
+                    f"<th>n</th><th>flagged</th><th>rate [95 % CI]</th><th></th></tr>{cells}</table>")
+    if view.failure:
+        f = view.failure
+        cells = "".join(f"<tr><td>{html.escape(r['method'])}</td><td>{fmt_ci(r['aurc'], r['aurc_ci'])}</td>"
+                        f"<td>{fmt_ci(r['e_aurc'], r['e_aurc_ci'])}</td></tr>" for r in f["rows"])
+        body.append(f"<h2>Failure detection (risk = 1 − Dice, {f['n']} cases)</h2><p>random AURC "
+                    f"{f['random_aurc']:.3f}, oracle {f['oracle_aurc']:.3f}</p><table><tr><th>method</th>"
+                    f"<th>AURC</th><th>E-AURC</th></tr>{cells}</table>"
+                    f"{risk_coverage_svg(f['curves'], f['random_aurc'])}")
     if view.ablation is not None:
         cells = "".join(f"<tr><td>{html.escape(r['layer'])}</td>" + "".join(
             f"<td>{fmt(r[n]['auc'])} / {fmt(r[n]['fpr'])}</td>" for n in names) + "</tr>" for r in view.ablation)
@@ -122,6 +175,33 @@ def report_html(view: ReportView) -> str:
             "td,th{border:1px solid #ccc;padding:3px 8px}svg{margin:4px}</style></head><body>"
             f"<h1>ood-eval: {html.escape(view.bundle_name)}</h1>{''.join(body)}"
             f"<p>{html.escape(footnote(view))}</p></body></html>\n")
+
+
+_CURVE_COLOURS = ("#c0392b", "#2471a3", "#239b56", "#b9770e", "#7d3c98", "#17a589", "#566573", "#d35400")
+
+
+def risk_coverage_svg(curves: Mapping[str, Mapping[str, Any]], random_risk: float) -> str:
+    """Selective risk against coverage per method (lower is better), the random order's flat line dashed."""
+    w, h, pad = 420, 280, 40
+    top = max([random_risk, *(max(c["risk"]) for c in curves.values())] + [1e-6]) * 1.05
+
+    def xy(cov: float, risk: float) -> tuple[float, float]:
+        return pad + cov * (w - 2 * pad), h - pad - risk / top * (h - 2 * pad)
+
+    parts = [f"<svg xmlns='http://www.w3.org/2000/svg' width='{w}' height='{h}' font-size='10'>",
+             f"<rect x='{pad}' y='{pad}' width='{w - 2 * pad}' height='{h - 2 * pad}' fill='none' stroke='#999'/>",
+             f"<text x='{w / 2}' y='{h - 8}' text-anchor='middle'>coverage</text>",
+             f"<text x='10' y='{pad - 8}'>selective risk (1 − Dice), max {top:.3f}</text>"]
+    y = xy(0, random_risk)[1]
+    parts.append(f"<line x1='{pad}' y1='{y:.1f}' x2='{w - pad}' y2='{y:.1f}' stroke='#555' stroke-dasharray='4 3'/>")
+    for i, (key, c) in enumerate(curves.items()):
+        colour = _CURVE_COLOURS[i % len(_CURVE_COLOURS)]
+        points = " ".join("%.1f,%.1f" % xy(cv, r) for cv, r in zip(c["coverage"], c["risk"]))
+        parts.append(f"<polyline points='{points}' fill='none' stroke='{colour}' stroke-width='1.5'/>")
+        parts.append(f"<text x='{w - pad + 4 - 120}' y='{pad + 12 + 12 * i}' fill='{colour}'>"
+                     f"{html.escape(str(c['label']))}</text>")
+    parts.append("</svg>")
+    return "".join(parts)
 
 
 def scatter_svg(points: Sequence[tuple[float, float, bool]], threshold: float, title: str) -> str:

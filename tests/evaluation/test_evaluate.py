@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from segsentry.cli import app
 from segsentry.demo import demo_bundle_path
 from segsentry.phantoms import write_cohort
+from segsentry.runtime import load_bundle
 
 
 @pytest.fixture(scope="module")
@@ -93,9 +94,36 @@ def test_eval_report(cohorts, tmp_path):
     assert data["mean_dice"]["id"] == pytest.approx(dice[~np.array(is_ood)].mean(), abs=1e-5)
     assert data["mean_dice"]["far"] == pytest.approx(dice[np.array(is_ood)].mean(), abs=1e-5)
     md = (tmp_path / "report" / "report.md").read_text()
-    assert "| method | ESCE | Error | FPR | AUC |" in md
-    assert f"| mahalanobis | {rows['mahalanobis']['esce']:.3f} | {rows['mahalanobis']['error']:.3f} | " \
-           f"{rows['mahalanobis']['fpr']:.3f} | {rows['mahalanobis']['auc']:.3f} |" in md
+    assert "| method | ESCE | Error (re-fitted) | FPR (re-fitted) | AUC |" in md
+    r = rows["mahalanobis"]
+    assert f"| mahalanobis | {r['esce']:.3f} | {r['error']:.3f} [{r['error_ci'][0]:.3f}–{r['error_ci'][1]:.3f}] | " in md
+    for method, row in rows.items():  # every bootstrap interval brackets its point estimate
+        for key in ("auc", "fpr", "error"):
+            lo, hi = row[f"{key}_ci"]
+            assert lo <= row[key] + 1e-12 and row[key] <= hi + 1e-12, (method, key)
+
+    # the deployed view: the bundle's own flags, counted from cases.csv, with a Wilson interval around the rate
+    deployed = {r["set"]: r for r in data["deployed"]["sets"]}
+    for group in ("id", "far"):
+        flags = [int(c["flagged"]) for c in cases if c["group"] == group]
+        assert deployed[group]["flagged"] == sum(flags) and deployed[group]["n"] == len(flags)
+        lo, hi = deployed[group]["rate_ci"]
+        assert lo <= sum(flags) / len(flags) <= hi and 0 <= lo and hi <= 1
+    assert deployed["id"]["meaning"] == "false alarms" and deployed["far"]["meaning"] == "detected"
+    assert data["deployed"]["threshold"] == load_bundle(demo_bundle_path()).manifest.calibration.threshold
+
+    # failure detection: AURC of the Mahalanobis U with risk = 1 - Dice, recomputed from cases.csv by the
+    # definition (sort by U, mean over k of the top-k mean risk; the CSV's U are distinct here)
+    u = np.array([float(c["mahalanobis"]) for c in cases])
+    risk = 1 - dice
+    order = np.argsort(u, kind="stable")
+    by_definition = float(np.mean(np.cumsum(risk[order]) / np.arange(1, 7)))
+    failure = {row["key"]: row for row in data["failure_detection"]["rows"]}
+    assert failure["mahalanobis"]["aurc"] == pytest.approx(by_definition, abs=1e-5)
+    assert data["failure_detection"]["random_aurc"] == pytest.approx(risk.mean(), abs=1e-5)
+    assert failure["mahalanobis"]["e_aurc"] >= -1e-12
+    assert "## Failure detection" in md and "## Deployed flag" in md
+    assert "<polyline" in (tmp_path / "report" / "report.html").read_text()  # the risk-coverage curves
     html = (tmp_path / "report" / "report.html").read_text()
     assert "<svg" in html and "silent failures" in html
 
@@ -212,7 +240,8 @@ def test_distributions_per_set(cohorts, tmp_path):
             assert got["median"] == pytest.approx(float(np.median(values)), rel=1e-5)
             assert got["q1"] == pytest.approx(float(np.percentile(values, 25)), rel=1e-5)
     html = (tmp_path / "r" / "report.html").read_text()
-    assert html.count("<svg") == 1 + len(result["distributions"])  # scatter + one distribution figure per method
+    # one scatter, one distribution figure per method, one risk-coverage figure
+    assert html.count("<svg") == 1 + len(result["distributions"]) + 1
     assert "Score distributions per set" in (tmp_path / "r" / "report.md").read_text()
 
 
@@ -228,7 +257,8 @@ def test_feature_layer_ablation(ct_pipeline, tmp_path):
     from segsentry.export import export_nnunet
 
     features = export_nnunet(ct_pipeline.model_dir, tmp_path / "stage1.features.onnx", layer="encoder.stages.1").path
-    other = calibrate(features, [ct_pipeline.images], tmp_path / "stage1.ood.onnx", score_folds=1).path
+    other = calibrate(features, [ct_pipeline.images], tmp_path / "stage1.ood.onnx", score_folds=1,
+                      threshold_rule="paper").path
     rng = np.random.default_rng(3)
     for i in range(3):
         write_volume(tmp_path / "ood" / f"odd{i}_0000.nii.gz", ct_volume(rng)[::-1] * 0.3 + 400.0,

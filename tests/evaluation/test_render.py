@@ -36,7 +36,7 @@ def test_markdown_tables():
     assert "| energy | – | 0.500 | 1.000 | 0.500 |" in md
     assert "| encoder.stages.3 (D=8) | 0.750 / 0.000 |" in md
     assert "| Mahalanobis U | 0.2 [0.15–0.25] | 0.2 [0.2–0.2] |" in md
-    assert md[-1].startswith("Thresholds:") and "MC dropout" not in md[-1]
+    assert md[-1].startswith("Scenario tables (the paper's protocol)") and "MC dropout" not in md[-1]
     assert report_markdown(_view((0.5, 3))).splitlines()[-1].endswith(
         "; MC dropout: p = 0.5 after every encoder stage, 3 passes.")
 
