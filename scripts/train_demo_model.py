@@ -1,6 +1,6 @@
 """Train segsentry's embedded demo model with nnU-Net itself, on phantom chest CTs, on the CPU.
 
-    python scripts/train_demo_model.py --work /tmp/demo-train            # ~40 min on 2 cores
+    python scripts/train_demo_model.py --work /tmp/demo-train            # ~35 min on 2 cores
     python scripts/train_demo_model.py --work /tmp/demo-train --continue-training   # after an interruption
     python scripts/train_demo_model.py --work /tmp/demo-train --resume   # export, calibrate, evaluate only
 
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", type=int, default=60, help="training phantoms (fold 0 trains on 80%)")
     parser.add_argument("--calibration-cases", type=int, default=40,
                         help="unlabelled ID phantoms (seed --seed + 500) that set the conformal threshold")
-    parser.add_argument("--epochs", type=int, default=40)
+    parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--iterations", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-cases", type=int, default=8)

@@ -29,7 +29,7 @@ import json
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +61,7 @@ from segsentry.manifest import Manifest
 from segsentry.runtime.backends import BackendOptions, create_backend, resolve_backend_name
 from segsentry.runtime.backends.base import Backend
 from segsentry.runtime.bundle import Bundle, load_bundle
+from segsentry.runtime.guard import ContentStats, content_reasons, content_stats
 from segsentry.runtime.io import CaseInput, collect_cases, read_case
 from segsentry.runtime.pipeline import finish_case, infer_volume, infer_volume_for_case
 from segsentry.runtime.preprocess import preprocess
@@ -82,7 +83,12 @@ class CaseResult:
     group: str  # "id" or the OOD set's name
     scores: dict[str, float]  # method -> uncertainty (energy: raw)
     dice: float | None
-    flagged: bool | None = None  # the bundle's own deployed verdict (its threshold and input guard)
+    flags: dict[str, bool] = field(default_factory=dict)  # score key -> that bundle's own deployed verdict
+
+    @property
+    def flagged(self) -> bool | None:
+        """The main bundle's deployed verdict (its threshold and input guard)."""
+        return self.flags.get("mahalanobis")
 
 
 @dataclass(frozen=True)
@@ -171,6 +177,14 @@ def mc_dropout_uncertainty(files: Sequence[Path], bundle: Bundle, engine: Backen
     return mc_dropout_std(_preprocessed(files, bundle), engine, bundle.manifest, passes=passes)
 
 
+def _layer_verdict(data: np.ndarray, engine: Backend, manifest: Manifest, content: ContentStats) -> tuple[float, bool]:
+    """U of an extra calibrated bundle on the same preprocessed volume, and its own deployed flag (its threshold,
+    its input guard), exactly as ``finish_case`` decides it."""
+    u = _layer_uncertainty(data, engine, manifest)
+    calibration = manifest.calibration
+    return u, bool(u > calibration.threshold or content_reasons(content, calibration.input_range))
+
+
 def _layer_uncertainty(data: np.ndarray, engine: Backend, manifest: Manifest) -> float:
     """U of a layer-ablation bundle on the main bundle's preprocessed volume (distance map only, no logits)."""
     calibration = manifest.calibration
@@ -180,8 +194,9 @@ def _layer_uncertainty(data: np.ndarray, engine: Backend, manifest: Manifest) ->
 
 
 def evaluate_case(case: CaseInput, manifest: Manifest, engines: Engines, *,
-                  label: Path | None = None) -> tuple[dict[str, float], float | None, bool | None]:
-    """Scores (method -> uncertainty), Dice (``None`` without ``label``) and the deployed flag of one case.
+                  label: Path | None = None) -> tuple[dict[str, float], float | None, dict[str, bool]]:
+    """Scores (method -> uncertainty), Dice (``None`` without ``label``) and the deployed flags (score key ->
+    flag: the main bundle's and each layer bundle's own) of one case.
 
     The case is read, preprocessed and run through the main engine once; the baselines, the layer bundles, TTA
     and MC dropout work on those arrays. Raises :class:`~segsentry.errors.SegsentryError` for a case that
@@ -192,8 +207,11 @@ def evaluate_case(case: CaseInput, manifest: Manifest, engines: Engines, *,
     inference = infer_volume_for_case(data, engines.main, manifest)
     prediction = finish_case(loaded, inference, geometry, manifest, with_uncertainty_map=False)
     scores = {"mahalanobis": prediction.uncertainty_score, **output_baselines(inference.logits)}
+    flags = {"mahalanobis": bool(prediction.ood)}
+    content = content_stats(loaded.image, loaded.spacing) if engines.layers else None
     for name, (layer_manifest, engine) in engines.layers.items():
-        scores[f"mahalanobis[{name}]"] = _layer_uncertainty(data, engine, layer_manifest)
+        key = f"mahalanobis[{name}]"
+        scores[key], flags[key] = _layer_verdict(data, engine, layer_manifest, content)
     if engines.tta:
         scores["tta"] = tta_std(data, engines.main, manifest, logits=inference.logits)
     if engines.mc_dropout is not None:
@@ -201,7 +219,7 @@ def evaluate_case(case: CaseInput, manifest: Manifest, engines: Engines, *,
     case_dice = None
     if label is not None:
         case_dice = dice(prediction.mask, sitk.GetArrayFromImage(sitk.ReadImage(str(label))))
-    return scores, case_dice, prediction.ood
+    return scores, case_dice, flags
 
 
 def run_set(folder: Path, group: str, manifest: Manifest, engines: Engines) -> list[CaseResult]:
@@ -212,12 +230,12 @@ def run_set(folder: Path, group: str, manifest: Manifest, engines: Engines) -> l
     for case in collect_cases([images], num_channels=manifest.num_channels):
         label = next(iter(sorted(labels.glob(f"{case.case_id}.*"))), None) if labels is not None else None
         try:
-            scores, case_dice, flagged = evaluate_case(case, manifest, engines, label=label)
+            scores, case_dice, flags = evaluate_case(case, manifest, engines, label=label)
         except SegsentryError as exc:
             raise EvaluationError(f"case {case.case_id} of set '{group}' failed: {exc}") from exc
         except (MemoryError, FloatingPointError, OSError) as exc:
             raise EvaluationError(f"case {case.case_id} of set '{group}' failed: {type(exc).__name__}: {exc}") from exc
-        cases.append(CaseResult(case.case_id, group, scores, case_dice, flagged))
+        cases.append(CaseResult(case.case_id, group, scores, case_dice, flags))
     if not cases:
         raise EvaluationError(f"evaluation set '{group}' ({folder}) holds no cases")
     return cases
@@ -293,17 +311,19 @@ def wilson_interval(k: int, n: int, *, z: float = 1.959963984540054) -> list[flo
 
 
 def deployed_table(results: Mapping[str, list[CaseResult]]) -> list[dict]:
-    """The bundle's own flag, as deployed (no threshold re-fitted): per set the fraction flagged OOD with its
-    Wilson 95 % interval -- false alarms on the ID set, detections on the others."""
+    """Each bundle's own flag, as deployed (no threshold re-fitted): per bundle (score key) and set the fraction
+    flagged OOD with its Wilson 95 % interval -- false alarms on the ID set, detections on the others."""
     rows = []
-    for group, cases in results.items():
-        flags = [c.flagged for c in cases if c.flagged is not None]
-        if not flags:
-            continue
-        k = int(sum(flags))
-        rows.append({"set": group, "n": len(flags), "flagged": k, "rate": k / len(flags),
-                     "rate_ci": wilson_interval(k, len(flags)),
-                     "meaning": "false alarms" if group == "id" else "detected"})
+    keys = list(dict.fromkeys(k for cases in results.values() for c in cases for k in c.flags))
+    for key in keys:
+        for group, cases in results.items():
+            flags = [c.flags[key] for c in cases if key in c.flags]
+            if not flags:
+                continue
+            k = int(sum(flags))
+            rows.append({"bundle": key, "set": group, "n": len(flags), "flagged": k, "rate": k / len(flags),
+                         "rate_ci": wilson_interval(k, len(flags)),
+                         "meaning": "false alarms" if group == "id" else "detected"})
     return rows
 
 
@@ -534,8 +554,11 @@ def _cases_csv(cases: list[CaseResult]) -> str:
     keys = sorted({k for c in cases for k in c.scores})
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["case", "group", "dice", "flagged", *keys])
+    flag_keys = list(dict.fromkeys(k for c in cases for k in c.flags))
+    writer.writerow(["case", "group", "dice", *[f"flagged{k.removeprefix('mahalanobis')}" for k in flag_keys],
+                     *keys])
     for c in cases:
         writer.writerow([c.case_id, c.group, "" if c.dice is None else f"{c.dice:.6f}",
-                         "" if c.flagged is None else int(c.flagged), *[f"{c.scores[k]:.6g}" for k in keys]])
+                         *["" if k not in c.flags else int(c.flags[k]) for k in flag_keys],
+                         *[f"{c.scores[k]:.6g}" for k in keys]])
     return buffer.getvalue()

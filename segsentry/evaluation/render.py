@@ -78,9 +78,9 @@ def _deployed_lines(view: ReportView) -> list[str]:
     if not view.deployed:
         return []
     md = ["## Deployed flag (the bundle's own threshold, nothing re-fitted)", "", view.deployed_rule, "",
-          "| set | n | flagged | rate [95 % CI] | |", "|---|---|---|---|---|"]
-    md += [f"| {r['set']} | {r['n']} | {r['flagged']} | {fmt_ci(r['rate'], r['rate_ci'])} | {r['meaning']} |"
-           for r in view.deployed]
+          "| bundle | set | n | flagged | rate [95 % CI] | |", "|---|---|---|---|---|---|"]
+    md += [f"| {r.get('bundle', 'mahalanobis')} | {r['set']} | {r['n']} | {r['flagged']} | "
+           f"{fmt_ci(r['rate'], r['rate_ci'])} | {r['meaning']} |" for r in view.deployed]
     return md + [""]
 
 
@@ -150,10 +150,11 @@ def report_html(view: ReportView) -> str:
                     f"</th><th>FPR (re-fitted)</th><th>AUC</th></tr>{table}</table>"
                     f"{scatter_svg(s.points, s.threshold, s.name)}")
     if view.deployed:
-        cells = "".join(f"<tr><td>{html.escape(r['set'])}</td><td>{r['n']}</td><td>{r['flagged']}</td>"
+        cells = "".join(f"<tr><td>{html.escape(r.get('bundle', 'mahalanobis'))}</td>"
+                        f"<td>{html.escape(r['set'])}</td><td>{r['n']}</td><td>{r['flagged']}</td>"
                         f"<td>{fmt_ci(r['rate'], r['rate_ci'])}</td><td>{r['meaning']}</td></tr>"
                         for r in view.deployed)
-        body.append(f"<h2>Deployed flag</h2><p>{html.escape(view.deployed_rule)}</p><table><tr><th>set</th>"
+        body.append(f"<h2>Deployed flag</h2><p>{html.escape(view.deployed_rule)}</p><table><tr><th>bundle</th><th>set</th>"
                     f"<th>n</th><th>flagged</th><th>rate [95 % CI]</th><th></th></tr>{cells}</table>")
     if view.failure:
         f = view.failure

@@ -103,7 +103,7 @@ def test_eval_report(cohorts, tmp_path):
             assert lo <= row[key] + 1e-12 and row[key] <= hi + 1e-12, (method, key)
 
     # the deployed view: the bundle's own flags, counted from cases.csv, with a Wilson interval around the rate
-    deployed = {r["set"]: r for r in data["deployed"]["sets"]}
+    deployed = {r["set"]: r for r in data["deployed"]["sets"] if r["bundle"] == "mahalanobis"}
     for group in ("id", "far"):
         flags = [int(c["flagged"]) for c in cases if c["group"] == group]
         assert deployed[group]["flagged"] == sum(flags) and deployed[group]["n"] == len(flags)
@@ -281,6 +281,12 @@ def test_feature_layer_ablation(ct_pipeline, tmp_path):
     assert main["auc"] == ablation["mahalanobis"]["odd"]["auc"]
     assert [float(r["mahalanobis"]) for r in rows] != [float(r["mahalanobis[stage1]"]) for r in rows]
     assert "Feature-layer ablation" in (tmp_path / "r" / "report.md").read_text()
+    # each layer bundle's own deployed flag: its U against its own threshold (the CT test cases pass the guard)
+    threshold = load_bundle(other).manifest.calibration.threshold
+    for r in rows:
+        assert int(r["flagged[stage1]"]) == int(float(r["mahalanobis[stage1]"]) > threshold), r["case"]
+    data = json.loads((tmp_path / "r" / "results.json").read_text())
+    assert {d["bundle"] for d in data["deployed"]["sets"]} == {"mahalanobis", "mahalanobis[stage1]"}
     bad = runner.invoke(app, ["eval", "run", str(ct_pipeline.ood_onnx), "--id", str(ct_pipeline.images),
                               "--ood", f"odd={tmp_path / 'ood'}", "--layer", f"x={tmp_path / 'missing.onnx'}",
                               "-o", str(tmp_path / "r2")])
