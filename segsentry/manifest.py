@@ -25,6 +25,7 @@ if TYPE_CHECKING:  # the runtime reads bundles without the onnx package
     import onnx
 
 MANIFEST_KEY = "segsentry.manifest"
+SEAL_KEY = "segsentry.seal"  # sha256 over the graph hash and the manifest text: an edited manifest breaks it
 MANIFEST_VERSION = 1
 
 
@@ -188,6 +189,12 @@ def weights_sha256(model_bytes: bytes) -> str:
         raise BundleError(f"not a valid ONNX model ({exc})") from exc
 
 
+def manifest_seal(manifest_json: str) -> str:
+    """The seal of a stamped manifest: sha256 of its exact JSON text, which itself records the graph's sha256,
+    so graph and manifest are covered together (a threshold edited to 0.999 no longer loads)."""
+    return hashlib.sha256(("segsentry-seal-v1\n" + manifest_json).encode("utf-8")).hexdigest()
+
+
 def write_manifest(model: onnx.ModelProto, manifest: Manifest) -> bytes:
     """Store ``manifest`` with the graph hash in ``model.metadata_props`` (merging other props).
 
@@ -196,14 +203,15 @@ def write_manifest(model: onnx.ModelProto, manifest: Manifest) -> bytes:
     """
     graph_hash = weights_sha256(model.SerializeToString())
     stamped = manifest.replace(weights_sha256=graph_hash).to_json()
-    for prop in model.metadata_props:
-        if prop.key == MANIFEST_KEY:
-            prop.value = stamped
-            break
-    else:
-        entry = model.metadata_props.add()
-        entry.key = MANIFEST_KEY
-        entry.value = stamped
+    for key, value in ((MANIFEST_KEY, stamped), (SEAL_KEY, manifest_seal(stamped))):
+        for prop in model.metadata_props:
+            if prop.key == key:
+                prop.value = value
+                break
+        else:
+            entry = model.metadata_props.add()
+            entry.key = key
+            entry.value = value
     data = model.SerializeToString()
     if weights_sha256(data) != graph_hash:  # protobuf must not reorder the graph between serializations
         raise BundleError("graph serialization is not stable; cannot stamp a weight hash")
@@ -211,7 +219,8 @@ def write_manifest(model: onnx.ModelProto, manifest: Manifest) -> bytes:
 
 
 def read_manifest(model_bytes: bytes, *, verify_hash: bool = True) -> Manifest:
-    """Read the manifest from a serialized model; raise :class:`BundleError` if absent or the graph changed."""
+    """Read the manifest from a serialized model; raise :class:`BundleError` if absent, if the graph changed,
+    or if the manifest was edited (bundles written before the seal existed carry none and are read as before)."""
     try:
         props = _onnx_wire.metadata_props(model_bytes)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -222,6 +231,9 @@ def read_manifest(model_bytes: bytes, *, verify_hash: bool = True) -> Manifest:
             "(export the model with ood-export first)"
         )
     manifest = Manifest.from_json(props[MANIFEST_KEY])
+    if verify_hash and SEAL_KEY in props and props[SEAL_KEY] != manifest_seal(props[MANIFEST_KEY]):
+        raise BundleError("the bundle's manifest was edited after export/calibration (its seal does not match); "
+                          "re-run ood-calib instead of editing thresholds or settings by hand")
     if verify_hash:
         actual = weights_sha256(model_bytes)
         if actual != manifest.weights_sha256:

@@ -93,3 +93,33 @@ def test_missing_and_malformed_manifest():
         read_manifest(model.SerializeToString())
     with pytest.raises(BundleError):
         read_manifest(b"\xff\xff\xff garbage")
+
+
+def test_edited_manifest_is_refused():
+    """The seal covers the manifest text (which records the graph hash): raising the threshold by hand breaks it,
+    while re-stamping through write_manifest (what ood-calib does) keeps it valid and keeps one seal."""
+    import json
+
+    from segsentry.manifest import SEAL_KEY
+
+    data = write_manifest(_model(), _manifest(True))
+    model = onnx.load_model_from_string(data)
+    keys = [p.key for p in model.metadata_props]
+    assert keys.count(SEAL_KEY) == 1
+    for prop in model.metadata_props:
+        if prop.key == MANIFEST_KEY:
+            raw = json.loads(prop.value)
+            raw["calibration"]["threshold"] = 0.999
+            prop.value = json.dumps(raw, sort_keys=True)
+    with pytest.raises(BundleError, match="manifest was edited"):
+        read_manifest(model.SerializeToString())
+    assert read_manifest(model.SerializeToString(), verify_hash=False).calibration.threshold == 0.999
+    restamped = write_manifest(onnx.load_model_from_string(data), _manifest(True))
+    assert [p.key for p in onnx.load_model_from_string(restamped).metadata_props].count(SEAL_KEY) == 1
+    assert read_manifest(restamped).calibration is not None
+    # a bundle from before the seal (no seal entry) still loads
+    unsealed = onnx.load_model_from_string(data)
+    kept = [p for p in unsealed.metadata_props if p.key != SEAL_KEY]
+    del unsealed.metadata_props[:]
+    unsealed.metadata_props.extend(kept)
+    assert read_manifest(unsealed.SerializeToString()).calibration is not None
