@@ -58,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-folder", type=Path, help="the trained demo nnU-Net model folder (variants)")
     parser.add_argument("--train-images", type=Path, help="its training images")
     parser.add_argument("--calibration-images", type=Path, help="its unlabelled calibration cohort")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
+                        help="which calibration variants to add (skip the one --bundle already is)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     variant_args = (args.model_folder, args.train_images, args.calibration_images)
@@ -114,7 +116,7 @@ def _variant_bundles(args: argparse.Namespace, root: Path) -> dict[str, Path]:
     return {name: calibrate(features, [args.train_images], root / f"{name}.ood.onnx", estimator="ledoit-wolf",
                             calibration_images=[args.calibration_images] if kw.get("threshold_rule") ==
                             "conformal" else None, **kw).path
-            for name, kw in VARIANTS.items()}
+            for name, kw in VARIANTS.items() if name in args.variants}
 
 
 def variants_table(result: dict, *, bundle: str) -> str:
