@@ -114,20 +114,27 @@ def _images_and_labels(folder: Path) -> tuple[Path, Path | None]:
 
 
 def _softmax_background(logits: np.ndarray) -> np.ndarray:
-    x = logits.astype(np.float32)
+    """P(background) per voxel, float64 (the std of the next step is often ~1e-6: float32 would not resolve it)."""
+    x = logits.astype(np.float64)
     x -= x.max(0, keepdims=True)
     np.exp(x, out=x)
     return x[0] / x.sum(0)
 
 
 def _foreground_std(logit_maps: Iterable[np.ndarray]) -> float:
-    """Voxel mean of the standard deviation (over the predictions) of the foreground probability 1 - P(bg)."""
-    total = total_sq = None
+    """Voxel mean of the standard deviation (over the predictions) of the foreground probability 1 - P(bg).
+
+    Streamed in float64 and shifted by the first prediction (``var = E[(p - p0)^2] - E[p - p0]^2``), so the
+    tiny spreads of a confident network do not cancel away."""
+    first = total = total_sq = None
     count = 0
     for logits in logit_maps:
         fg = 1.0 - _softmax_background(logits)
-        total = fg if total is None else total + fg
-        total_sq = fg * fg if total_sq is None else total_sq + fg * fg
+        if first is None:
+            first, total, total_sq = fg, np.zeros_like(fg), np.zeros_like(fg)
+        d = fg - first
+        total += d
+        total_sq += d * d
         count += 1
     mean = total / count
     return float(np.mean(np.sqrt(np.maximum(total_sq / count - mean * mean, 0.0))))
@@ -307,7 +314,8 @@ def wilson_interval(k: int, n: int, *, z: float = 1.959963984540054) -> list[flo
     p = k / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return [max(0.0, centre - half), min(1.0, centre + half)]
+    # at k = 0 (k = n) the bound is exactly 0 (1); computed, it comes out a rounding error away
+    return [0.0 if k == 0 else max(0.0, centre - half), 1.0 if k == n else min(1.0, centre + half)]
 
 
 def deployed_table(results: Mapping[str, list[CaseResult]]) -> list[dict]:
