@@ -1,9 +1,10 @@
-"""Atomic file writes: write to a temporary file in the target folder, then rename over the target."""
+"""Atomic file writes: write into a hidden temporary folder beside the target, then rename into place."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,23 +12,27 @@ from pathlib import Path
 
 @contextlib.contextmanager
 def atomic_path(target: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``target`` (same suffixes); on success rename it onto ``target``.
+    """Yield a path with ``target``'s own name inside a hidden temporary folder beside it; on success move what
+    was written there onto ``target`` (and its companion files) and remove the folder.
 
-    On error the temporary file is removed and ``target`` is left untouched.
+    The temporary folder's name ends in no file ending, so a glob for ``*.nii.gz`` in the target folder never
+    picks up a half-written file; writers that choose their format by ending (SimpleITK) see the real name; and
+    multi-file formats (``.mhd`` + ``.raw``, ``.hdr`` + ``.img``) land complete, the named file last. On error
+    the folder is removed and ``target`` is left untouched.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(target.suffixes) or ".tmp"
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name.split('.')[0]}.", suffix=suffix, dir=target.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    folder = Path(tempfile.mkdtemp(prefix=f".{target.name.split('.')[0]}.partial-", dir=target.parent))
+    tmp = folder / target.name
     try:
         yield tmp
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        companions = sorted(p for p in folder.iterdir() if p.name != target.name)
+        mode = 0o666 & ~_umask()  # mkstemp/mkdtemp-style files are 0600; give them the usual permissions
+        for written in [*companions, tmp]:
+            os.chmod(written, mode)
+            os.replace(written, target.parent / written.name)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _umask() -> int:

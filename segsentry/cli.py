@@ -245,7 +245,7 @@ def run_command(
                 result = run_demo(output, backend=backend, threads=threads, on_case=advance)
             else:
                 result = run_batch(bundle, inputs, output, backend=backend, batch_size=batch_size, threads=threads,
-                                   low_memory=low_memory, qa=qa, on_case=advance)
+                                   low_memory=low_memory, qa=qa, on_case=advance, raise_unexpected=debug)
         if as_json:
             typer.echo(json.dumps({
                 "backend": result.backend,

@@ -18,7 +18,7 @@ from segsentry._atomic import write_text_atomic
 from segsentry.errors import SegsentryError
 from segsentry.runtime.backends import BackendOptions, create_backend, resolve_backend_name
 from segsentry.runtime.bundle import Bundle, load_bundle
-from segsentry.runtime.io import CaseInput, collect_cases, guard_outputs, read_case, write_image
+from segsentry.runtime.io import IMAGE_ENDINGS, CaseInput, collect_cases, guard_outputs, read_case, write_image
 from segsentry.runtime.pipeline import predict_case
 from segsentry.runtime.report import CaseReport
 from segsentry.runtime.qa import CaseView, render_case, write_qa_page
@@ -77,11 +77,13 @@ def run_batch(
     low_memory: bool = False,
     qa: bool = True,
     on_case: Callable[[CaseOutcome], None] | None = None,
+    raise_unexpected: bool = False,
 ) -> BatchResult:
     """Run every case found in ``inputs``; write ``CASE<ending>``, ``CASE_uncertainty<ending>``, ``CASE.json``,
     ``summary.csv`` and (unless ``qa=False``) the QA page ``qa.html`` with its PNGs in ``qa/``, into
     ``output_dir``. Raises only for problems that stop the whole batch (bundle, backend, no inputs);
-    per-case problems are recorded in the result.
+    per-case problems are recorded in the result, unexpected exceptions (bugs) included unless
+    ``raise_unexpected`` (the CLI's ``--debug``); a failing case's outputs from an earlier run are removed.
     """
     output_dir = Path(output_dir)
     bundle = load_bundle(bundle_path)
@@ -100,7 +102,7 @@ def run_batch(
         # the engine holds its own copy of the graph: drop ours (the weights' size: 123 MB for a fullres net)
         bundle = replace(bundle, model_bytes=b"")
         for case in cases:
-            outcome = _run_case(case, bundle, engine, output_dir, backend_name, batch_size, qa)
+            outcome = _run_case(case, bundle, engine, output_dir, backend_name, batch_size, qa, raise_unexpected)
             outcomes.append(outcome)
             if on_case is not None:
                 on_case(outcome)
@@ -117,7 +119,7 @@ def run_batch(
 
 
 def _run_case(case: CaseInput, bundle: Bundle, engine, output_dir: Path, backend_name: str,
-              batch_size: int, qa: bool) -> CaseOutcome:
+              batch_size: int, qa: bool, raise_unexpected: bool = False) -> CaseOutcome:
     start = time.perf_counter()
     try:
         t0 = time.perf_counter()
@@ -148,13 +150,33 @@ def _run_case(case: CaseInput, bundle: Bundle, engine, output_dir: Path, backend
         return CaseOutcome(case_id=case.case_id, status="ok", report=report, qa_view=view,
                            seconds=time.perf_counter() - start)
     except SegsentryError as exc:
-        log.error("case %s failed: %s", case.case_id, exc)
-        return CaseOutcome(case_id=case.case_id, status="failed", error=str(exc),
-                           seconds=time.perf_counter() - start)
+        return _failed(case, output_dir, str(exc), start)
     except (MemoryError, FloatingPointError, OSError) as exc:
-        log.error("case %s failed: %s", case.case_id, exc)
-        return CaseOutcome(case_id=case.case_id, status="failed", error=f"{type(exc).__name__}: {exc}",
-                           seconds=time.perf_counter() - start)
+        return _failed(case, output_dir, f"{type(exc).__name__}: {exc}", start)
+    except Exception as exc:  # noqa: BLE001 - a bug must fail this case, not the batch (and its summary)
+        if raise_unexpected:
+            raise
+        log.debug("case %s: unexpected error", case.case_id, exc_info=True)
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        return _failed(case, output_dir, f"internal error: {type(exc).__name__}: {first} (rerun with --debug for "
+                       "the traceback)", start)
+
+
+def _failed(case: CaseInput, output_dir: Path, error: str, start: float) -> CaseOutcome:
+    """Record a failed case and remove what an earlier run wrote for it, so no stale mask or ``ood: false``
+    report stays beside this run's summary."""
+    log.error("case %s failed: %s", case.case_id, error)
+    for stale in _case_outputs(output_dir, case.case_id):
+        stale.unlink(missing_ok=True)
+    return CaseOutcome(case_id=case.case_id, status="failed", error=error, seconds=time.perf_counter() - start)
+
+
+def _case_outputs(output_dir: Path, case_id: str) -> list[Path]:
+    """The files ``ood-run`` writes for ``case_id`` (any image ending, multi-file companions, the report)."""
+    names = {f"{case_id}.json"}
+    for ending in (*IMAGE_ENDINGS, ".hdr", ".img", ".raw", ".zraw"):
+        names |= {f"{case_id}{ending}", f"{case_id}_uncertainty{ending}"}
+    return [output_dir / n for n in sorted(names) if (output_dir / n).is_file()]
 
 
 def _distance_range(bundle: Bundle) -> tuple[float, float] | None:

@@ -174,7 +174,7 @@ def test_messages_keep_bracketed_text(ct_pipeline, tmp_path):
     missing = tmp_path / "scan[ct]_0000.nii.gz"
     result = _run("run", tmp_path / "model[v2].ood.onnx", missing, "-o", tmp_path / "o")
     assert result.exit_code == 1
-    assert "model[v2].ood.onnx" in _text(result)
+    assert "model[v2].ood.onnx" in _text(result).replace(" ", "")  # rich wraps long paths anywhere
 
 
 def test_cohort_choices_are_the_generator_cohorts():
@@ -356,3 +356,44 @@ def test_demo_runs_the_embedded_model(tmp_path):
     assert cases["demo_far_ood"]["ood"] is True
     assert (tmp_path / "demo" / "qa.html").exists()
     assert _run("run", "--demo", "some.onnx", "-o", tmp_path / "x").exit_code == 2
+
+
+def test_a_bug_inside_a_case_fails_that_case_and_the_batch_goes_on(ct_pipeline, test_cases, tmp_path, monkeypatch):
+    """An unexpected exception (a bug, not bad input) in one case: a failed row in summary.csv naming it, the other
+    case written, exit 1; with --debug it propagates."""
+    import segsentry.runtime.batch as batch
+
+    first, second = (files[0] for files in test_cases["ct"].values())
+    real = batch.predict_case
+
+    def flaky(loaded, *args, **kwargs):
+        if loaded.case_id == first.name.removesuffix("_0000.nii.gz"):
+            raise TypeError("unexpected keyword argument 'x'")
+        return real(loaded, *args, **kwargs)
+
+    monkeypatch.setattr(batch, "predict_case", flaky)
+    result = _run("run", ct_pipeline.ood_onnx, first, second, "-o", tmp_path / "o", "--no-qa")
+    assert result.exit_code == 1
+    rows = {r["case"]: r for r in __import__("csv").DictReader((tmp_path / "o" / "summary.csv").open())}
+    bad = rows[first.name.removesuffix("_0000.nii.gz")]
+    assert bad["status"] == "failed" and "internal error: TypeError: unexpected keyword argument 'x'" in bad["error"]
+    assert rows[second.name.removesuffix("_0000.nii.gz")]["status"] == "ok"
+    with pytest.raises(TypeError):
+        batch.run_batch(ct_pipeline.ood_onnx, [first], tmp_path / "d", qa=False, raise_unexpected=True)
+
+
+def test_a_case_that_fails_on_a_rerun_leaves_no_stale_outputs(ct_pipeline, test_cases, tmp_path):
+    """Run once (mask, map, report written), then the same case id with an unreadable file: the earlier
+    outputs must go, so nothing says 'ood: false' for a case this run could not process."""
+    source = next(iter(test_cases["ct"].values()))[0]
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    case = inputs / source.name
+    case.write_bytes(source.read_bytes())
+    out = tmp_path / "o"
+    assert _run("run", ct_pipeline.ood_onnx, case, "-o", out, "--no-qa").exit_code in (0, 3)
+    case_id = source.name.removesuffix("_0000.nii.gz")
+    assert {p.name for p in out.iterdir()} >= {f"{case_id}.json", f"{case_id}.nii.gz", f"{case_id}_uncertainty.nii.gz"}
+    case.write_bytes(b"truncated transfer")
+    assert _run("run", ct_pipeline.ood_onnx, case, "-o", out, "--no-qa").exit_code == 1
+    assert sorted(p.name for p in out.iterdir()) == ["summary.csv"]
