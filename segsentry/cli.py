@@ -63,8 +63,12 @@ BackendOpt = Annotated[str, typer.Option(
 
 
 def _open_unit_interval(value: float) -> float:
-    if not 0.0 < value < 1.0:
-        raise typer.BadParameter(f"must be strictly between 0 and 1, got {value}")
+    from segsentry.runtime.scoring import check_alpha
+
+    try:
+        check_alpha(value)
+    except SegsentryError as exc:
+        raise typer.BadParameter(str(exc)) from None
     return value
 
 

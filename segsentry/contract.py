@@ -8,11 +8,14 @@ JSON as the bare value, and typer shows the values as the choices of an option.
 from __future__ import annotations
 
 from enum import Enum
+from typing import TypeVar
 
 __all__ = [
     "HEAD_SCOPE", "INPUT_IMAGE", "L2_EPS", "Aggregation", "Estimator", "FeatureNorm", "HeadInitializer", "Output",
     "ThresholdRule", "choice",
 ]
+
+E = TypeVar("E", bound=Enum)
 
 HEAD_SCOPE = "ood_head/"  # every node and initializer of the fused Mahalanobis head is named with this prefix
 INPUT_IMAGE = "image"  # the role of the bundle's one input: (batch, channels, *patch_size) float32
@@ -100,10 +103,10 @@ class ThresholdRule(str, Enum):
         return self.value
 
 
-def choice(enum: type[Enum], value: str | Enum, *, what: str) -> Enum:
-    """``value`` as a member of ``enum``; raise ``ValueError`` naming ``what`` and the valid values."""
+def choice(enum: type[E], value: str | Enum, *, what: str, error: type[Exception] = ValueError) -> E:
+    """``value`` as a member of ``enum``; raise ``error`` naming ``what`` and the valid values."""
     try:
         return enum(value)
     except ValueError:
         valid = ", ".join(str(m.value) for m in enum)
-        raise ValueError(f"unknown {what} {str(getattr(value, 'value', value))!r}; choose one of {valid}") from None
+        raise error(f"unknown {what} '{getattr(value, 'value', value)}'; choose one of {valid}") from None

@@ -133,9 +133,6 @@ class Manifest:
             raise BundleError(f"the bundle has no '{key}' output (it has: {', '.join(sorted(self.outputs))})")
         return self.outputs[key]
 
-    def has_output(self, role: Output | str) -> bool:
-        return Output(role).value in self.outputs
-
     def replace(self, **changes: Any) -> Manifest:
         return dataclasses.replace(self, **changes)
 

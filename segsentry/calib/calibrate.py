@@ -25,7 +25,7 @@ from segsentry.calib.gaussian import (
     squared_mahalanobis,
 )
 from segsentry.calib.head import fold_mahalanobis_head
-from segsentry.contract import Aggregation, Estimator, FeatureNorm, Output, ThresholdRule
+from segsentry.contract import Aggregation, Estimator, FeatureNorm, Output, ThresholdRule, choice
 from segsentry.errors import BundleError, CalibrationError, SegsentryError
 from segsentry.manifest import Calibration, Manifest, write_manifest
 from segsentry.runtime.backends import BackendOptions, create_backend
@@ -36,6 +36,7 @@ from segsentry.runtime.io import CaseInput, collect_cases, read_case
 from segsentry.runtime.pipeline import VolumeInference, infer_volume
 from segsentry.runtime.preprocess import preprocess
 from segsentry.runtime.scoring import (
+    check_alpha,
     conformal_threshold,
     min_calibration_cases,
     normalise_score,
@@ -106,18 +107,9 @@ def calibrate(
     ``on_case(case_id, n_patches, error)`` is called after each training and calibration case (for progress
     display).
     """
-    try:
-        threshold_rule = ThresholdRule(threshold_rule)
-    except ValueError:
-        raise CalibrationError(f"unknown threshold rule '{threshold_rule}'; choose one of "
-                               f"{', '.join(r.value for r in ThresholdRule)}") from None
-    try:
-        feature_norm = FeatureNorm(feature_norm)
-    except ValueError:
-        raise CalibrationError(f"unknown feature normalisation '{feature_norm}'; choose one of "
-                               f"{', '.join(f.value for f in FeatureNorm)}") from None
-    if not 0.0 < alpha < 1.0:
-        raise CalibrationError(f"alpha must be strictly between 0 and 1 (a false-alarm rate), got {alpha}")
+    threshold_rule = choice(ThresholdRule, threshold_rule, what="threshold rule", error=CalibrationError)
+    feature_norm = choice(FeatureNorm, feature_norm, what="feature normalisation", error=CalibrationError)
+    check_alpha(alpha)
     if estimator not in ESTIMATORS:
         raise CalibrationError(f"unknown estimator '{estimator}'; choose one of {', '.join(ESTIMATORS)}")
     if score_folds < 1:

@@ -61,11 +61,9 @@ from segsentry.manifest import Manifest
 from segsentry.runtime.backends import BackendOptions, create_backend, resolve_backend_name
 from segsentry.runtime.backends.base import Backend
 from segsentry.runtime.bundle import Bundle, load_bundle
-from segsentry.runtime.guard import ContentStats, content_reasons, content_stats
-from segsentry.runtime.io import CaseInput, collect_cases, read_case
-from segsentry.runtime.pipeline import finish_case, infer_volume, infer_volume_for_case
+from segsentry.runtime.io import CaseInput, LoadedCase, collect_cases, read_case
+from segsentry.runtime.pipeline import finish_case, infer_volume, infer_volume_for_case, verdict
 from segsentry.runtime.preprocess import preprocess
-from segsentry.runtime.scoring import normalise_score, subject_score
 
 METHODS = ("mahalanobis", "max_softmax", "kl_uniform", "energy")
 SAMPLED = {"tta": "TTA (8 flips)", "mc_dropout": "MC dropout"}  # optional sample-based baselines
@@ -184,20 +182,13 @@ def mc_dropout_uncertainty(files: Sequence[Path], bundle: Bundle, engine: Backen
     return mc_dropout_std(_preprocessed(files, bundle), engine, bundle.manifest, passes=passes)
 
 
-def _layer_verdict(data: np.ndarray, engine: Backend, manifest: Manifest, content: ContentStats) -> tuple[float, bool]:
-    """U of an extra calibrated bundle on the same preprocessed volume, and its own deployed flag (its threshold,
-    its input guard), exactly as ``finish_case`` decides it."""
-    u = _layer_uncertainty(data, engine, manifest)
-    calibration = manifest.calibration
-    return u, bool(u > calibration.threshold or content_reasons(content, calibration.input_range))
-
-
-def _layer_uncertainty(data: np.ndarray, engine: Backend, manifest: Manifest) -> float:
-    """U of a layer-ablation bundle on the main bundle's preprocessed volume (distance map only, no logits)."""
+def _layer_verdict(data: np.ndarray, engine: Backend, manifest: Manifest, loaded: LoadedCase) -> tuple[float, bool]:
+    """U of an extra calibrated bundle on the main bundle's preprocessed volume (distance map only, no logits)
+    and its own deployed flag, decided by the runtime's :func:`verdict` exactly as ``ood-run`` would."""
     calibration = manifest.calibration
     inference = infer_volume(data, engine, manifest, accumulate_logits=False, aggregation=calibration.aggregation)
-    return normalise_score(subject_score(inference.distance_map), train_min=calibration.train_score_min,
-                           train_max=calibration.train_score_max)
+    decision = verdict(inference.distance_map, calibration, loaded)
+    return decision.uncertainty, bool(decision.ood)
 
 
 def evaluate_case(case: CaseInput, manifest: Manifest, engines: Engines, *,
@@ -215,10 +206,9 @@ def evaluate_case(case: CaseInput, manifest: Manifest, engines: Engines, *,
     prediction = finish_case(loaded, inference, geometry, manifest, with_uncertainty_map=False)
     scores = {"mahalanobis": prediction.uncertainty_score, **output_baselines(inference.logits)}
     flags = {"mahalanobis": bool(prediction.ood)}
-    content = content_stats(loaded.image, loaded.spacing) if engines.layers else None
     for name, (layer_manifest, engine) in engines.layers.items():
         key = f"mahalanobis[{name}]"
-        scores[key], flags[key] = _layer_verdict(data, engine, layer_manifest, content)
+        scores[key], flags[key] = _layer_verdict(data, engine, layer_manifest, loaded)
     if engines.tta:
         scores["tta"] = tta_std(data, engines.main, manifest, logits=inference.logits)
     if engines.mc_dropout is not None:

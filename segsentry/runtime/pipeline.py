@@ -14,7 +14,7 @@ import SimpleITK as sitk
 
 from segsentry.contract import Output
 from segsentry.errors import BundleError
-from segsentry.manifest import Manifest
+from segsentry.manifest import Calibration, Manifest
 from segsentry.runtime.backends.base import Backend
 from segsentry.runtime.guard import content_reasons, content_stats
 from segsentry.runtime.io import LoadedCase
@@ -207,6 +207,31 @@ def infer_volume_for_case(data: np.ndarray, backend: Backend, manifest: Manifest
                         aggregation=calibration.aggregation if calibration else None)
 
 
+@dataclass(frozen=True)
+class Verdict:
+    """A calibrated bundle's decision on one case: raw score u, normalised U, threshold, flag and its reasons.
+    All ``None`` (and no reasons) without a calibration or a distance map."""
+
+    score: float | None = None
+    uncertainty: float | None = None
+    threshold: float | None = None
+    ood: bool | None = None
+    reasons: list[str] = field(default_factory=list)
+
+
+def verdict(distance_map: np.ndarray | None, calibration: Calibration | None, loaded: LoadedCase) -> Verdict:
+    """The deployed decision: ``U > threshold`` (U from the voxel map as in design.md steps 6-7) or an input
+    outside the training cases' content range (:mod:`segsentry.runtime.guard`, when the bundle records one)."""
+    if calibration is None or distance_map is None:
+        return Verdict()
+    score = subject_score(distance_map)
+    u = normalise_score(score, train_min=calibration.train_score_min, train_max=calibration.train_score_max)
+    reasons = [f"U {u:.3f} > threshold {calibration.threshold:.3f}"] if u > calibration.threshold else []
+    if calibration.input_range is not None:
+        reasons += content_reasons(content_stats(loaded.image, loaded.spacing), calibration.input_range)
+    return Verdict(score=score, uncertainty=u, threshold=calibration.threshold, ood=bool(reasons), reasons=reasons)
+
+
 def finish_case(
     loaded: LoadedCase, inference: VolumeInference, geometry: Geometry, manifest: Manifest, *,
     with_uncertainty_map: bool = True, timings: dict[str, float] | None = None,
@@ -217,19 +242,7 @@ def finish_case(
     """
     timings = dict(timings or {})
     t0 = time.perf_counter()
-    calibration = manifest.calibration
-    score = U = ood = threshold = None
-    if calibration is not None and inference.distance_map is not None:
-        score = subject_score(inference.distance_map)
-        U = normalise_score(score, train_min=calibration.train_score_min, train_max=calibration.train_score_max)
-        threshold = calibration.threshold
-        ood = bool(U > threshold)
-    reasons = [f"U {U:.3f} > threshold {threshold:.3f}"] if ood else []
-    if calibration is not None:
-        content = content_reasons(content_stats(loaded.image, loaded.spacing), calibration.input_range)
-        if content:
-            ood = True
-            reasons += content
+    decision = verdict(inference.distance_map, manifest.calibration, loaded)
     timings["scoring"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -248,12 +261,12 @@ def finish_case(
         case_id=loaded.case_id,
         mask=mask,
         uncertainty=uncertainty,
-        score=score,
-        uncertainty_score=U,
-        ood=ood,
-        threshold=threshold,
+        score=decision.score,
+        uncertainty_score=decision.uncertainty,
+        ood=decision.ood,
+        threshold=decision.threshold,
         n_patches=len(inference.boxes),
         top_patches=_top_patches(inference, geometry, manifest, loaded.reference),
         timings=timings,
-        ood_reasons=reasons,
+        ood_reasons=decision.reasons,
     )

@@ -38,7 +38,7 @@ def tpr95_threshold(train_uncertainties: Sequence[float]) -> float:
 
 def min_calibration_cases(alpha: float) -> int:
     """Calibration cases split-conformal needs for a finite threshold at level ``alpha``: n >= 1/alpha - 1."""
-    _check_alpha(alpha)
+    check_alpha(alpha)
     return max(1, math.ceil(1.0 / alpha - 1.0 - 1e-9))
 
 
@@ -47,7 +47,7 @@ def conformal_rank(n: int, alpha: float) -> int:
 
     ``k > n`` means no finite threshold holds alpha with ``n`` scores (see :func:`conformal_threshold`).
     """
-    _check_alpha(alpha)
+    check_alpha(alpha)
     return math.ceil((n + 1) * (1.0 - alpha) - 1e-9)  # the epsilon keeps 20 * 0.95 at 19, not 20
 
 
@@ -67,6 +67,7 @@ def conformal_threshold(calibration_uncertainties: Sequence[float], *, alpha: fl
     return values[k - 1], 1.0 - k / (n + 1)
 
 
-def _check_alpha(alpha: float) -> None:
+def check_alpha(alpha: float) -> None:
+    """Refuse a false-alarm rate outside (0, 1) with :class:`CalibrationError`."""
     if not 0.0 < alpha < 1.0:
         raise CalibrationError(f"alpha must be strictly between 0 and 1 (a false-alarm rate), got {alpha}")
