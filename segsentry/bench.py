@@ -163,8 +163,7 @@ def bench_volume(bundle: Bundle, backend: str, volume: Path, *, threads: int | N
     volume is read and preprocessed only once.
     """
     from segsentry.runtime.io import collect_cases, read_case, write_image
-    from segsentry.runtime.pipeline import finish_case, infer_volume_for_case
-    from segsentry.runtime.preprocess import preprocess
+    from segsentry.runtime.pipeline import predict_case
     from segsentry.runtime.sliding import DistanceAccumulator, importance_for
 
     m = bundle.manifest
@@ -178,24 +177,15 @@ def bench_volume(bundle: Bundle, backend: str, volume: Path, *, threads: int | N
                             options=BackendOptions(threads=threads, cache_dir=bundle.path), manifest=m) as engine:
             case_start = t0 = time.perf_counter()
             loaded = read_case(case, num_channels=m.num_channels)
-            stages = {"read": time.perf_counter() - t0}
-            t0 = time.perf_counter()
-            data, geometry = preprocess(loaded.image, loaded.spacing, m.preprocessing)
-            stages["preprocess"] = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            inference = infer_volume_for_case(data, engine, m)
-            del data
-            stages["inference"] = time.perf_counter() - t0
-            prediction = finish_case(loaded, inference, geometry, m, timings=stages)  # + scoring, resample_back
-            padded_shape, boxes = inference.padded_shape, inference.boxes
-            del inference  # the logits: as in ood-run, they are gone before the writes
+            read_s = time.perf_counter() - t0
+            prediction = predict_case(loaded, engine, m)  # preprocess, inference, scoring, resample back
             t0 = time.perf_counter()
             ending = loaded.output_ending
             write_image(prediction.mask, loaded.reference, Path(tmp) / f"{case.case_id}{ending}")
             if prediction.uncertainty is not None:
                 write_image(prediction.uncertainty, loaded.reference,
                             Path(tmp) / f"{case.case_id}_uncertainty{ending}")
-            stages = {**prediction.timings, "write": time.perf_counter() - t0,
+            stages = {"read": read_s, **prediction.timings, "write": time.perf_counter() - t0,
                       "total": time.perf_counter() - case_start}
         total = time.perf_counter() - start
     out = {"volume": str(volume), "n_patches": prediction.n_patches, "wall_s": total,
@@ -205,8 +195,8 @@ def bench_volume(bundle: Bundle, backend: str, volume: Path, *, threads: int | N
         gaussian = importance_for(m.patch_size, sigma_scale=m.tiling.sigma_scale,
                                   value_scaling_factor=m.tiling.value_scaling_factor)
         start = time.perf_counter()
-        acc = DistanceAccumulator(padded_shape, gaussian, aggregation=m.calibration.aggregation)
-        for box in boxes:
+        acc = DistanceAccumulator(prediction.padded_shape, gaussian, aggregation=m.calibration.aggregation)
+        for box in prediction.tiles:
             acc.add(box, 1.0)
         acc.result()
         out["distance_aggregation_s"] = time.perf_counter() - start

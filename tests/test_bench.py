@@ -71,6 +71,8 @@ def test_bench_volume_preprocesses_once_and_reports_what_ood_run_reports(tmp_pat
         return original(*args, **kwargs)
 
     monkeypatch.setattr(preprocess_module, "preprocess", counting)
+    # predict_case (what bench_volume runs) looks the function up in the pipeline module
+    monkeypatch.setattr(importlib.import_module("segsentry.runtime.pipeline"), "preprocess", counting)
     result = bench_volume(bundle, "onnxruntime", volume, threads=1)
     assert len(calls) == 1
     assert list(result) == ["volume", "n_patches", "wall_s", "stages_s", "distance_aggregation_s",

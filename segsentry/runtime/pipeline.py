@@ -120,7 +120,10 @@ def infer_volume(
 
 @dataclass
 class CasePrediction:
-    """Everything ``ood-run`` writes for one case. Arrays are in the input image's numpy order (z, y, x)."""
+    """Everything ``ood-run`` writes for one case. Arrays are in the input image's numpy order (z, y, x).
+
+    ``tiles`` are the sliding-window boxes in the padded network volume of shape ``padded_shape``.
+    """
 
     case_id: str
     mask: np.ndarray
@@ -129,10 +132,15 @@ class CasePrediction:
     uncertainty_score: float | None
     ood: bool | None
     threshold: float | None
-    n_patches: int
+    tiles: list[Box]
+    padded_shape: tuple[int, ...]
     top_patches: list[TopPatch]
     timings: dict[str, float] = field(default_factory=dict)
     ood_reasons: list[str] = field(default_factory=list)  # why the case is flagged, if it is
+
+    @property
+    def n_patches(self) -> int:
+        return len(self.tiles)
 
 
 def box_to_input_index(box: Box, pad_box: Box, geometry: Geometry, transpose_backward: Sequence[int]) -> list[list[int]]:
@@ -265,7 +273,8 @@ def finish_case(
         uncertainty_score=decision.uncertainty,
         ood=decision.ood,
         threshold=decision.threshold,
-        n_patches=len(inference.boxes),
+        tiles=inference.boxes,
+        padded_shape=inference.padded_shape,
         top_patches=_top_patches(inference, geometry, manifest, loaded.reference),
         timings=timings,
         ood_reasons=decision.reasons,
