@@ -26,7 +26,6 @@ import csv
 import io
 import itertools
 import json
-import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
@@ -55,6 +54,7 @@ from segsentry.evaluation.metrics import (
     temperature_scaling_search,
     tpr95_threshold,
     tpr_at_threshold,
+    wilson_interval,
 )
 from segsentry.evaluation.render import MethodDistribution, ReportView, ScenarioView, report_html, report_markdown
 from segsentry.manifest import Manifest
@@ -295,17 +295,6 @@ def scenario_table(id_cases: list[CaseResult], ood_cases: list[CaseResult]) -> l
             "error_ci": _interval(_refit_error, ids, oods),
         })
     return rows
-
-
-def wilson_interval(k: int, n: int, *, z: float = 1.959963984540054) -> list[float]:
-    """Wilson score 95 % interval of a proportion ``k / n`` (sensible at 0 and n, unlike the bootstrap)."""
-    if n <= 0:
-        raise EvaluationError("wilson_interval: no cases")
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    # at k = 0 (k = n) the bound is exactly 0 (1); computed, it comes out a rounding error away
-    return [0.0 if k == 0 else max(0.0, centre - half), 1.0 if k == n else min(1.0, centre + half)]
 
 
 def deployed_table(results: Mapping[str, list[CaseResult]]) -> list[dict]:

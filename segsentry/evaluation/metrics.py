@@ -50,6 +50,7 @@ __all__ = [
     "temperature_scaling_search",
     "tpr95_threshold",
     "tpr_at_threshold",
+    "wilson_interval",
 ]
 
 
@@ -336,7 +337,19 @@ def e_aurc(uncertainty: ArrayLike, risk: ArrayLike) -> float:
     return aurc(uncertainty, r) - aurc(r, r)
 
 
-# ---------------------------------------------------------------------------------------------- bootstrap
+# ------------------------------------------------------------------------------------ intervals (bootstrap, Wilson)
+
+
+def wilson_interval(k: int, n: int, *, z: float = 1.959963984540054) -> list[float]:
+    """Wilson score 95 % interval of a proportion ``k / n`` (sensible at 0 and n, unlike the bootstrap)."""
+    if n <= 0:
+        raise EvaluationError("wilson_interval: no cases")
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    # at k = 0 (k = n) the bound is exactly 0 (1); computed, it comes out a rounding error away
+    return [0.0 if k == 0 else max(0.0, centre - half), 1.0 if k == n else min(1.0, centre + half)]
+
 
 
 def bootstrap_interval(

@@ -308,7 +308,7 @@ def test_failing_case_names_case_and_set(cohorts, tmp_path):
 
 def test_wilson_interval_reference_values():
     """Published Wilson score intervals (z = 1.96): 0/10 -> [0, 0.2775], 5/10 -> [0.2366, 0.7634], 10/10 -> [0.7225, 1]."""
-    from segsentry.evaluation.evaluate import wilson_interval
+    from segsentry.evaluation.metrics import wilson_interval
 
     assert wilson_interval(0, 10) == [0.0, pytest.approx(0.2775, abs=1e-4)]
     assert wilson_interval(5, 10) == [pytest.approx(0.2366, abs=1e-4), pytest.approx(0.7634, abs=1e-4)]
