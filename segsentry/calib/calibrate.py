@@ -18,6 +18,7 @@ import onnx
 
 from segsentry._atomic import write_bytes_atomic
 from segsentry.calib.gaussian import (
+    ESTIMATORS,
     FeatureStore,
     GaussianFit,
     fit_gaussian,
@@ -25,7 +26,7 @@ from segsentry.calib.gaussian import (
     squared_mahalanobis,
 )
 from segsentry.calib.head import fold_mahalanobis_head
-from segsentry.contract import Aggregation, Estimator, FeatureNorm, Output, ThresholdRule, choice
+from segsentry.contract import FeatureNorm, Output, ThresholdRule, choice
 from segsentry.errors import BundleError, CalibrationError, SegsentryError
 from segsentry.manifest import Calibration, Manifest, write_manifest
 from segsentry.runtime.backends import BackendOptions, create_backend
@@ -43,12 +44,10 @@ from segsentry.runtime.scoring import (
     subject_score,
     tpr95_threshold,
 )
-from segsentry.runtime.sliding import Box, crop_box, distance_map, importance_for
+from segsentry.runtime.sliding import AGGREGATIONS, Box, crop_box, distance_map, importance_for
 
 log = logging.getLogger(__name__)
 
-ESTIMATORS = tuple(e.value for e in Estimator)
-AGGREGATIONS = tuple(a.value for a in Aggregation)
 DEFAULT_ALPHA = 0.05
 
 

@@ -182,6 +182,10 @@ def test_cohort_choices_are_the_generator_cohorts():
     from segsentry.phantoms import COHORTS
 
     assert tuple(c.value for c in Cohort) == tuple(COHORTS)
+    from segsentry.cli import ShiftKind, ShiftLevel
+    from segsentry.evaluation.shifts import KINDS, LEVELS
+
+    assert tuple(k.value for k in ShiftKind) == KINDS and tuple(v.value for v in ShiftLevel) == LEVELS
 
 
 def test_calib_threshold_rules_from_the_cli(ct_pipeline, tmp_path):
