@@ -36,6 +36,8 @@ VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Log progress 
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show full tracebacks for unexpected errors.")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Patches per backend call.")]
 ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads for the backend.")]
+MonitorLogOpt = Annotated[Optional[Path], typer.Option(
+    "--monitor-log", help="Append one JSON line per case (time, U, flag, scanner) to this drift-watch log.")]
 
 
 def _backend_name(value: str | None) -> str | None:
@@ -70,6 +72,10 @@ def _open_unit_interval(value: float) -> float:
     except SegsentryError as exc:
         raise typer.BadParameter(str(exc)) from None
     return value
+
+
+def _optional_unit_interval(value: float | None) -> float | None:
+    return None if value is None else _open_unit_interval(value)
 
 
 class ShiftKind(str, Enum):
@@ -225,6 +231,9 @@ def run_command(
         "--low-memory", help="Lower peak memory for some speed (onnxruntime: no CPU memory arena; ~30 % less RSS, "
         "2-8 % slower on a fullres net).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the case reports as JSON on stdout.")] = False,
+    dicom_seg: Annotated[bool, typer.Option("--dicom-seg", help="Also write CASE.seg.dcm (DICOM SEG) and CASE.sr.dcm "
+                                            "(SR with the OOD verdict) for DICOM series inputs (segsentry[dicom]).")] = False,
+    monitor_log: MonitorLogOpt = None,
     verbose: VerboseOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -234,6 +243,9 @@ def run_command(
         raise typer.BadParameter("--demo takes no BUNDLE or INPUTS")
     if not demo and (bundle is None or not inputs):
         raise typer.BadParameter("give a BUNDLE and at least one INPUT (or --demo)")
+    if demo and (dicom_seg or monitor_log):
+        raise typer.BadParameter("--demo runs NIfTI phantoms: it takes no --dicom-seg or --monitor-log")
+    hooks = _run_hooks(bundle, inputs or [], dicom_seg, monitor_log) if not demo else []
 
     def body() -> int:
         from rich.progress import Progress
@@ -249,7 +261,8 @@ def run_command(
                 result = run_demo(output, backend=backend, threads=threads, on_case=advance)
             else:
                 result = run_batch(bundle, inputs, output, backend=backend, batch_size=batch_size, threads=threads,
-                                   low_memory=low_memory, qa=qa, on_case=advance, raise_unexpected=debug)
+                                   low_memory=low_memory, qa=qa, on_case=advance, raise_unexpected=debug,
+                                   case_hooks=hooks)
         if as_json:
             typer.echo(json.dumps({
                 "backend": result.backend,
@@ -264,6 +277,65 @@ def run_command(
             if result.qa_page:
                 console.print(f"QA page: {escape(str(result.qa_page))}", highlight=False)
         return result.exit_code()
+
+    _guarded(debug, body)
+
+
+def _run_hooks(bundle: Path | None, inputs: list[Path], dicom_seg: bool, monitor_log: Path | None) -> list:
+    """ood-run's per-case output adapters (segsentry.dicom), checked before anything runs."""
+    hooks = []
+    if dicom_seg:
+        from segsentry.runtime.io import is_dicom_folder
+
+        others = [str(p) for p in inputs if not is_dicom_folder(Path(p))]
+        if others:
+            raise typer.BadParameter(f"--dicom-seg needs DICOM series folders as inputs; not DICOM: {', '.join(others)}"
+                                     " (DICOM SEG/SR reference the source SOP instances, which NIfTI files lack)")
+        from segsentry.dicom.outputs import DicomResultWriter
+
+        hooks.append(DicomResultWriter(bundle))
+    if monitor_log is not None:
+        from segsentry.dicom.monitor import MonitorLog
+
+        hooks.append(MonitorLog(monitor_log))
+    return hooks
+
+
+def monitor_command(
+    log_file: Annotated[Path, typer.Argument(help="Monitoring log written by ood-run/ood-serve --monitor-log.")],
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the HTML page here.")] = None,
+    alpha: Annotated[Optional[float], typer.Option("--alpha", callback=_optional_unit_interval, help="False-alarm rate to test against (default: the bundle's, from the log).")] = None,
+    window: Annotated[int, typer.Option("--window", min=1, help="Rolling window, in cases.")] = 50,
+    significance: Annotated[float, typer.Option("--significance", min=1e-9, max=0.5, help="Binomial test level.")] = 0.01,
+    debug: DebugOpt = False,
+) -> None:
+    """Drift watch: rolling flag rate against alpha (exact binomial test) and U per scanner/protocol."""
+    _setup_logging(False)
+
+    def body() -> int:
+        from segsentry.dicom.monitor import read_log, summarise
+
+        entries, skipped = read_log(log_file)
+        summary = summarise(entries, alpha=alpha, window=window, significance=significance, skipped_lines=skipped)
+        table = Table(title=escape(f"drift watch: {log_file}"))
+        for column in ("scanner / protocol", "cases", "flagged", "median U", "binomial p"):
+            table.add_column(column)
+        for g in summary.groups:
+            table.add_row(escape(g.name), str(g.n), f"{g.flags} ({100 * g.flags / g.n:.1f} %)", f"{g.u_median:.3f}",
+                          f"{g.p_value:.2g}")
+        console.print(table)
+        last = summary.rolling[-1] if summary.rolling else None
+        verdict = "[bold red]significantly above alpha[/]" if summary.alarm else "[green]not significantly above alpha[/]"
+        console.print(f"{summary.n_scored} scored case(s), {summary.flags} flagged ({100 * summary.rate:.1f} %), alpha "
+                      f"{summary.alpha:g}: {verdict} (binomial p = {summary.p_value:.2g})"
+                      + (f"; last {last.n} cases: {last.flags} flagged, p = {last.p_value:.2g}" if last else "")
+                      + (f"; {skipped} unreadable line(s) skipped" if skipped else ""), highlight=False)
+        if output is not None:
+            from segsentry.dicom.monitor_html import write_monitor_page
+
+            write_monitor_page(summary, output, log_name=log_file.name)
+            console.print(f"page: {escape(str(output))}", highlight=False)
+        return EXIT_OK
 
     _guarded(debug, body)
 
@@ -448,6 +520,7 @@ app.command("calib")(calib_command)
 app.command("run")(run_command)
 app.command("bench")(bench_command)
 app.command("phantoms")(phantoms_command)
+app.command("monitor")(monitor_command)
 
 
 def _single(command: Callable[..., None]) -> typer.Typer:

@@ -14,8 +14,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
+
 from segsentry._atomic import write_text_atomic
 from segsentry.errors import SegsentryError
+from segsentry.manifest import Manifest
 from segsentry.runtime.backends import BackendOptions, create_backend, resolve_backend_name
 from segsentry.runtime.bundle import Bundle, load_bundle
 from segsentry.runtime.io import IMAGE_ENDINGS, CaseInput, collect_cases, guard_outputs, read_case, write_image
@@ -42,6 +45,25 @@ class CaseOutcome:
     @property
     def ood(self) -> bool:
         return bool(self.report is not None and self.report.ood)
+
+
+@dataclass(frozen=True)
+class WrittenCase:
+    """What a per-case hook of :func:`run_batch` sees once a case's image outputs are written: the input,
+    the mask ``(z, y, x)`` on the input grid, the report (``outputs`` so far) and the bundle's manifest."""
+
+    case: CaseInput
+    mask: np.ndarray
+    report: CaseReport
+    output_dir: Path
+    manifest: Manifest
+    bundle_path: Path
+
+
+# A hook writes more outputs for a case (DICOM SEG/SR, a monitoring line) and returns {name: path} to record
+# in the report; an error it raises fails the case like any other. Output adapters above the runtime
+# (segsentry.dicom) come in this way, so the runtime never imports them.
+CaseHook = Callable[[WrittenCase], dict[str, Path]]
 
 
 @dataclass
@@ -78,12 +100,14 @@ def run_batch(
     qa: bool = True,
     on_case: Callable[[CaseOutcome], None] | None = None,
     raise_unexpected: bool = False,
+    case_hooks: Sequence[CaseHook] = (),
 ) -> BatchResult:
     """Run every case found in ``inputs``; write ``CASE<ending>``, ``CASE_uncertainty<ending>``, ``CASE.json``,
     ``summary.csv`` and (unless ``qa=False``) the QA page ``qa.html`` with its PNGs in ``qa/``, into
     ``output_dir``. Raises only for problems that stop the whole batch (bundle, backend, no inputs);
     per-case problems are recorded in the result, unexpected exceptions (bugs) included unless
     ``raise_unexpected`` (the CLI's ``--debug``); a failing case's outputs from an earlier run are removed.
+    ``case_hooks`` run in order after each case's images are written, before its report.
     """
     output_dir = Path(output_dir)
     bundle = load_bundle(bundle_path)
@@ -102,7 +126,8 @@ def run_batch(
         # the engine holds its own copy of the graph: drop ours (the weights' size: 123 MB for a fullres net)
         bundle = replace(bundle, model_bytes=b"")
         for case in cases:
-            outcome = _run_case(case, bundle, engine, output_dir, backend_name, batch_size, qa, raise_unexpected)
+            outcome = _run_case(case, bundle, engine, output_dir, backend_name, batch_size, qa, raise_unexpected,
+                                case_hooks)
             outcomes.append(outcome)
             if on_case is not None:
                 on_case(outcome)
@@ -119,7 +144,8 @@ def run_batch(
 
 
 def _run_case(case: CaseInput, bundle: Bundle, engine, output_dir: Path, backend_name: str,
-              batch_size: int, qa: bool, raise_unexpected: bool = False) -> CaseOutcome:
+              batch_size: int, qa: bool, raise_unexpected: bool = False,
+              case_hooks: Sequence[CaseHook] = ()) -> CaseOutcome:
     start = time.perf_counter()
     try:
         t0 = time.perf_counter()
@@ -141,6 +167,10 @@ def _run_case(case: CaseInput, bundle: Bundle, engine, output_dir: Path, backend
             aggregation=calibration.aggregation if calibration else None, timings=timings, backend=backend_name,
             model_sha256=bundle.weights_sha256, bundle=str(bundle.path),
             outputs={k: str(v) for k, v in outputs.items()}, warnings=loaded.warnings)
+        for hook in case_hooks:
+            written = WrittenCase(case=case, mask=prediction.mask, report=report, output_dir=output_dir,
+                                  manifest=bundle.manifest, bundle_path=bundle.path)
+            report = replace(report, outputs={**report.outputs, **{k: str(v) for k, v in hook(written).items()}})
         write_text_atomic(output_dir / f"{case.case_id}.json", report.to_json())
         view = None
         if qa:
@@ -173,7 +203,7 @@ def _failed(case: CaseInput, output_dir: Path, error: str, start: float) -> Case
 
 def _case_outputs(output_dir: Path, case_id: str) -> list[Path]:
     """The files ``ood-run`` writes for ``case_id`` (any image ending, multi-file companions, the report)."""
-    names = {f"{case_id}.json"}
+    names = {f"{case_id}.json", f"{case_id}.seg.dcm", f"{case_id}.sr.dcm"}
     for ending in (*IMAGE_ENDINGS, ".hdr", ".img", ".raw", ".zraw"):
         names |= {f"{case_id}{ending}", f"{case_id}_uncertainty{ending}"}
     return [output_dir / n for n in sorted(names) if (output_dir / n).is_file()]
