@@ -340,6 +340,52 @@ def monitor_command(
     _guarded(debug, body)
 
 
+def serve_command(
+    bundle: Annotated[Path, typer.Argument(help="A calibrated .ood.onnx bundle.")],
+    port: Annotated[int, typer.Option("--port", min=1, max=65535, help="DICOM port to listen on.")],
+    work: Annotated[Path, typer.Option("--work", help="Work folder: received series, queue, outputs (WORK/<study>/<series>/).")],
+    forward: Annotated[Optional[str], typer.Option("--forward", help="Send SEG + SR here: AE@HOST:PORT (e.g. ORTHANC@127.0.0.1:4242).")] = None,
+    ae_title: Annotated[str, typer.Option("--ae-title", help="This node's AE title (callers must use it).")] = "SEGSENTRY",
+    host: Annotated[str, typer.Option("--host", help="Address to listen on (0.0.0.0: every interface, for a scanner on the network).")] = "127.0.0.1",
+    series_timeout: Annotated[float, typer.Option("--series-timeout", min=0.0, help="Seconds without a new instance after which a series is complete.")] = 10.0,
+    retries: Annotated[int, typer.Option("--retries", min=0, help="Forwarding retries (exponential backoff from 1 s).")] = 5,
+    monitor_log: MonitorLogOpt = None,
+    backend: BackendOpt = "auto",
+    threads: ThreadsOpt = None,
+    verbose: VerboseOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """DICOM node: receive CT/MR series (C-STORE), run each once, send DICOM SEG + SR on (default log: WORK/monitor.jsonl)."""
+    _setup_logging(True)  # one line per series is the point
+    if not verbose:
+        logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    if len(ae_title) > 16 or not ae_title.strip():
+        raise typer.BadParameter(f"--ae-title must have 1 to 16 characters, got {ae_title!r}")
+    from segsentry.dicom.serve import ForwardTarget
+
+    try:
+        target = ForwardTarget.parse(forward) if forward else None
+    except SegsentryError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+    def body() -> int:
+        import signal
+
+        from segsentry.dicom.serve import DicomNode, ServeOptions
+
+        node = DicomNode(ServeOptions(bundle=bundle, work=work, port=port, forward=target, host=host,
+                                      ae_title=ae_title, series_timeout=series_timeout, retries=retries,
+                                      backend=backend, threads=threads, monitor_log=monitor_log))
+        node.start()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, node.request_stop)
+        node.wait()
+        node.stop()
+        return EXIT_OK
+
+    _guarded(debug, body)
+
+
 def _print_run_table(result) -> None:  # noqa: ANN001 - BatchResult, imported lazily
     table = Table(title=escape(f"ood-run ({result.backend}) -> {result.output_dir}"))
     table.add_column("case", no_wrap=True)
@@ -521,6 +567,7 @@ app.command("run")(run_command)
 app.command("bench")(bench_command)
 app.command("phantoms")(phantoms_command)
 app.command("monitor")(monitor_command)
+app.command("serve")(serve_command)
 
 
 def _single(command: Callable[..., None]) -> typer.Typer:
@@ -533,6 +580,7 @@ export_app = _single(export_command)
 calib_app = _single(calib_command)
 run_app = _single(run_command)
 bench_app = _single(bench_command)
+serve_app = _single(serve_command)
 eval_app = typer.Typer(help="Evaluate OOD detection against the paper's baselines and metrics.", **_settings)
 eval_app.command("run")(eval_run_command)
 eval_app.command("shift")(eval_shift_command)
