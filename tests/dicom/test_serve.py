@@ -200,3 +200,21 @@ def test_kill_9_mid_queue_then_restart_answers_every_series_once(pacs, ct_pipeli
         assert len(found["SEG"]) == 1 and len(found["SR"]) == 1, study
     entries, _ = read_log(work / "monitor.jsonl")
     assert sorted(e.key for e in entries) == sorted(s for _, _, s in sent)
+
+
+def test_forwarding_retries_with_backoff_then_says_why(pacs, tmp_path, caplog):
+    from segsentry.dicom.serve import ForwardTarget, ServeError, forward
+
+    sr = tmp_path / "x.dcm"
+    write_ct_series(tmp_path / "s", ct_image(shape_zyx=(2, 8, 8)))
+    shutil.copy(series_files(tmp_path / "s")[0], sr)
+    start = time.monotonic()
+    with pytest.raises(ServeError, match="not established"):
+        pacs.ns.call(forward, [sr], ForwardTarget("NOBODY", "127.0.0.1", 4999), calling_ae="SEGSENTRY",
+                     retries=2, backoff_s=0.1)
+    assert time.monotonic() - start >= 0.3  # 0.1 s, then 0.2 s
+    assert sum("retry" in r.getMessage() for r in caplog.records) == 2
+    pacs.ns.call(forward, [sr], ForwardTarget("ORTHANC", "127.0.0.1", ORTHANC_DICOM), calling_ae="SEGSENTRY")
+    assert len(pacs.get("/instances")) >= 1
+    with pytest.raises(Exception, match="AE@HOST:PORT"):
+        ForwardTarget.parse("ORTHANC:4242")
