@@ -24,7 +24,7 @@ from segsentry.runtime.bundle import Bundle, load_bundle
 from segsentry.runtime.io import IMAGE_ENDINGS, CaseInput, collect_cases, guard_outputs, read_case, write_image
 from segsentry.runtime.pipeline import predict_case
 from segsentry.runtime.report import CaseReport
-from segsentry.runtime.qa import CaseView, render_case, write_qa_page
+from segsentry.runtime.qa import CaseView, modality_of, render_case, write_qa_page
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +175,7 @@ def _run_case(case: CaseInput, bundle: Bundle, engine, output_dir: Path, backend
         view = None
         if qa:
             view = render_case(case.case_id, loaded.image[0], prediction.mask, prediction.uncertainty,
-                               spacing_zyx=loaded.spacing, modality=bundle.manifest.channels.get("0", ""),
+                               geometry=loaded.reference, modality=modality_of(bundle.manifest),
                                qa_dir=output_dir / "qa", report=report, distance_range=_distance_range(bundle))
         return CaseOutcome(case_id=case.case_id, status="ok", report=report, qa_view=view,
                            seconds=time.perf_counter() - start)

@@ -1,10 +1,17 @@
 """The QA page of an ``ood-run`` batch: one self-contained HTML file, PNGs beside it (numpy + SimpleITK only).
 
-Per case: an axial and a coronal slice through the most uncertain region (the voxel maximum of the
-uncertainty map, else the most distant patch), shown three ways (image, mask overlay, uncertainty map), and
+Per case: an axial and a coronal slice through the most distant patch (else the mask's centre), shown three
+ways (image, mask overlay, uncertainty map with its colour bar), the most distant patch outlined in cyan, and
 a strip placing the case's normalised uncertainty U among the training cases' values and the threshold.
-Slices are drawn in image index space (numpy z, y, x): axial = one z slice, coronal = one y row with z
-pointing up, stretched to the physical aspect ratio.
+
+Slices are drawn in the radiological convention from the direction matrix, not in array order: the volume is
+first resampled without interpolation to LPS axes (``sitk.DICOMOrient``: index x grows to the patient's
+left, y to posterior, z to superior; an oblique direction goes to its nearest axes), then
+- axial, seen from the feet: patient left on the image's right, anterior up;
+- coronal, seen from the front: patient left on the image's right, superior up;
+with the orientation letters drawn on every view and the pixels stretched to the physical aspect ratio.
+Grey levels use a window per modality: CT (the bundle normalises HU) [-1000, 400] HU, anything else (MR) the
+0.5-99.5 percentiles of the nonzero voxels.
 """
 
 from __future__ import annotations
@@ -19,10 +26,24 @@ import numpy as np
 import SimpleITK as sitk
 
 from segsentry._atomic import atomic_path, write_text_atomic
-from segsentry.manifest import Calibration
+from segsentry.manifest import Calibration, Manifest
 from segsentry.runtime.report import CaseReport
 
 MASK_RGB = np.array([255, 40, 40], dtype=np.float32)
+OUTLINE_RGB = np.array([0, 230, 255], dtype=np.float32)
+LETTER_RGB = np.array([255, 230, 0], dtype=np.float32)
+CT_WINDOW = (-1000.0, 400.0)  # HU: lung and mediastinum in one picture
+VIEWS = ("axial", "coronal")
+# (top, bottom, left, right) letters of each view in the radiological convention
+LETTERS = {"axial": ("A", "P", "R", "L"), "coronal": ("S", "I", "R", "L")}
+_GLYPHS = {  # 5 x 7 bitmaps of the orientation letters
+    "A": ["01110", "10001", "10001", "11111", "10001", "10001", "10001"],
+    "P": ["11110", "10001", "10001", "11110", "10000", "10000", "10000"],
+    "R": ["11110", "10001", "10001", "11110", "10100", "10010", "10001"],
+    "L": ["10000", "10000", "10000", "10000", "10000", "10000", "11111"],
+    "S": ["01111", "10000", "10000", "01110", "00001", "00001", "11110"],
+    "I": ["11111", "00100", "00100", "00100", "00100", "00100", "11111"],
+}
 
 
 @dataclass(frozen=True)
@@ -34,15 +55,101 @@ class CaseView:
     ood: bool | None
     score: float | None
     focus_zyx: tuple[int, int, int]
+    window: str = ""  # how the grey levels were set
+    colour_range: tuple[float, float] | None = None  # voxel distances at the colour bar's bottom and top
 
 
-def _window(image: np.ndarray, modality: str) -> np.ndarray:
-    """Grey levels in [0, 1]: CT lung/soft-tissue window [-1000, 400] HU, else 0.5-99.5 percentiles."""
+@dataclass(frozen=True)
+class Plane:
+    """One view, ready to draw: rows top to bottom and columns left to right as the viewer sees them.
+
+    ``box`` is the most distant patch's ``(row0, row1, col0, col1)`` (inclusive) in this plane, ``letters``
+    the (top, bottom, left, right) orientation letters.
+    """
+
+    view: str
+    grey: np.ndarray  # (rows, cols) in [0, 1]
+    mask: np.ndarray  # (rows, cols) integer labels
+    uncertainty: np.ndarray | None  # (rows, cols) voxel distances
+    row_spacing: float
+    col_spacing: float
+    box: tuple[int, int, int, int] | None
+    letters: tuple[str, str, str, str]
+
+
+def modality_of(manifest: Manifest) -> str:
+    """"CT" when the bundle normalises channel 0 as CT (Hounsfield units) or names it CT, else its name (MR...)."""
+    schemes = manifest.preprocessing.normalization_schemes
+    name = manifest.channels.get("0", "")
+    return "CT" if (schemes and schemes[0] == "CTNormalization") or name.upper() == "CT" else name
+
+
+def window(image: np.ndarray, modality: str) -> tuple[np.ndarray, str]:
+    """Grey levels in [0, 1] and a description: CT [-1000, 400] HU; else the 0.5-99.5 percentiles of the
+    nonzero voxels (MR: the background would pull the window down)."""
     if modality.upper() == "CT":
-        lo, hi = -1000.0, 400.0
+        lo, hi = CT_WINDOW
+        label = f"CT window [{lo:g}, {hi:g}] HU"
     else:
-        lo, hi = (float(v) for v in np.percentile(image, [0.5, 99.5]))
-    return np.clip((image - lo) / max(hi - lo, 1e-6), 0, 1)
+        body = image[image != 0]
+        lo, hi = (float(v) for v in np.percentile(body if body.size else image, [0.5, 99.5]))
+        label = f"{modality or 'image'} window: 0.5-99.5 percentiles of the nonzero voxels [{lo:.4g}, {hi:.4g}]"
+    return np.clip((image - lo) / max(hi - lo, 1e-6), 0, 1), label
+
+
+def _geometry_image(array: np.ndarray, geometry: sitk.Image) -> sitk.Image:
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array))
+    image.SetSpacing(geometry.GetSpacing())
+    image.SetOrigin(geometry.GetOrigin())
+    image.SetDirection(geometry.GetDirection())
+    return image
+
+
+def to_lps(array_zyx: np.ndarray, geometry: sitk.Image) -> tuple[np.ndarray, sitk.Image]:
+    """``array_zyx`` (on ``geometry``'s grid) permuted/flipped so numpy (z, y, x) grow to S, P, L; and the
+    oriented image (its geometry maps physical points to the new indices)."""
+    oriented = sitk.DICOMOrient(_geometry_image(array_zyx, geometry), "LPS")
+    return sitk.GetArrayFromImage(oriented), oriented
+
+
+def _to_oriented_index(zyx: Sequence[float], geometry: sitk.Image, oriented: sitk.Image) -> np.ndarray:
+    point = geometry.TransformContinuousIndexToPhysicalPoint([float(v) for v in zyx[::-1]])
+    return np.array(oriented.TransformPhysicalPointToContinuousIndex(point)[::-1])
+
+
+def radiological_planes(
+    image: np.ndarray, mask: np.ndarray, uncertainty: np.ndarray | None, *, geometry: sitk.Image,
+    focus_zyx: Sequence[int], box_zyx: Sequence[Sequence[int]] | None, modality: str,
+) -> tuple[dict[str, Plane], str, tuple[int, int, int]]:
+    """The axial and coronal planes through ``focus_zyx`` (input numpy index) in the radiological convention;
+    ``box_zyx`` (``[start, stop)`` per input axis) is outlined. Also the window description and the focus in
+    LPS-oriented index space."""
+    grey, label = window(image, modality)
+    g, oriented = to_lps(grey.astype(np.float32), geometry)
+    m, _ = to_lps(mask, geometry)
+    u = to_lps(uncertainty.astype(np.float32), geometry)[0] if uncertainty is not None else None
+    shape = np.array(g.shape)
+    focus = np.clip(np.round(_to_oriented_index(focus_zyx, geometry, oriented)).astype(int), 0, shape - 1)
+    box = None
+    if box_zyx is not None:
+        corners = [_to_oriented_index([(lo - 0.5) if pick else (hi - 0.5) for (lo, hi), pick in zip(box_zyx, bits)],
+                                      geometry, oriented)
+                   for bits in np.ndindex(2, 2, 2)]
+        corners = np.array(corners)
+        lo = np.clip(np.ceil(corners.min(axis=0) - 1e-6), 0, shape - 1).astype(int)
+        hi = np.clip(np.floor(corners.max(axis=0) + 1e-6), 0, shape - 1).astype(int)
+        box = (lo, hi)
+    sz, sy, sx = oriented.GetSpacing()[::-1]
+    z, y, x = (int(v) for v in focus)
+    n_z = g.shape[0]
+    planes = {
+        "axial": Plane("axial", g[z], m[z], None if u is None else u[z], sy, sx,
+                       None if box is None else (box[0][1], box[1][1], box[0][2], box[1][2]), LETTERS["axial"]),
+        "coronal": Plane("coronal", g[:, y, :][::-1], m[:, y, :][::-1], None if u is None else u[:, y, :][::-1],
+                         sz, sx, None if box is None else (n_z - 1 - box[1][0], n_z - 1 - box[0][0], box[0][2],
+                                                            box[1][2]), LETTERS["coronal"]),
+    }
+    return planes, label, (z, y, x)
 
 
 def _hot(values: np.ndarray) -> np.ndarray:
@@ -73,6 +180,65 @@ def _upscale(rgb: np.ndarray, min_size: int = 256) -> np.ndarray:
     return rgb.repeat(factor, axis=0).repeat(factor, axis=1) if factor > 1 else rgb
 
 
+def _outline(rgb: np.ndarray, box: tuple[int, int, int, int] | None) -> np.ndarray:
+    if box is None:
+        return rgb
+    r0, r1, c0, c1 = box
+    out = rgb.copy()
+    out[r0, c0:c1 + 1] = out[r1, c0:c1 + 1] = OUTLINE_RGB
+    out[r0:r1 + 1, c0] = out[r0:r1 + 1, c1] = OUTLINE_RGB
+    return out
+
+
+def _letter(rgb: np.ndarray, char: str, row: int, col: int, scale: int) -> None:
+    glyph = np.array([[c == "1" for c in line] for line in _GLYPHS[char]]).repeat(scale, 0).repeat(scale, 1)
+    h, w = glyph.shape
+    row = int(np.clip(row, 0, rgb.shape[0] - h))
+    col = int(np.clip(col, 0, rgb.shape[1] - w))
+    rgb[row:row + h, col:col + w][glyph] = LETTER_RGB
+
+
+def _letters(rgb: np.ndarray, letters: tuple[str, str, str, str]) -> np.ndarray:
+    out = rgb.copy()
+    scale = max(1, min(out.shape[:2]) // 100)
+    h, w, m = 7 * scale, 5 * scale, 2 * scale
+    top, bottom, left, right = letters
+    rows, cols = out.shape[:2]
+    _letter(out, top, m, (cols - w) // 2, scale)
+    _letter(out, bottom, rows - h - m, (cols - w) // 2, scale)
+    _letter(out, left, (rows - h) // 2, m, scale)
+    _letter(out, right, (rows - h) // 2, cols - w - m, scale)
+    return out
+
+
+def _colour_bar(rgb: np.ndarray) -> np.ndarray:
+    """The uncertainty picture with the colour scale on its right: black (bottom) to white (top)."""
+    rows = rgb.shape[0]
+    width = max(8, rows // 16)
+    ramp = _hot(np.linspace(1, 0, rows))[:, None, :].repeat(width, axis=1)
+    gap = np.full((rows, max(2, width // 3), 3), 255.0)
+    return np.concatenate([rgb, gap, ramp], axis=1)
+
+
+def picture(plane: Plane, layer: str, colour_range: tuple[float, float]) -> np.ndarray:
+    """The RGB picture (uint8-ready floats) of one layer ("image", "mask", "uncertainty") of ``plane``:
+    outline, physical aspect, upscaled, orientation letters, and the colour bar for the uncertainty."""
+    base = _grey_rgb(plane.grey)
+    if layer == "image":
+        rgb = base
+    elif layer == "mask":
+        rgb = base.copy()
+        m = plane.mask > 0
+        rgb[m] = 0.55 * rgb[m] + 0.45 * MASK_RGB
+    elif layer == "uncertainty" and plane.uncertainty is not None:
+        lo, hi = colour_range
+        rgb = 0.35 * base + 0.65 * _hot((plane.uncertainty - lo) / max(hi - lo, 1e-12))
+    else:
+        raise ValueError(f"no layer {layer!r} in this plane")
+    rgb = _letters(_upscale(_stretch(_outline(rgb, plane.box), plane.row_spacing, plane.col_spacing)), plane.letters)
+    return _colour_bar(rgb) if layer == "uncertainty" else rgb
+
+
 def _write_png(rgb: np.ndarray, target: Path) -> None:
     image = sitk.GetImageFromArray(np.ascontiguousarray(np.clip(rgb, 0, 255).astype(np.uint8)), isVector=True)
     with atomic_path(target) as tmp:
@@ -94,43 +260,36 @@ def render_case(
     mask: np.ndarray,
     uncertainty: np.ndarray | None,
     *,
-    spacing_zyx: Sequence[float],
+    geometry: sitk.Image,
     modality: str,
     qa_dir: Path,
     report: CaseReport,
     distance_range: tuple[float, float] | None,
 ) -> CaseView:
-    """Write ``CASE_{axial,coronal}_{image,mask,uncertainty}.png`` into ``qa_dir``; arrays are (z, y, x).
+    """Write ``CASE_{axial,coronal}_{image,mask,uncertainty}.png`` into ``qa_dir``; arrays are (z, y, x) on
+    ``geometry``'s grid (its spacing, origin and direction place them in the patient).
 
     ``distance_range`` maps voxel distances to colours like the subject score is normalised: the training
     cases' (min, 2·max) raw scores span black to white, so hot voxels are outside the training range.
     """
     top = report.top_patches
     centre = [(lo + hi) // 2 for lo, hi in top[0].box_zyx] if top else None
-    z, y, x = focus_point(mask, centre)
-    grey = _window(image, modality)
+    focus = focus_point(mask, centre)
+    planes, label, _ = radiological_planes(image, mask, uncertainty, geometry=geometry, focus_zyx=focus,
+                                           box_zyx=top[0].box_zyx if top else None, modality=modality)
     lo, hi = distance_range if distance_range else (0.0, float(uncertainty.max()) if uncertainty is not None else 1.0)
     pngs: dict[str, str] = {}
-    planes = {
-        "axial": (lambda a: a[z], spacing_zyx[1], spacing_zyx[2]),
-        "coronal": (lambda a: a[:, y, :][::-1], spacing_zyx[0], spacing_zyx[2]),
-    }
-    for view, (cut, row_sp, col_sp) in planes.items():
-        base = _grey_rgb(cut(grey))
-        overlay = base.copy()
-        m = cut(mask) > 0
-        overlay[m] = 0.55 * overlay[m] + 0.45 * MASK_RGB
-        layers = {"image": base, "mask": overlay}
-        if uncertainty is not None:
-            heat = _hot((cut(uncertainty) - lo) / max(hi - lo, 1e-12))
-            layers["uncertainty"] = 0.35 * base + 0.65 * heat
-        for name, rgb in layers.items():
-            file = f"{case_id}_{view}_{name}.png"
-            _write_png(_upscale(_stretch(rgb, row_sp, col_sp)), qa_dir / file)
-            pngs[f"{view}_{name}"] = file
+    for view, plane in planes.items():
+        for layer in ("image", "mask", "uncertainty"):
+            if layer == "uncertainty" and plane.uncertainty is None:
+                continue
+            file = f"{case_id}_{view}_{layer}.png"
+            _write_png(picture(plane, layer, (lo, hi)), qa_dir / file)
+            pngs[f"{view}_{layer}"] = file
     return CaseView(case_id=case_id, pngs=pngs, uncertainty=report.uncertainty,
                     threshold=report.threshold, ood=report.ood, score=report.score,
-                    focus_zyx=(int(z), int(y), int(x)))
+                    focus_zyx=tuple(int(v) for v in focus), window=label,
+                    colour_range=(lo, hi) if uncertainty is not None else None)
 
 
 def _strip_svg(view: CaseView, calibration: Calibration | None) -> str:
@@ -185,12 +344,16 @@ def write_qa_page(
             f'<section><h2>{html.escape(v.case_id)} — {verdict}</h2>'
             f"<p>U = {u} (threshold {'–' if v.threshold is None else f'{v.threshold:.3f}'}); raw score "
             f"{'–' if v.score is None else f'{v.score:.4g}'}; slices through voxel (z, y, x) = {v.focus_zyx}, "
-            f"the centre of the most distant patch.</p>{_strip_svg(v, calibration)}{figures}</section>"
+            f"the centre of the most distant patch (outlined in cyan). {html.escape(v.window)}."
+            + (f" Colour bar: {v.colour_range[0]:.4g} (black) to {v.colour_range[1]:.4g} (white)."
+               if v.colour_range else "")
+            + f"</p>{_strip_svg(v, calibration)}{figures}</section>"
         )
     for case_id, error in failed.items():
         rows.append(f"<section><h2>{html.escape(case_id)} — <b class=\"ood\">failed</b></h2>"
                     f"<p>{html.escape(error)}</p></section>")
-    legend = ("Mask in red. Uncertainty: voxel map of aggregated squared Mahalanobis distances in 'hot' colours, "
+    legend = ("Radiological convention: patient left on the image's right, anterior (axial) or superior "
+              "(coronal) up, orientation letters on every view. Mask in red. Uncertainty: voxel map of aggregated squared Mahalanobis distances in 'hot' colours, "
               "black at the lowest training score and white at twice the highest (the range U is normalised "
               "with). Strip: grey ticks are the training cases' U, the dashed "
               "line the 95 % TPR threshold, the dot this case (red = flagged).")
