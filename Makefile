@@ -8,7 +8,7 @@ RUNTIME_VENV ?= .venv-runtime
 RUNTIME_STAMP := $(RUNTIME_VENV)/.segsentry-installed
 DEMO_OUT ?= demo-output
 
-.PHONY: install demo test test-all bench clean
+.PHONY: install demo test test-all bench clean dicom-tools
 
 $(STAMP): pyproject.toml requirements/cpu-dev.txt
 	$(PY) -m venv $(VENV)
@@ -31,6 +31,15 @@ install: $(STAMP)
 # Exit code 3 means "a case was flagged OOD", which is what the demo shows.
 demo: $(RUNTIME_STAMP)
 	$(RUNTIME_VENV)/bin/ood-run --demo -o $(DEMO_OUT) || [ $$? -eq 3 ]
+
+# The DICOM tests use a real PACS (Orthanc) and dciodvfy (dicom3tools), both Debian packages; as root with apt-get
+# they are installed once (a no-op when present), otherwise those tests skip and say why.
+dicom-tools:
+	@if command -v Orthanc >/dev/null && command -v dciodvfy >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+			orthanc dicom3tools >/dev/null; \
+	else echo "Orthanc/dciodvfy missing and not root: the DICOM PACS tests will skip"; fi
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow" -q
