@@ -245,12 +245,15 @@ def run_command(
         raise typer.BadParameter("give a BUNDLE and at least one INPUT (or --demo)")
     if demo and (dicom_seg or monitor_log):
         raise typer.BadParameter("--demo runs NIfTI phantoms: it takes no --dicom-seg or --monitor-log")
-    hooks = _run_hooks(bundle, inputs or [], dicom_seg, monitor_log) if not demo else []
+    if dicom_seg:
+        _check_dicom_inputs(inputs or [])
 
     def body() -> int:
         from rich.progress import Progress
 
         from segsentry.runtime import run_batch
+
+        hooks = [] if demo else _run_hooks(bundle, dicom_seg, monitor_log)
 
         with Progress(console=console, transient=True, disable=as_json) as progress:
             task = progress.add_task("cases", total=None)
@@ -281,16 +284,19 @@ def run_command(
     _guarded(debug, body)
 
 
-def _run_hooks(bundle: Path | None, inputs: list[Path], dicom_seg: bool, monitor_log: Path | None) -> list:
-    """ood-run's per-case output adapters (segsentry.dicom), checked before anything runs."""
+def _check_dicom_inputs(inputs: list[Path]) -> None:
+    from segsentry.runtime.io import is_dicom_folder
+
+    others = [str(p) for p in inputs if not is_dicom_folder(Path(p))]
+    if others:
+        raise typer.BadParameter(f"--dicom-seg needs DICOM series folders as inputs; not DICOM: {', '.join(others)}"
+                                 " (DICOM SEG/SR reference the source SOP instances, which NIfTI files lack)")
+
+
+def _run_hooks(bundle: Path | None, dicom_seg: bool, monitor_log: Path | None) -> list:
+    """ood-run's per-case output adapters (segsentry.dicom); a missing dicom extra stops the run here."""
     hooks = []
     if dicom_seg:
-        from segsentry.runtime.io import is_dicom_folder
-
-        others = [str(p) for p in inputs if not is_dicom_folder(Path(p))]
-        if others:
-            raise typer.BadParameter(f"--dicom-seg needs DICOM series folders as inputs; not DICOM: {', '.join(others)}"
-                                     " (DICOM SEG/SR reference the source SOP instances, which NIfTI files lack)")
         from segsentry.dicom.outputs import DicomResultWriter
 
         hooks.append(DicomResultWriter(bundle))
@@ -356,9 +362,12 @@ def serve_command(
     debug: DebugOpt = False,
 ) -> None:
     """DICOM node: receive CT/MR series (C-STORE), run each once, send DICOM SEG + SR on (default log: WORK/monitor.jsonl)."""
-    _setup_logging(True)  # one line per series is the point
+    # a daemon's log: plain timestamped lines (no wrapping), one per series at INFO
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, force=True,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not verbose:
-        logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+        for noisy in ("pynetdicom", "highdicom"):  # per-PDU and per-module chatter
+            logging.getLogger(noisy).setLevel(logging.WARNING)
     if len(ae_title) > 16 or not ae_title.strip():
         raise typer.BadParameter(f"--ae-title must have 1 to 16 characters, got {ae_title!r}")
     from segsentry.dicom.serve import ForwardTarget

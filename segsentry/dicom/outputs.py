@@ -7,6 +7,7 @@ import hashlib
 from functools import cached_property
 from pathlib import Path
 
+from segsentry.dicom import require
 from segsentry.dicom.seg import Producer, build_seg, write_dataset
 from segsentry.dicom.series import source_datasets
 from segsentry.dicom.sr import build_sr
@@ -30,6 +31,7 @@ class DicomResultWriter:
     """
 
     def __init__(self, bundle_path: str | Path) -> None:
+        require("highdicom", "Writing DICOM SEG/SR (--dicom-seg)")  # before any case runs
         self.bundle_path = Path(bundle_path)
 
     @cached_property

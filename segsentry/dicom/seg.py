@@ -1,7 +1,8 @@
 """DICOM Segmentation (highdicom) of an ``ood-run`` mask, on the source series' grid.
 
-One segment per foreground label of the bundle (label value = segment number), coded category and type from
-a small table of known label names (lesions, lungs), else a private code ``99SEGSENTRY``. The SEG is a new
+One segment per foreground label of the bundle (numbered 1..n in label-value order, as DICOM wants them
+contiguous), coded category and type from a small table of known label names (lesions, lungs), else a private
+code ``99SEGSENTRY``. The SEG is a new
 series in the source's study and frame of reference; it references every source SOP instance.
 """
 

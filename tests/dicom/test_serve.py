@@ -6,11 +6,8 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -24,7 +21,8 @@ import highdicom as hd  # noqa: E402
 import pydicom  # noqa: E402
 
 from dicom_series import ct_image, write_ct_series  # noqa: E402
-from pacs import NODE_PORT, ORTHANC_DICOM, NetNamespace, Orthanc, echo, namespace_problem, send_series  # noqa: E402
+from segsentry.dicom.pacs import ORTHANC_DICOM, NetNamespace, Orthanc, echo, namespace_problem  # noqa: E402
+from segsentry.dicom.pacs import ServeProcess as Node  # noqa: E402
 from segsentry.dicom.monitor import read_log  # noqa: E402
 from segsentry.dicom.series import series_files, source_datasets  # noqa: E402
 from segsentry.dicom.sr import read_verdict  # noqa: E402
@@ -45,52 +43,6 @@ def pacs(tmp_path_factory):
         if orthanc is not None:
             orthanc.stop()
         ns.close()
-
-
-class Node:
-    """``python -m segsentry.cli serve`` in the PACS's namespace; stopped by the test that started it."""
-
-    def __init__(self, pacs: Orthanc, bundle: Path, work: Path, *, series_timeout: float = 1.0) -> None:
-        self.pacs, self.work = pacs, work
-        work.mkdir(parents=True, exist_ok=True)
-        self.log_path = work.parent / f"{work.name}-{time.monotonic_ns()}.log"
-        self.log = open(self.log_path, "w")
-        argv = [sys.executable, "-m", "segsentry.cli", "serve", str(bundle), "--port", str(NODE_PORT), "--work",
-                str(work), "--forward", f"ORTHANC@127.0.0.1:{ORTHANC_DICOM}", "--series-timeout",
-                str(series_timeout), "--retries", "3"]
-        self.process = pacs.ns.popen(argv, stdout=self.log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, "COLUMNS": "400"})
-        deadline = time.monotonic() + 90
-        while pacs.ns.call(echo) != 0:
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.stop(signal.SIGKILL)
-                raise RuntimeError(f"ood-serve did not start:\n{self.log_path.read_text()[-2000:]}")
-            time.sleep(0.2)
-
-    def send(self, files, **kwargs) -> list[int]:
-        return self.pacs.ns.call(send_series, files, **kwargs)
-
-    def state(self, series: str) -> str | None:
-        path = self.work / ".queue" / f"{series}.json"
-        return json.loads(path.read_text())["state"] if path.is_file() else None
-
-    def wait_answered(self, series: list[str], timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while any(self.state(s) not in ("done", "failed") for s in series):
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"not answered: {[(s, self.state(s)) for s in series]}\n"
-                                     f"{self.log_path.read_text()[-3000:]}")
-            time.sleep(0.1)
-        assert [self.state(s) for s in series] == ["done"] * len(series), self.log_path.read_text()[-3000:]
-
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-        try:
-            code = self.process.wait(timeout=60)
-        finally:
-            self.log.close()
-        return code
 
 
 def _series(folder: Path, **info) -> tuple[list[Path], str, str]:

@@ -1,10 +1,11 @@
-"""A real PACS for the tests: Orthanc in a private network namespace, where only ``lo`` exists.
+"""A local PACS for the tests and benchmarks: Orthanc in a private network namespace, where only ``lo`` exists.
 
 Orthanc 1.10 has no bind-address option and listens on 0.0.0.0; inside ``unshare --net`` that is loopback
 only, and no port can clash with anything else on the machine. :class:`NetNamespace` holds the namespace
 (a sleeping child), starts processes in it (``nsenter --net``: Orthanc, ``ood-serve``) and runs the test's
 own network calls (pynetdicom SCU, REST) in a thread that joined it (``setns`` is per thread). Everything
 talks to 127.0.0.1. Needs root (CI runs as root) and util-linux's unshare/nsenter; tests skip otherwise.
+A development tool (like ``segsentry.devtools``): nothing in ``ood-serve`` uses it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import signal
 import time
 import urllib.request
 from pathlib import Path
@@ -194,3 +196,49 @@ def echo(*, port: int = NODE_PORT, ae_title: str = "SEGSENTRY") -> int:
     status = assoc.send_c_echo()
     assoc.release()
     return int(status.Status) if "Status" in status else -1
+
+
+class ServeProcess:
+    """``python -m segsentry.cli serve`` in the PACS's namespace, forwarding to it; whoever starts it stops it."""
+
+    def __init__(self, pacs: Orthanc, bundle: Path, work: Path, *, series_timeout: float = 1.0) -> None:
+        self.pacs, self.work = pacs, work
+        work.mkdir(parents=True, exist_ok=True)
+        self.log_path = work.parent / f"{work.name}-{time.monotonic_ns()}.log"
+        self.log = open(self.log_path, "w")
+        argv = [sys.executable, "-m", "segsentry.cli", "serve", str(bundle), "--port", str(NODE_PORT), "--work",
+                str(work), "--forward", f"ORTHANC@127.0.0.1:{ORTHANC_DICOM}", "--series-timeout",
+                str(series_timeout), "--retries", "3"]
+        self.process = pacs.ns.popen(argv, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 90
+        while pacs.ns.call(echo) != 0:
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop(signal.SIGKILL)
+                raise RuntimeError(f"ood-serve did not start:\n{self.log_path.read_text()[-2000:]}")
+            time.sleep(0.2)
+
+    def send(self, files, **kwargs) -> list[int]:
+        return self.pacs.ns.call(send_series, files, **kwargs)
+
+    def state(self, series: str) -> str | None:
+        path = self.work / ".queue" / f"{series}.json"
+        return json.loads(path.read_text())["state"] if path.is_file() else None
+
+    def wait_answered(self, series: list[str], timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while any(self.state(s) not in ("done", "failed") for s in series):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise TimeoutError(f"not answered: {[(s, self.state(s)) for s in series]}\n"
+                                   f"{self.log_path.read_text()[-3000:]}")
+            time.sleep(0.1)
+        if any(self.state(s) != "done" for s in series):
+            raise RuntimeError(f"failed: {[(s, self.state(s)) for s in series]}\n{self.log_path.read_text()[-3000:]}")
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        try:
+            code = self.process.wait(timeout=60)
+        finally:
+            self.log.close()
+        return code
