@@ -9,7 +9,6 @@ numpy slice ``k`` (arrays are ``(z, y, x)``; DICOM rows are ``y``, columns ``x``
 from __future__ import annotations
 
 import datetime as _dt
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
