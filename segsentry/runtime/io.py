@@ -19,10 +19,11 @@ import SimpleITK as sitk
 
 from segsentry._atomic import atomic_path
 from segsentry.errors import InputError
+from segsentry.runtime.validate import check_file, check_image
 
 log = logging.getLogger(__name__)
 
-IMAGE_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".gipl")
+IMAGE_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".hdr", ".gipl")
 _CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
 
@@ -136,11 +137,17 @@ def _read_one(path: Path) -> sitk.Image:
                 raise InputError(f"DICOM folder {path} holds {len(series)} series; pass a folder with exactly one")
             reader = sitk.ImageSeriesReader()
             reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), series[0]))
-            return reader.Execute()
-        return sitk.ReadImage(str(path))
+            image = reader.Execute()
+        else:
+            check_file(path)  # header vs payload, compressed streams end to end, raw non-finite values
+            image = sitk.ReadImage(str(path))
     except RuntimeError as exc:
         detail = " ".join(str(exc).split())[-160:]
         raise InputError(f"cannot read {path}: not a readable image ({detail})") from exc
+    except OSError as exc:
+        raise InputError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    check_image(path, image)
+    return image
 
 
 def read_case(case: CaseInput, *, num_channels: int) -> LoadedCase:

@@ -1,0 +1,299 @@
+"""A corpus of malformed inputs, made on the fly (tiny files): each must be refused with the specific error
+and a message that names the problem, without changing the input. Batch tests: a failing case is a row in
+summary.csv with nothing written for it, and the batch goes on."""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import hashlib
+import struct
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from segsentry.errors import InputError
+from segsentry.runtime.io import CaseInput, read_case
+
+SPACING = (0.8, 0.9, 2.0)
+SHAPE = (6, 8, 9)  # z, y, x
+
+
+def _array(dtype=np.float32) -> np.ndarray:
+    return (np.random.default_rng(0).normal(size=SHAPE) * 100).astype(dtype)
+
+
+def _write(path: Path, array: np.ndarray, *, compress: bool = False, spacing=SPACING, vector=False) -> Path:
+    image = sitk.GetImageFromArray(array, isVector=vector)
+    if image.GetDimension() == 3:
+        image.SetSpacing(spacing)
+        image.SetOrigin((3.0, -4.0, 5.0))
+        image.SetDirection((0.0, -1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0))
+    sitk.WriteImage(image, str(path), compress)
+    return path
+
+
+def _poisoned(dtype=np.float32, value=np.nan) -> np.ndarray:
+    a = _array(dtype)
+    a[2, 3, 4] = value
+    return a
+
+
+def _patch(path: Path, edits: list[tuple[int, str, tuple]]) -> Path:
+    data = bytearray(path.read_bytes())
+    for offset, fmt, values in edits:
+        struct.pack_into("<" + fmt, data, offset, *values)
+    path.write_bytes(bytes(data))
+    return path
+
+
+def _cut(path: Path, keep: float | int) -> Path:
+    data = path.read_bytes()
+    n = int(len(data) * keep) if isinstance(keep, float) else (len(data) + keep if keep < 0 else keep)
+    path.write_bytes(data[:n])
+    return path
+
+
+def _flip(path: Path, at: float | int) -> Path:
+    data = bytearray(path.read_bytes())
+    i = int(len(data) * at) if isinstance(at, float) else at
+    data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+    return path
+
+
+def _nii(tmp: Path, name="c_0000.nii", **kw) -> Path:
+    return _write(tmp / name, _array(), **kw)
+
+
+def _nii_gz(tmp: Path) -> Path:
+    return _write(tmp / "c_0000.nii.gz", _array(), compress=True)
+
+
+def _meta_header(tmp: Path, name: str, lines: dict[str, str], payload: bytes) -> Path:
+    base = {"ObjectType": "Image", "NDims": "3", "BinaryData": "True", "BinaryDataByteOrderMSB": "False",
+            "CompressedData": "False", "ElementSpacing": "0.8 0.9 2", "DimSize": "9 8 6",
+            "ElementType": "MET_FLOAT"}
+    base.update(lines)
+    text = "".join(f"{k} = {v}\n" for k, v in base.items() if v is not None)
+    path = tmp / name
+    path.write_bytes(text.encode() + b"ElementDataFile = LOCAL\n" + payload)
+    return path
+
+
+def _nrrd(tmp: Path, fields: dict[str, str], payload: bytes, name="c_0000.nrrd") -> Path:
+    base = {"type": "float", "dimension": "3", "space": "left-posterior-superior", "sizes": "9 8 6",
+            "space directions": "(0.8,0,0) (0,0.9,0) (0,0,2)", "endian": "little", "encoding": "raw"}
+    base.update(fields)
+    text = "NRRD0004\n" + "".join(f"{k}: {v}\n" for k, v in base.items() if v is not None) + "\n"
+    path = tmp / name
+    path.write_bytes(text.encode() + payload)
+    return path
+
+
+_RAW = _array().tobytes()
+
+
+@dataclass(frozen=True)
+class Malformed:
+    """One corpus entry: ``make(tmp)`` writes the files and returns the case's channel files."""
+
+    name: str
+    make: Callable[[Path], list[Path]]
+    fragment: str  # must appear in the message
+    error: type = InputError
+
+
+def _one(fn: Callable[[Path], Path]) -> Callable[[Path], list[Path]]:
+    return lambda tmp: [fn(tmp)]
+
+
+# NIfTI-1 header offsets: dim 40, datatype 70, bitpix 72, pixdim 76, vox_offset 108, qform/sform codes 252/254,
+# srow_x/y/z 280/296/312, magic 344
+CORPUS: list[Malformed] = [
+    # --- compressed NIfTI: gzip stream end to end
+    Malformed("nii.gz truncated at half", _one(lambda t: _cut(_nii_gz(t), 0.5)), "gzip stream"),
+    Malformed("nii.gz truncated by 10 bytes", _one(lambda t: _cut(_nii_gz(t), -10)), "corrupt or truncated"),
+    Malformed("nii.gz CRC corrupted", _one(lambda t: _flip(_nii_gz(t), -6)), "CRC check failed"),
+    Malformed("nii.gz length field wrong", _one(lambda t: _flip(_nii_gz(t), -2)), "Incorrect length"),
+    Malformed("nii.gz deflate data corrupted", _one(lambda t: _flip(_flip(_nii_gz(t), 0.5), 0.6)),
+              "corrupt or truncated"),
+    Malformed("nii.gz empty file", _one(lambda t: _cut(_nii_gz(t), 0)), "header bytes"),
+    Malformed("nii.gz not gzip at all", _one(lambda t: _bytes(t / "c_0000.nii.gz", b"hello" * 100)), "corrupt"),
+    Malformed("nii.gz of a truncated nii", _one(lambda t: _bytes(t / "c_0000.nii.gz", gzip.compress(
+        _cut(_nii(t), -200).read_bytes()))), "the file is truncated"),
+    # --- uncompressed NIfTI: payload against the header
+    Malformed("nii payload short by 100 bytes", _one(lambda t: _cut(_nii(t), -100)), "the file is truncated"),
+    Malformed("nii header only", _one(lambda t: _cut(_nii(t), 352)), "holds 0 bytes"),
+    Malformed("nii shorter than its header", _one(lambda t: _cut(_nii(t), 100)), "header bytes"),
+    Malformed("nii header declares a larger volume", _one(lambda t: _patch(_nii(t), [(42, "h", (90,))])),
+              "declares 4320 float32 values"),
+    Malformed("nii zero-size axis", _one(lambda t: _patch(_nii(t), [(44, "h", (0,))])), "empty axis"),
+    Malformed("nii dim[0] = 0", _one(lambda t: _patch(_nii(t), [(40, "h", (0,))])), "0 dimensions"),
+    Malformed("nii dim[0] = 9", _one(lambda t: _patch(_nii(t), [(40, "h", (9,))])), "9 dimensions"),
+    Malformed("nii vox_offset inside the header", _one(lambda t: _patch(_nii(t), [(108, "f", (0.0,))])),
+              "vox_offset"),
+    Malformed("nii sizeof_hdr garbled", _one(lambda t: _patch(_nii(t), [(0, "i", (1234,))])), "sizeof_hdr"),
+    Malformed("nii magic of a header/image pair", _one(lambda t: _patch(_nii(t), [(344, "4s", (b"ni1\0",))])),
+              "not a single-file NIfTI"),
+    # --- refused pixel types
+    Malformed("nii complex64", _one(lambda t: _patch(_nii(t), [(70, "h", (32,)), (72, "h", (64,))])), "complex"),
+    Malformed("nii complex128", _one(lambda t: _patch(_nii(t), [(70, "h", (1792,)), (72, "h", (128,))])),
+              "complex"),
+    Malformed("nii boolean", _one(lambda t: _patch(_nii(t), [(70, "h", (1,)), (72, "h", (1,))])), "boolean"),
+    Malformed("nii RGB", _one(lambda t: _patch(_nii(t), [(70, "h", (128,)), (72, "h", (24,))])), "RGB"),
+    Malformed("nii float128", _one(lambda t: _patch(_nii(t), [(70, "h", (1536,)), (72, "h", (128,))])), "128-bit"),
+    Malformed("nii unknown datatype", _one(lambda t: _patch(_nii(t), [(70, "h", (3,))])), "unknown datatype"),
+    Malformed("nrrd complex written by ITK", _one(lambda t: _write(t / "c_0000.nrrd", _array(np.complex64))),
+              "complex pixel type"),
+    Malformed("mha vector (2 components)", _one(lambda t: _write(t / "c_0000.mha", np.stack([_array()] * 2, -1),
+                                                                 vector=True)), "2 components"),
+    Malformed("nii 4D time series", _one(lambda t: _write(t / "c_0000.nii.gz", np.stack([_array()] * 2))),
+              "4D image"),
+    Malformed("nii 2D", _one(lambda t: _write(t / "c_0000.nii", _array()[0], spacing=SPACING[:2])), "2D image"),
+    # --- non-finite payloads (ITK zeroes NaN/inf in NIfTI)
+    Malformed("nii NaN float32", _one(lambda t: _write(t / "c_0000.nii", _poisoned())), "NaN or infinite"),
+    Malformed("nii +inf float32", _one(lambda t: _write(t / "c_0000.nii", _poisoned(value=np.inf))),
+              "1 voxel(s) are NaN or infinite"),
+    Malformed("nii -inf float64", _one(lambda t: _write(t / "c_0000.nii", _poisoned(np.float64, -np.inf))),
+              "NaN or infinite"),
+    Malformed("nii.gz NaN", _one(lambda t: _write(t / "c_0000.nii.gz", _poisoned(), compress=True)),
+              "NaN or infinite"),
+    Malformed("mha NaN", _one(lambda t: _write(t / "c_0000.mha", _poisoned())), "NaN or infinite"),
+    Malformed("mha compressed inf", _one(lambda t: _write(t / "c_0000.mha", _poisoned(value=np.inf), compress=True)),
+              "NaN or infinite"),
+    Malformed("nrrd gzip NaN", _one(lambda t: _write(t / "c_0000.nrrd", _poisoned(), compress=True)),
+              "NaN or infinite"),
+    # --- geometry
+    Malformed("nii pixdim 0 (ITK reads 1 mm)", _one(lambda t: _patch(_nii(t), [(80, "f", (0.0,))])), "pixdim"),
+    Malformed("nii pixdim NaN", _one(lambda t: _patch(_nii(t), [(84, "f", (float("nan"),))])), "pixdim"),
+    Malformed("nii spacing 1e6 mm", _one(lambda t: _nii(t, spacing=(1e6, 0.9, 2.0))), "outside 0.001 to 100 mm"),
+    Malformed("nii spacing 1e-5 mm", _one(lambda t: _nii(t, spacing=(0.8, 1e-5, 2.0))), "voxel spacing"),
+    Malformed("mha spacing 500 mm", _one(lambda t: _meta_header(t, "c_0000.mha", {"ElementSpacing": "0.8 0.9 500"},
+                                                                _RAW)), "voxel spacing"),
+    Malformed("mha sheared direction", _one(lambda t: _meta_header(
+        t, "c_0000.mha", {"TransformMatrix": "1 0 0 0.5 1 0 0 0 1"}, _RAW)), "not orthonormal"),
+    Malformed("mha singular direction", _one(lambda t: _meta_header(
+        t, "c_0000.mha", {"TransformMatrix": "1 0 0 1 0 0 0 0 1"}, _RAW)), "determinant is 0"),
+    Malformed("nii singular sform", _one(lambda t: _patch(_nii(t), [(252, "h", (0,)), (254, "h", (1,)),
+                                                                    (280, "4f", (0.8, 0, 0, 0)),
+                                                                    (296, "4f", (0.8, 0, 0, 0))])), "cannot read"),
+    # --- Analyze / NIfTI pairs
+    Malformed("hdr without its img", _one(lambda t: (_nii(t, name="c_0000.hdr"),
+                                                     (t / "c_0000.img").unlink())[0]), "data file c_0000.img is missing"),
+    Malformed("hdr with a truncated img", _one(lambda t: (_nii(t, name="c_0000.hdr"),
+                                                          _cut(t / "c_0000.img", -8))[0]), "in c_0000.img holds"),
+    Malformed("hdr with NaN in the img", _one(lambda t: _write(t / "c_0000.hdr", _poisoned())), "NaN or infinite"),
+    Malformed("hdr with a truncated img.gz", _one(lambda t: (
+        _nii(t, name="c_0000.hdr"), (t / "c_0000.img.gz").write_bytes(gzip.compress((t / "c_0000.img").read_bytes())
+                                                                         [:-30]), (t / "c_0000.img").unlink())[0]),
+        "gzip stream of c_0000.img.gz"),
+    # --- MetaImage
+    Malformed("mha raw truncated", _one(lambda t: _cut(_write(t / "c_0000.mha", _array()), -4)), "the file is truncated"),
+    Malformed("mha compressed truncated", _one(lambda t: _cut(_write(t / "c_0000.mha", _array(), compress=True), -20)),
+              "zlib stream"),
+    Malformed("mha compressed stream corrupted", _one(lambda t: _flip(_write(t / "c_0000.mha", _array(),
+                                                                             compress=True), -30)), "corrupt"),
+    Malformed("mhd without its raw", _one(lambda t: (_write(t / "c_0000.mhd", _array()),
+                                                     (t / "c_0000.raw").unlink())[0]), "data file c_0000.raw is missing"),
+    Malformed("mhd with a truncated raw", _one(lambda t: (_write(t / "c_0000.mhd", _array()),
+                                                          _cut(t / "c_0000.raw", 0.5))[0]), "in c_0000.raw holds"),
+    Malformed("mhd with NaN in the raw", _one(lambda t: _write(t / "c_0000.mhd", _poisoned())), "NaN or infinite"),
+    Malformed("mhd with a LIST of data files", _one(lambda t: _patch_text(
+        _write(t / "c_0000.mhd", _array()), "ElementDataFile = c_0000.raw", "ElementDataFile = LIST")),
+        "multi-file MetaImage"),
+    Malformed("mha header without ElementDataFile", _one(lambda t: _bytes(t / "c_0000.mha", 
+        b"ObjectType = Image\nNDims = 3\n")), "no ElementDataFile"),
+    Malformed("mha string element type", _one(lambda t: _meta_header(t, "c_0000.mha", {"ElementType": "MET_STRING"},
+                                                                     _RAW)), "unsupported ElementType"),
+    Malformed("mha NDims disagrees with DimSize", _one(lambda t: _meta_header(t, "c_0000.mha", {"NDims": "2"}, _RAW)),
+              "NDims 2 but DimSize"),
+    Malformed("mha garbled header line", _one(lambda t: _bytes(t / "c_0000.mha", 
+        b"ObjectType = Image\nthis is not a header\n")), "is not 'Key = Value'"),
+    Malformed("mha ascii payload short", _one(lambda t: _meta_header(t, "c_0000.mha", {"BinaryData": "False"},
+                                                                     b"1 2 3\n")), "the file is truncated"),
+    Malformed("mha ascii payload with nan", _one(lambda t: _meta_header(
+        t, "c_0000.mha", {"BinaryData": "False"}, b" ".join([b"1"] * 431 + [b"nan"]))), "NaN or infinite"),
+    # --- NRRD
+    Malformed("nrrd raw truncated", _one(lambda t: _cut(_write(t / "c_0000.nrrd", _array()), -40)),
+              "the file is truncated"),
+    Malformed("nrrd gzip truncated", _one(lambda t: _cut(_write(t / "c_0000.nrrd", _array(), compress=True), -40)),
+              "gzip stream"),
+    Malformed("nrrd gzip CRC corrupted", _one(lambda t: _flip(_write(t / "c_0000.nrrd", _array(), compress=True), -6)),
+              "CRC check failed"),
+    Malformed("nrrd raw NaN", _one(lambda t: _write(t / "c_0000.nrrd", _poisoned())), "NaN or infinite"),
+    Malformed("nrrd big-endian inf", _one(lambda t: _nrrd(t, {"endian": "big"}, _poisoned(np.dtype(">f4"), np.inf)
+                                                          .tobytes())), "NaN or infinite"),
+    Malformed("nrrd bzip2 truncated", _one(lambda t: _nrrd(t, {"encoding": "bzip2"}, bz2.compress(_RAW)[:-20])),
+              "bz2 stream"),
+    Malformed("nrrd without sizes", _one(lambda t: _nrrd(t, {"sizes": None}, _RAW)), "required field"),
+    Malformed("nrrd type block", _one(lambda t: _nrrd(t, {"type": "block", "block size": "4"}, _RAW)),
+              "unsupported NRRD type"),
+    Malformed("nrrd hex encoding", _one(lambda t: _nrrd(t, {"encoding": "hex"}, _RAW.hex().encode())),
+              "encoding 'hex' is not supported"),
+    Malformed("nrrd dimension disagrees with sizes", _one(lambda t: _nrrd(t, {"dimension": "4"}, _RAW)),
+              "dimension 4 but sizes"),
+    Malformed("nrrd bad magic", _one(lambda t: _bytes(t / "c_0000.nrrd", b"NRRX0004\n" + _RAW)), "no NRRD000x magic"),
+    Malformed("nrrd detached data file missing", _one(lambda t: _nrrd(t, {"data file": "gone.raw"}, b"")),
+              "data file gone.raw is missing"),
+    Malformed("nrrd detached data file truncated", _one(lambda t: (
+        (t / "d.raw").write_bytes(_RAW[:-4]), _nrrd(t, {"data file": "d.raw"}, b""))[1]), "in d.raw holds"),
+    Malformed("nrrd ascii with inf", _one(lambda t: _nrrd(t, {"encoding": "ascii"},
+                                                          b"\n".join([b"2.5"] * 431 + [b"-inf"]))), "NaN or infinite"),
+    Malformed("nrrd zlib-in-gzip corrupted", _one(lambda t: _nrrd(t, {"encoding": "gzip"},
+                                                                  b"\x1f\x8b\x08\x00" + zlib.compress(_RAW)[4:])),
+              "corrupt or truncated"),
+    # --- not an image
+    Malformed("random bytes named .nii", _one(lambda t: _bytes(t / "c_0000.nii", b"\0" * 400)), "sizeof_hdr"),
+    Malformed("text named .mha", _one(lambda t: _bytes(t / "c_0000.mha", b"just words\n")),
+              "is not 'Key = Value'"),
+    Malformed("gipl garbage (left to ITK)", _one(lambda t: _bytes(t / "c_0000.gipl", b"\1" * 300)), "cannot read"),
+]
+
+
+def _bytes(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def _patch_text(path: Path, old: str, new: str) -> Path:
+    path.write_bytes(path.read_bytes().replace(old.encode(), new.encode(), 1))
+    return path
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_the_corpus_is_large_and_names_are_unique():
+    assert len(CORPUS) >= 60
+    assert len({m.name for m in CORPUS}) == len(CORPUS)
+
+
+@pytest.mark.parametrize("bad", CORPUS, ids=[m.name for m in CORPUS])
+def test_malformed_input_is_refused_with_a_clear_message(bad: Malformed, tmp_path: Path):
+    files = bad.make(tmp_path)
+    before = _digest(tmp_path)
+    with pytest.raises(bad.error) as info:
+        read_case(CaseInput("c", tuple(files)), num_channels=len(files))
+    message = str(info.value)
+    assert bad.fragment in message, message
+    assert "\n" not in message
+    assert _digest(tmp_path) == before  # no input changed, nothing written beside it
+
+
+@pytest.mark.parametrize("ending,compress", [(".nii", False), (".nii.gz", True), (".mha", False), (".mha", True),
+                                             (".mhd", False), (".nrrd", False), (".nrrd", True), (".hdr", False)])
+def test_well_formed_files_pass_and_read_exactly(ending: str, compress: bool, tmp_path: Path):
+    """The checks must not refuse good files: every format round-trips the array, float and int16."""
+    for dtype in (np.float32, np.int16):
+        array = _array(dtype)
+        path = _write(tmp_path / f"{np.dtype(dtype).name}_0000{ending}", array, compress=compress)
+        loaded = read_case(CaseInput("c", (path,)), num_channels=1)
+        np.testing.assert_array_equal(loaded.image[0], array.astype(np.float32))
+        assert loaded.spacing == pytest.approx(SPACING[::-1], rel=1e-6)
