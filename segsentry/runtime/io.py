@@ -1,12 +1,14 @@
 """Reading cases the nnU-Net way and writing results atomically (SimpleITK only).
 
 Conventions: a case is one file per channel named ``CASE_XXXX<ending>`` (``XXXX`` = channel index), or one
-DICOM series folder for single-channel models. Arrays returned here are numpy order ``(c, z, y, x)``; spacings
+DICOM series (one echo of it) for single-channel models, found in a series folder or a study tree
+(:mod:`segsentry.runtime.dicom`). Arrays returned here are numpy order ``(c, z, y, x)``; spacings
 are numpy order ``(z, y, x)`` (SimpleITK's ``GetSpacing()`` is ``(x, y, z)``, reversed here as nnU-Net does).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 from collections import defaultdict
@@ -18,7 +20,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from segsentry._atomic import atomic_path
-from segsentry.errors import InputError
+from segsentry.errors import InputError, SegsentryError
+from segsentry.runtime import dicom
 from segsentry.runtime.validate import check_file, check_image
 
 log = logging.getLogger(__name__)
@@ -34,6 +37,7 @@ class CaseInput:
     case_id: str
     files: tuple[Path, ...]
     error: str | None = None  # set when the case could not be assembled (e.g. a missing channel)
+    series: dicom.SeriesGroup | None = None  # a DICOM case: its series (files = its folder)
 
 
 @dataclass
@@ -46,6 +50,8 @@ class LoadedCase:
     reference: sitk.Image
     files: tuple[Path, ...]
     warnings: list[str] = field(default_factory=list)
+    series_uid: str | None = None  # DICOM cases
+    modality: str | None = None  # DICOM cases: the series' Modality
 
     @property
     def output_ending(self) -> str:
@@ -66,14 +72,49 @@ def _strip_ending(path: Path) -> str:
 
 
 def is_dicom_folder(path: Path) -> bool:
-    if not path.is_dir():
-        return False
-    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
-    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # GDCM warns on every non-DICOM folder
-    try:
-        return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path)))
-    finally:
-        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+    """A folder with DICOM files in it or below (a series folder, a study tree, a DICOMDIR medium)."""
+    return dicom.is_dicom_tree(path)
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def _safe(name: str) -> str:
+    return _UNSAFE.sub("_", name).lstrip(".") or "case"
+
+
+def _dicom_cases(roots: list[Path]) -> list[CaseInput]:
+    """One case per series (per echo) under each root; ids from the shortest unique tail of the series'
+    folder path (``patA/SE1`` and ``patB/SE1`` become ``patA_SE1`` and ``patB_SE1``), plus a label when one
+    folder holds several series."""
+    found: list[tuple[Path, dicom.SeriesGroup | None, str | None]] = []
+    for root in roots:
+        try:
+            groups = dicom.find_series(root)
+        except SegsentryError as exc:  # pydicom missing, an unreadable file: the tree fails as one case
+            found.append((root, None, str(exc)))
+            continue
+        if not groups:
+            found.append((root, None, f"{root} holds DICOM files but no image series (only DICOMDIR, reports or "
+                                      "presentation states?)"))
+        found += [(g.folder, g, None) for g in groups]
+    parts = [folder.resolve().parts[1:] or ("root",) for folder, _, _ in found]
+    depth = [1] * len(found)
+
+    def ident(i: int) -> str:
+        group = found[i][1]
+        tail = "_".join(parts[i][-depth[i]:])
+        return _safe(f"{tail}_{group.label}" if group is not None and group.label else tail)
+
+    while True:
+        ids = [ident(i) for i in range(len(found))]
+        clash = [i for i, v in enumerate(ids) if ids.count(v) > 1 and depth[i] < len(parts[i])]
+        if not clash:
+            break
+        for i in clash:
+            depth[i] += 1
+    return [CaseInput(case_id=ids[i], files=(folder,), error=error, series=group)
+            for i, (folder, group, error) in enumerate(found)]
 
 
 def collect_cases(inputs: Sequence[str | Path], *, num_channels: int) -> list[CaseInput]:
@@ -97,24 +138,25 @@ def collect_cases(inputs: Sequence[str | Path], *, num_channels: int) -> list[Ca
             problems[case] = f"two files for channel {channel}: {groups[case][channel]} and {path}"
         groups[case][channel] = path
 
+    dicom_roots: list[Path] = []
     for raw in inputs:
         path = Path(raw)
         if not path.exists():
             raise InputError(f"input {path} does not exist")
         if path.is_file():
             add(path)
+            continue
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.name.lower().endswith(IMAGE_ENDINGS))
+        if files:
+            for file in files:
+                add(file)
         elif is_dicom_folder(path):
             if num_channels != 1:
                 raise InputError(f"{path} is a DICOM series, but the model needs {num_channels} channels; "
                                  "convert the series to CASE_XXXX.nii.gz files, one per channel")
-            order.append(path.name)
-            groups[path.name][0] = path
+            dicom_roots.append(path)
         else:
-            files = sorted(p for p in path.iterdir() if p.is_file() and p.name.lower().endswith(IMAGE_ENDINGS))
-            if not files:
-                raise InputError(f"folder {path} holds no images ({', '.join(IMAGE_ENDINGS)}) and no DICOM series")
-            for file in files:
-                add(file)
+            raise InputError(f"folder {path} holds no images ({', '.join(IMAGE_ENDINGS)}) and no DICOM series")
     cases = []
     for case in order:
         channels = groups[case]
@@ -126,18 +168,30 @@ def collect_cases(inputs: Sequence[str | Path], *, num_channels: int) -> list[Ca
             error = f"expected channel files {want}, found {found}"
         files = tuple(channels[c] for c in sorted(channels))
         cases.append(CaseInput(case_id=case, files=files, error=error))
-    return cases
+    cases += _dicom_cases(dicom_roots)
+    return _unique_ids(cases)
 
 
-def _read_one(path: Path) -> sitk.Image:
+def _unique_ids(cases: list[CaseInput]) -> list[CaseInput]:
+    """Two cases with one id would write the same outputs: fail both, naming each one's inputs."""
+    by_id: dict[str, list[int]] = defaultdict(list)
+    for i, case in enumerate(cases):
+        by_id[case.case_id].append(i)
+    out = list(cases)
+    for case_id, members in by_id.items():
+        if len(members) > 1:
+            sources = "; ".join(", ".join(str(f) for f in cases[i].files) for i in members)
+            for i in members:
+                out[i] = CaseInput(case_id, cases[i].files, error=f"case id '{case_id}' is shared by several inputs "
+                                   f"({sources}); rename them so each case has its own id", series=cases[i].series)
+    return out
+
+
+def _read_one(path: Path, files: Sequence[Path] | None = None) -> sitk.Image:
+    """Read one channel file (checked first by :func:`check_file`) or, with ``files``, a checked DICOM series."""
     try:
-        if path.is_dir():
-            series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path))
-            if len(series) != 1:
-                raise InputError(f"DICOM folder {path} holds {len(series)} series; pass a folder with exactly one")
-            reader = sitk.ImageSeriesReader()
-            reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), series[0]))
-            image = reader.Execute()
+        if files is not None:
+            image = dicom.read_series(list(files))
         else:
             check_file(path)  # header vs payload, compressed streams end to end, raw non-finite values
             image = sitk.ReadImage(str(path))
@@ -150,14 +204,28 @@ def _read_one(path: Path) -> sitk.Image:
     return image
 
 
-def read_case(case: CaseInput, *, num_channels: int) -> LoadedCase:
-    """Read and validate one case: 3D scalar images, the model's channel count, same grid, finite values."""
+def read_case(case: CaseInput, *, num_channels: int, allow_irregular_slices: bool = False,
+              expected_modality: str | None = None) -> LoadedCase:
+    """Read and validate one case: 3D scalar images, the model's channel count, same grid, finite values.
+
+    DICOM series are checked first (:func:`segsentry.runtime.dicom.check_series`): irregular slice positions
+    are refused unless ``allow_irregular_slices`` (then a warning is carried), and a Modality other than
+    ``expected_modality`` (``CT``/``MR``, None: no check) is refused.
+    """
     if case.error:
         raise InputError(f"case {case.case_id}: {case.error}")
     if len(case.files) != num_channels:
         raise InputError(f"case {case.case_id}: the model needs {num_channels} channel(s), got {len(case.files)}")
-    images = [_read_one(f) for f in case.files]
     warnings: list[str] = []
+    series_uid = modality = None
+    if case.series is not None:
+        check = dicom.check_series(case.series, allow_irregular=allow_irregular_slices,
+                                   expected_modality=expected_modality)
+        warnings += check.warnings
+        series_uid, modality = case.series.series_uid, check.modality
+        images = [_read_one(case.files[0], check.files)]
+    else:
+        images = [_read_one(f) for f in case.files]
     for path, img in zip(case.files, images):
         if img.GetNumberOfComponentsPerPixel() != 1:
             raise InputError(f"{path}: vector/RGB image with {img.GetNumberOfComponentsPerPixel()} components; "
@@ -191,7 +259,32 @@ def read_case(case: CaseInput, *, num_channels: int) -> LoadedCase:
     for warning in warnings:
         log.warning(warning)
     return LoadedCase(case_id=case.case_id, image=image, spacing=spacing, reference=reference,  # type: ignore[arg-type]
-                      files=case.files, warnings=warnings)
+                      files=case.files, warnings=warnings, series_uid=series_uid, modality=modality)
+
+
+def input_fingerprints(case: CaseInput) -> list[dict[str, str]]:
+    """What identifies each input of a case in its report: a file's sha256 (with its data file's for
+    ``.hdr``/``.mhd`` pairs), or a DICOM series' SeriesInstanceUID and file count."""
+    if case.series is not None:
+        return [{"path": str(case.files[0]), "series_instance_uid": case.series.series_uid,
+                 "n_files": str(len(case.series.files))}]
+    out = []
+    for path in case.files:
+        entry = {"path": str(path), "sha256": sha256_file(path)}
+        for suffix in (".img", ".raw", ".img.gz", ".zraw"):
+            companion = path.with_name(_strip_ending(path) + suffix)
+            if companion != path and companion.is_file() and path.name.lower().endswith((".hdr", ".mhd")):
+                entry["data_sha256"] = sha256_file(companion)
+        out.append(entry)
+    return out
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def write_image(array: np.ndarray, reference: sitk.Image, target: Path) -> None:
