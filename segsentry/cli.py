@@ -32,6 +32,16 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_OOD = 0, 1, 2, 3
 _settings = {"pretty_exceptions_show_locals": False, "add_completion": False, "no_args_is_help": True}
 app = typer.Typer(help="segsentry: OOD detection for 3D segmentation networks, shipped as ONNX.", **_settings)
 
+def _print_version(value: bool) -> None:
+    if value:
+        from segsentry import __version__
+
+        typer.echo(f"segsentry {__version__}")
+        raise typer.Exit(EXIT_OK)
+
+
+VersionOpt = Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                          help="Print the segsentry version and exit.")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show full tracebacks for unexpected errors.")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Patches per backend call.")]
@@ -129,6 +139,7 @@ def export_command(
     verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Compare ONNX with torch on random patches.")] = True,
     verbose: VerboseOpt = False,
     debug: DebugOpt = False,
+    version: VersionOpt = False,
 ) -> None:
     """Export an nnU-Net v2 model to ONNX with two outputs: logits and pooled bottleneck features."""
     _setup_logging(verbose)
@@ -169,6 +180,7 @@ def calib_command(
     threads: ThreadsOpt = None,
     verbose: VerboseOpt = False,
     debug: DebugOpt = False,
+    version: VersionOpt = False,
 ) -> None:
     """Fit the Gaussian on training patches and fold the Mahalanobis head into the graph."""
     _setup_logging(verbose)
@@ -225,8 +237,12 @@ def run_command(
         "--low-memory", help="Lower peak memory for some speed (onnxruntime: no CPU memory arena; ~30 % less RSS, "
         "2-8 % slower on a fullres net).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the case reports as JSON on stdout.")] = False,
+    allow_irregular_slices: Annotated[bool, typer.Option(
+        "--allow-irregular-slices", help="Process DICOM series with missing or unevenly spaced slices instead of "
+        "refusing them; each such case's report carries the warning.")] = False,
     verbose: VerboseOpt = False,
     debug: DebugOpt = False,
+    version: VersionOpt = False,
 ) -> None:
     """Segment cases, score them for OOD, write masks, uncertainty maps, reports and a QA page."""
     _setup_logging(verbose)
@@ -249,7 +265,8 @@ def run_command(
                 result = run_demo(output, backend=backend, threads=threads, on_case=advance)
             else:
                 result = run_batch(bundle, inputs, output, backend=backend, batch_size=batch_size, threads=threads,
-                                   low_memory=low_memory, qa=qa, on_case=advance, raise_unexpected=debug)
+                                   low_memory=low_memory, qa=qa, on_case=advance, raise_unexpected=debug,
+                                   allow_irregular_slices=allow_irregular_slices)
         if as_json:
             typer.echo(json.dumps({
                 "backend": result.backend,
@@ -297,6 +314,7 @@ def bench_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON on stdout.")] = False,
     verbose: VerboseOpt = False,
     debug: DebugOpt = False,
+    version: VersionOpt = False,
 ) -> None:
     """Measure per-patch latency, throughput, end-to-end stages and OOD-head overhead per backend."""
     _setup_logging(verbose)
@@ -347,6 +365,7 @@ def phantoms_command(
     prefix: Annotated[str, typer.Option("--prefix", help="Case id prefix.")] = "PH",
     verbose: VerboseOpt = False,
     debug: DebugOpt = False,
+    version: VersionOpt = False,
 ) -> None:
     """Generate a cohort of procedural chest-CT phantoms (with lesion labels) in nnU-Net raw layout."""
     _setup_logging(verbose)
@@ -389,6 +408,7 @@ def eval_run_command(
     threads: ThreadsOpt = None,
     verbose: VerboseOpt = False,
     debug: DebugOpt = False,
+    version: VersionOpt = False,
 ) -> None:
     """Compare the Mahalanobis score with the output baselines on an ID set and named OOD sets."""
     _setup_logging(verbose)
@@ -425,6 +445,7 @@ def eval_shift_command(
     seed: Annotated[int, typer.Option("--seed", help="Random seed (per case derived from it).")] = 0,
     verbose: VerboseOpt = False,
     debug: DebugOpt = False,
+    version: VersionOpt = False,
 ) -> None:
     """Apply a transformation shift (paper Table 4, TorchIO) to images and labels, in nnU-Net raw layout."""
     _setup_logging(verbose)
@@ -461,6 +482,14 @@ calib_app = _single(calib_command)
 run_app = _single(run_command)
 bench_app = _single(bench_command)
 eval_app = typer.Typer(help="Evaluate OOD detection against the paper's baselines and metrics.", **_settings)
+
+
+@app.callback()
+@eval_app.callback()
+def _groups(version: VersionOpt = False) -> None:  # the umbrella and ood-eval: --version before a sub-command
+    pass
+
+
 eval_app.command("run")(eval_run_command)
 eval_app.command("shift")(eval_shift_command)
 app.add_typer(eval_app, name="eval")

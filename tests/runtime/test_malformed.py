@@ -18,7 +18,7 @@ import pytest
 import SimpleITK as sitk
 
 from segsentry.errors import InputError
-from segsentry.runtime.io import CaseInput, read_case
+from segsentry.runtime.io import CaseInput, collect_cases, read_case
 
 SPACING = (0.8, 0.9, 2.0)
 SHAPE = (6, 8, 9)  # z, y, x
@@ -297,3 +297,281 @@ def test_well_formed_files_pass_and_read_exactly(ending: str, compress: bool, tm
         loaded = read_case(CaseInput("c", (path,)), num_channels=1)
         np.testing.assert_array_equal(loaded.image[0], array.astype(np.float32))
         assert loaded.spacing == pytest.approx(SPACING[::-1], rel=1e-6)
+
+
+# --- DICOM series: each folder must be refused (at collection or at reading) with the specific problem -----
+
+def _series_refusal(folder: Path, **read_kw) -> str:
+    """The message of the first case under ``folder`` that fails; fails the test if every case reads."""
+    cases = collect_cases([folder], num_channels=1)
+    for case in cases:
+        try:
+            read_case(case, num_channels=1, **read_kw)
+        except InputError as exc:
+            return str(exc)
+    raise AssertionError(f"every case under {folder} was read: {[c.case_id for c in cases]}")
+
+
+def _gap(t):
+    from dicom_factory import STEP_MM, write_series
+    write_series(t, positions=[i * STEP_MM for i in (0, 1, 2, 4, 5, 6)])
+
+
+def _duplicate(t):
+    from dicom_factory import write_series
+    write_series(t, positions=[0, 2.5, 5, 5, 7.5, 10])
+
+
+def _two_acquisitions(t):
+    from dicom_factory import write_series
+    uid = __import__("pydicom").uid.generate_uid()
+    write_series(t, n=4, uid=uid, prefix="A", edit=lambda i, ds: setattr(ds, "AcquisitionNumber", 1))
+    write_series(t, n=4, uid=uid, prefix="B", edit=lambda i, ds: setattr(ds, "AcquisitionNumber", 2))
+
+
+def _edit_one(attribute, value, index=3):
+    def make(t):
+        from dicom_factory import write_series
+        write_series(t, edit=lambda i, ds: setattr(ds, attribute, value) if i == index else None)
+    return make
+
+
+def _cropped_slice(t):
+    from dicom_factory import write_series
+
+    def edit(i, ds):
+        if i == 2:
+            ds.PixelData = ds.pixel_array[:64, :64].tobytes()
+            ds.Rows, ds.Columns = 64, 64
+    write_series(t, edit=edit)
+
+
+def _tilted(t):
+    from dicom_factory import write_series
+
+    def edit(i, ds):
+        x, y, z = (float(v) for v in ds.ImagePositionPatient)
+        ds.ImagePositionPatient = [x, y + i * 0.6, z]  # 0.6 mm per 2.5 mm step: a 13.5° gantry tilt
+    write_series(t, edit=edit)
+
+
+def _truncated_slice(t):
+    from dicom_factory import write_series
+    paths = write_series(t)
+    _cut(paths[2], -1000)
+
+
+def _short_pixel_data(t):
+    from dicom_factory import write_series
+    write_series(t, edit=lambda i, ds: setattr(ds, "PixelData", ds.PixelData[: len(ds.PixelData) // 2])
+                 if i == 1 else None)
+
+
+def _no_position(t):
+    from dicom_factory import write_series
+    write_series(t, edit=lambda i, ds: delattr(ds, "ImagePositionPatient") if i == 4 else None)
+
+
+def _mr_series(t):
+    from dicom_factory import write_series
+    write_series(t, name="MR_small.dcm")
+
+
+def _dicomdir_only(t):
+    from dicom_factory import write_dicomdir
+    write_dicomdir(t)
+
+
+def _garbage_dicom(t):
+    t.mkdir(parents=True, exist_ok=True)
+    (t / "IM0000.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\x02\x00\x10\x00UI\xff\xff" + b"junk" * 10)
+
+
+def _only_localizers(t):
+    from dicom_factory import write_series
+    write_series(t, edit=lambda i, ds: setattr(ds, "ImageType", ["ORIGINAL", "PRIMARY", "LOCALIZER"]))
+
+
+def _two_frames(t):
+    from dicom_factory import write_series
+
+    def edit(i, ds):
+        if i == 3:
+            ds.NumberOfFrames = 2
+            ds.PixelData = ds.PixelData * 2
+    write_series(t, edit=edit)
+
+
+def _single_slice(t):
+    from dicom_factory import write_series
+    write_series(t, n=1)
+
+
+@dataclass(frozen=True)
+class MalformedSeries:
+    name: str
+    make: Callable[[Path], None]
+    fragment: str
+    read_kw: tuple = ()
+
+
+SERIES_CORPUS = [
+    MalformedSeries("a missing slice", _gap, "irregular slice positions"),
+    MalformedSeries("duplicated positions", _duplicate, "duplicated slice position"),
+    MalformedSeries("two acquisitions under one UID", _two_acquisitions, "several acquisitions"),
+    MalformedSeries("a slice not parallel", _edit_one("ImageOrientationPatient", [1, 0, 0, 0, 0.8, 0.6]),
+                    "not parallel"),
+    MalformedSeries("pixel spacing changes", _edit_one("PixelSpacing", [0.9, 0.9]), "pixel spacing changes"),
+    MalformedSeries("matrix size changes", _cropped_slice, "matrix size changes"),
+    MalformedSeries("a single slice", _single_slice, "a single slice"),
+    MalformedSeries("only localizers", _only_localizers, "only localizer"),
+    MalformedSeries("gantry tilt from positions", _tilted, "gantry tilt"),
+    MalformedSeries("gantry tilt tag", _edit_one("GantryDetectorTilt", 15.0), "GantryDetectorTilt 15"),
+    MalformedSeries("MR series into a CT model", _mr_series, "Modality MR, but the model was trained on CT",
+                    (("expected_modality", "CT"),)),
+    MalformedSeries("CT series into an MR model", _edit_one("Modality", "CT", 0), "Modality CT, but the model was "
+                    "trained on MR", (("expected_modality", "MR"),)),
+    MalformedSeries("mixed modalities", _edit_one("Modality", "MR"), "mixed modalities"),
+    MalformedSeries("a truncated slice file", _truncated_slice, "bytes early"),
+    MalformedSeries("pixel data shorter than the matrix", _short_pixel_data, "the pixel data holds"),
+    MalformedSeries("a slice without ImagePositionPatient", _no_position, "lack ImagePositionPatient"),
+    MalformedSeries("multi-frame", _two_frames, "multi-frame"),
+    MalformedSeries("a DICOMDIR and no images", _dicomdir_only, "no image series"),
+    MalformedSeries("a garbled DICOM file", _garbage_dicom, "no image series"),
+]
+
+
+@pytest.mark.parametrize("bad", SERIES_CORPUS, ids=[m.name for m in SERIES_CORPUS])
+def test_malformed_dicom_series_is_refused(bad: MalformedSeries, tmp_path: Path):
+    pytest.importorskip("pydicom")
+    folder = tmp_path / "SE1"
+    bad.make(folder)
+    before = _digest(folder)
+    message = _series_refusal(folder, **dict(bad.read_kw))
+    assert bad.fragment in message, message
+    assert "\n" not in message
+    assert _digest(folder) == before
+
+
+def test_corpus_size_counts_both_families():
+    assert len(CORPUS) + len(SERIES_CORPUS) >= 90
+
+
+# --- batches: a failing case is a row in summary.csv, nothing of it is written, the batch goes on -----------
+
+def _summary(out: Path) -> dict[str, dict[str, str]]:
+    import csv
+
+    with (out / "summary.csv").open() as f:
+        return {row["case"]: row for row in csv.DictReader(f)}
+
+
+def _case_files(out: Path, case_id: str) -> list[str]:
+    return sorted(p.name for p in out.iterdir() if p.name.startswith(case_id))
+
+
+def test_batch_records_every_malformed_case_and_goes_on(ct_pipeline, test_cases, tmp_path):
+    """Truncated .nii.gz, NaN .nii, an irregular DICOM series and two same-named series folders, in one batch:
+    one summary row each, only the good cases written, and patA/SE1 vs patB/SE1 both processed (not one twice)."""
+    from dicom_factory import write_series
+    from segsentry.runtime.batch import run_batch
+
+    good = next(iter(test_cases["ct"].values()))[0]
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    (inputs / good.name).write_bytes(good.read_bytes())
+    _cut(_write(inputs / "trunc_0000.nii.gz", _array(np.int16), compress=True), 0.6)
+    _write(inputs / "nan_0000.nii", _poisoned())
+    write_series(tmp_path / "patA" / "SE1", n=6)
+    write_series(tmp_path / "patB" / "SE1", n=6)
+    write_series(tmp_path / "patC" / "gap", positions=[0, 2.5, 5, 10, 12.5, 15])
+    before = {p: _digest(p) for p in (inputs, tmp_path / "patA" / "SE1", tmp_path / "patC" / "gap")}
+    out = tmp_path / "out"
+    result = run_batch(ct_pipeline.ood_onnx, [inputs, tmp_path / "patA" / "SE1", tmp_path / "patB" / "SE1",
+                                              tmp_path / "patC" / "gap"], out, qa=False)
+    rows = _summary(out)
+    good_id = good.name.removesuffix("_0000.nii.gz")
+    assert set(rows) == {good_id, "trunc", "nan", "patA_SE1", "patB_SE1", "gap"}
+    assert {c for c, r in rows.items() if r["status"] == "ok"} == {good_id, "patA_SE1", "patB_SE1"}
+    assert "gzip stream" in rows["trunc"]["error"] and "NaN or infinite" in rows["nan"]["error"]
+    assert "--allow-irregular-slices" in rows["gap"]["error"]
+    for failed in ("trunc", "nan", "gap"):
+        assert _case_files(out, failed) == []
+    uids = {json_report["input_ids"][0]["series_instance_uid"] for json_report in
+            (__import__("json").loads((out / f"{c}.json").read_text()) for c in ("patA_SE1", "patB_SE1"))}
+    assert len(uids) == 2
+    assert result.exit_code() == 1
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no stage folders left
+    assert {p: _digest(p) for p in before} == before
+
+
+def test_case_json_identifies_version_bundle_and_inputs(ct_pipeline, test_cases, tmp_path):
+    import json
+
+    import segsentry
+    from segsentry.runtime.batch import run_batch
+
+    files = next(iter(test_cases["ct"].values()))
+    run_batch(ct_pipeline.ood_onnx, files, tmp_path / "o", qa=False)
+    case_id = files[0].name.removesuffix("_0000.nii.gz")
+    report = json.loads((tmp_path / "o" / f"{case_id}.json").read_text())
+    assert report["segsentry_version"] == segsentry.__version__
+    assert report["bundle_sha256"] == hashlib.sha256(ct_pipeline.ood_onnx.read_bytes()).hexdigest()
+    assert report["input_ids"] == [{"path": str(files[0]), "sha256": hashlib.sha256(files[0].read_bytes()).hexdigest()}]
+
+
+def test_irregular_series_runs_only_with_the_flag_and_the_report_says_so(ct_pipeline, tmp_path):
+    import json
+
+    from dicom_factory import write_series
+    from typer.testing import CliRunner
+
+    from segsentry.cli import run_app
+
+    write_series(tmp_path / "gap", positions=[0, 2.5, 5, 10, 12.5, 15])
+    refused = CliRunner().invoke(run_app, [str(ct_pipeline.ood_onnx), str(tmp_path / "gap"), "-o",
+                                           str(tmp_path / "o"), "--no-qa"])
+    assert refused.exit_code == 1 and not (tmp_path / "o" / "gap.json").exists()
+    allowed = CliRunner().invoke(run_app, [str(ct_pipeline.ood_onnx), str(tmp_path / "gap"), "-o",
+                                           str(tmp_path / "o"), "--no-qa", "--allow-irregular-slices"])
+    assert allowed.exit_code in (0, 3), allowed.output
+    report = json.loads((tmp_path / "o" / "gap.json").read_text())
+    assert any("irregular slice positions" in w for w in report["warnings"])
+    assert _summary(tmp_path / "o")["gap"]["status"] == "ok"
+
+
+def test_a_case_appears_all_together_or_not_at_all(ct_pipeline, test_cases, tmp_path, monkeypatch):
+    """The uncertainty map fails to write after the mask was written: the case has no file in the output
+    folder at all (the earlier run's outputs removed, no stage folder left); a stage folder left by a killed
+    run is cleaned up when the case runs again; completed_cases only lists cases with their marker."""
+    import segsentry.runtime.batch as batch
+
+    files = next(iter(test_cases["ct"].values()))
+    case_id = files[0].name.removesuffix("_0000.nii.gz")
+    out = tmp_path / "o"
+    batch.run_batch(ct_pipeline.ood_onnx, files, out, qa=False)
+    complete = {f"{case_id}.json", f"{case_id}.nii.gz", f"{case_id}_uncertainty.nii.gz"}
+    assert set(_case_files(out, case_id)) == complete
+    assert set(batch.completed_cases(out)) == {case_id}
+
+    (out / f".{case_id}.case-partial-killed").mkdir()  # what a kill -9 during publishing leaves
+    (out / f".{case_id}.case-partial-killed" / f"{case_id}.nii.gz").write_bytes(b"half")
+    real = batch.write_image
+
+    def failing(array, reference, target):
+        if target.name.endswith("_uncertainty.nii.gz"):
+            assert (target.parent / f"{case_id}.nii.gz").exists()  # the mask is already written (staged)
+            raise OSError("disk full")
+        return real(array, reference, target)
+
+    monkeypatch.setattr(batch, "write_image", failing)
+    result = batch.run_batch(ct_pipeline.ood_onnx, files, out, qa=False)
+    assert result.outcomes[0].status == "failed" and "disk full" in result.outcomes[0].error
+    assert _case_files(out, case_id) == []
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    assert batch.completed_cases(out) == {}
+
+    monkeypatch.setattr(batch, "write_image", real)
+    batch.run_batch(ct_pipeline.ood_onnx, files, out, qa=False)
+    (out / f"{case_id}_uncertainty.nii.gz").unlink()  # a reader must not trust a report whose outputs are gone
+    assert batch.completed_cases(out) == {}
