@@ -32,6 +32,7 @@ from segsentry.runtime.io import (
     collect_cases,
     guard_outputs,
     input_fingerprints,
+    orientation_warning,
     read_case,
     sha256_file,
     write_image,
@@ -163,6 +164,10 @@ def _run_case(case: CaseInput, bundle: Bundle, engine, output_dir: Path, backend
                            allow_irregular_slices=options.allow_irregular_slices,
                            expected_modality=options.expected_modality)
         input_ids = input_fingerprints(case)
+        calibration = bundle.manifest.calibration
+        turned = orientation_warning(loaded, calibration.train_orientation if calibration else None)
+        if turned:
+            loaded.warnings.append(turned)
         read_s = time.perf_counter() - t0
         prediction = predict_case(loaded, engine, bundle.manifest, batch_size=options.batch_size)
         t0 = time.perf_counter()
@@ -176,7 +181,6 @@ def _run_case(case: CaseInput, bundle: Bundle, engine, output_dir: Path, backend
                 write_image(prediction.uncertainty, loaded.reference, stage / outputs["uncertainty_map"].name)
             timings = {"read": read_s, **prediction.timings, "write": time.perf_counter() - t0}
             timings["total"] = time.perf_counter() - start
-            calibration = bundle.manifest.calibration
             report = CaseReport.from_prediction(
                 prediction, inputs=[str(f) for f in case.files],
                 aggregation=calibration.aggregation if calibration else None, timings=timings, backend=backend_name,

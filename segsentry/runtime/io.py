@@ -156,7 +156,9 @@ def collect_cases(inputs: Sequence[str | Path], *, num_channels: int) -> list[Ca
                                  "convert the series to CASE_XXXX.nii.gz files, one per channel")
             dicom_roots.append(path)
         else:
-            raise InputError(f"folder {path} holds no images ({', '.join(IMAGE_ENDINGS)}) and no DICOM series")
+            nested = [d.name for d in sorted(path.iterdir()) if d.is_dir() and d.name.startswith("images")]
+            hint = f"; did you mean {path / nested[0]}?" if nested else ""
+            raise InputError(f"folder {path} holds no images ({', '.join(IMAGE_ENDINGS)}) and no DICOM series{hint}")
     cases = []
     for case in order:
         channels = groups[case]
@@ -306,3 +308,50 @@ def guard_outputs(output_dir: Path, inputs: Iterable[Path]) -> None:
         if folder == out:
             raise InputError(f"output folder {output_dir} is also an input folder; choose another -o so inputs "
                              "are never overwritten")
+
+
+LABEL_MAP_MAX_VALUES = 16  # an image with at most this many distinct integer values is a label map, not a scan
+
+
+def label_map_reason(image: np.ndarray) -> str | None:
+    """Why ``image`` (any shape) looks like a segmentation label map rather than a scan, or None: every voxel
+    an integer and at most :data:`LABEL_MAP_MAX_VALUES` distinct values (scans have hundreds)."""
+    values = np.unique(image)
+    if values.size > LABEL_MAP_MAX_VALUES or not np.array_equal(values, np.round(values)):
+        return None
+    shown = ", ".join(f"{v:g}" for v in values[:6]) + (", ..." if values.size > 6 else "")
+    return f"only {values.size} distinct integer value(s) ({shown}): a label map, not an image"
+
+
+def orientation_code(direction: Sequence[float]) -> str:
+    """The three-letter orientation code of a 3D direction matrix, ITK/DICOM convention (``LPS``: the array's
+    x axis runs towards the patient's left, y posterior, z superior), as ``DICOMOrientImageFilter`` names it."""
+    return sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines([float(v) for v in direction])
+
+
+def case_orientation(case: CaseInput) -> str | None:
+    """The orientation code of a case's channel 0 from its header only (no pixel data), or None if unreadable."""
+    path = case.series.files[0] if case.series is not None else case.files[0]
+    if case.error or path.is_dir():
+        return None
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return None
+    direction = reader.GetDirection()
+    return orientation_code(direction) if len(direction) == 9 else None
+
+
+def orientation_warning(loaded: LoadedCase, expected: str | None) -> str | None:
+    """A warning when ``loaded`` is stored in another orientation than the training images (``expected``):
+    nnU-Net works in array order, so the same anatomy stored differently gives another mask and score."""
+    if not expected:
+        return None
+    code = orientation_code(loaded.reference.GetDirection())
+    if code == expected:
+        return None
+    return (f"stored in orientation {code}, the training images in {expected}: the network sees the voxel array "
+            f"as stored, so the mask and the OOD score may differ from the same scan stored as {expected} "
+            f"(reorient it to {expected}, e.g. SimpleITK DICOMOrient, if that is what the model expects)")
