@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import re
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -141,12 +142,13 @@ def collect_cases(inputs: Sequence[str | Path], *, num_channels: int) -> list[Ca
     dicom_roots: list[Path] = []
     for raw in inputs:
         path = Path(raw)
-        if not path.exists():
+        if not path.exists() and not path.is_symlink():
             raise InputError(f"input {path} does not exist")
-        if path.is_file():
+        if path.is_file() or path.is_symlink() and not path.is_dir():  # a dangling link fails as its case
             add(path)
             continue
-        files = sorted(p for p in path.iterdir() if p.is_file() and p.name.lower().endswith(IMAGE_ENDINGS))
+        files = sorted(p for p in path.iterdir() if (p.is_file() or p.is_symlink())  # a dangling link fails its case
+                       and p.name.lower().endswith(IMAGE_ENDINGS))
         if files:
             for file in files:
                 add(file)
@@ -303,7 +305,7 @@ def guard_outputs(output_dir: Path, inputs: Iterable[Path]) -> None:
     """Refuse an output folder that is one of the input folders (outputs must never replace inputs)."""
     out = output_dir.resolve()
     for path in inputs:
-        resolved = Path(path).resolve()
+        resolved = Path(os.path.realpath(path))  # never raises, not even for a symbolic link loop
         folder = resolved if resolved.is_dir() else resolved.parent
         if folder == out:
             raise InputError(f"output folder {output_dir} is also an input folder; choose another -o so inputs "

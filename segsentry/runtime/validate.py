@@ -102,6 +102,9 @@ def check_file(path: Path) -> None:
     Raises :class:`InputError` for a truncated or corrupt file, a refused pixel type or non-finite voxels.
     Files in formats not parsed here pass unchanged.
     """
+    if not path.is_file():
+        raise _fail(path, "no such file (a dangling or looping symbolic link?)", "fix the link or pass the file "
+                    "itself")
     name = path.name.lower()
     if name.endswith((".nii", ".nii.gz", ".hdr")):
         payload = _nifti_payload(path)

@@ -67,12 +67,12 @@ def _flip(path: Path, at: float | int) -> Path:
     return path
 
 
-def _nii(tmp: Path, name="c_0000.nii", **kw) -> Path:
-    return _write(tmp / name, _array(), **kw)
+def _nii(tmp: Path, name: str | None = None, **kw) -> Path:
+    return _write(tmp / (name or f"{tmp.name}_0000.nii"), _array(), **kw)
 
 
 def _nii_gz(tmp: Path) -> Path:
-    return _write(tmp / "c_0000.nii.gz", _array(), compress=True)
+    return _write(tmp / f"{tmp.name}_0000.nii.gz", _array(), compress=True)
 
 
 def _meta_header(tmp: Path, name: str, lines: dict[str, str], payload: bytes) -> Path:
@@ -86,12 +86,12 @@ def _meta_header(tmp: Path, name: str, lines: dict[str, str], payload: bytes) ->
     return path
 
 
-def _nrrd(tmp: Path, fields: dict[str, str], payload: bytes, name="c_0000.nrrd") -> Path:
+def _nrrd(tmp: Path, fields: dict[str, str], payload: bytes, name: str | None = None) -> Path:
     base = {"type": "float", "dimension": "3", "space": "left-posterior-superior", "sizes": "9 8 6",
             "space directions": "(0.8,0,0) (0,0.9,0) (0,0,2)", "endian": "little", "encoding": "raw"}
     base.update(fields)
     text = "NRRD0004\n" + "".join(f"{k}: {v}\n" for k, v in base.items() if v is not None) + "\n"
-    path = tmp / name
+    path = tmp / (name or f"{tmp.name}_0000.nrrd")
     path.write_bytes(text.encode() + payload)
     return path
 
@@ -124,8 +124,8 @@ CORPUS: list[Malformed] = [
     Malformed("nii.gz deflate data corrupted", _one(lambda t: _flip(_flip(_nii_gz(t), 0.5), 0.6)),
               "corrupt or truncated"),
     Malformed("nii.gz empty file", _one(lambda t: _cut(_nii_gz(t), 0)), "header bytes"),
-    Malformed("nii.gz not gzip at all", _one(lambda t: _bytes(t / "c_0000.nii.gz", b"hello" * 100)), "corrupt"),
-    Malformed("nii.gz of a truncated nii", _one(lambda t: _bytes(t / "c_0000.nii.gz", gzip.compress(
+    Malformed("nii.gz not gzip at all", _one(lambda t: _bytes(t / f"{t.name}_0000.nii.gz", b"hello" * 100)), "corrupt"),
+    Malformed("nii.gz of a truncated nii", _one(lambda t: _bytes(t / f"{t.name}_0000.nii.gz", gzip.compress(
         _cut(_nii(t), -200).read_bytes()))), "the file is truncated"),
     # --- uncompressed NIfTI: payload against the header
     Malformed("nii payload short by 100 bytes", _one(lambda t: _cut(_nii(t), -100)), "the file is truncated"),
@@ -149,84 +149,84 @@ CORPUS: list[Malformed] = [
     Malformed("nii RGB", _one(lambda t: _patch(_nii(t), [(70, "h", (128,)), (72, "h", (24,))])), "RGB"),
     Malformed("nii float128", _one(lambda t: _patch(_nii(t), [(70, "h", (1536,)), (72, "h", (128,))])), "128-bit"),
     Malformed("nii unknown datatype", _one(lambda t: _patch(_nii(t), [(70, "h", (3,))])), "unknown datatype"),
-    Malformed("nrrd complex written by ITK", _one(lambda t: _write(t / "c_0000.nrrd", _array(np.complex64))),
+    Malformed("nrrd complex written by ITK", _one(lambda t: _write(t / f"{t.name}_0000.nrrd", _array(np.complex64))),
               "complex pixel type"),
-    Malformed("mha vector (2 components)", _one(lambda t: _write(t / "c_0000.mha", np.stack([_array()] * 2, -1),
+    Malformed("mha vector (2 components)", _one(lambda t: _write(t / f"{t.name}_0000.mha", np.stack([_array()] * 2, -1),
                                                                  vector=True)), "2 components"),
-    Malformed("nii 4D time series", _one(lambda t: _write(t / "c_0000.nii.gz", np.stack([_array()] * 2))),
+    Malformed("nii 4D time series", _one(lambda t: _write(t / f"{t.name}_0000.nii.gz", np.stack([_array()] * 2))),
               "4D image"),
-    Malformed("nii 2D", _one(lambda t: _write(t / "c_0000.nii", _array()[0], spacing=SPACING[:2])), "2D image"),
+    Malformed("nii 2D", _one(lambda t: _write(t / f"{t.name}_0000.nii", _array()[0], spacing=SPACING[:2])), "2D image"),
     # --- non-finite payloads (ITK zeroes NaN/inf in NIfTI)
-    Malformed("nii NaN float32", _one(lambda t: _write(t / "c_0000.nii", _poisoned())), "NaN or infinite"),
-    Malformed("nii +inf float32", _one(lambda t: _write(t / "c_0000.nii", _poisoned(value=np.inf))),
+    Malformed("nii NaN float32", _one(lambda t: _write(t / f"{t.name}_0000.nii", _poisoned())), "NaN or infinite"),
+    Malformed("nii +inf float32", _one(lambda t: _write(t / f"{t.name}_0000.nii", _poisoned(value=np.inf))),
               "1 voxel(s) are NaN or infinite"),
-    Malformed("nii -inf float64", _one(lambda t: _write(t / "c_0000.nii", _poisoned(np.float64, -np.inf))),
+    Malformed("nii -inf float64", _one(lambda t: _write(t / f"{t.name}_0000.nii", _poisoned(np.float64, -np.inf))),
               "NaN or infinite"),
-    Malformed("nii.gz NaN", _one(lambda t: _write(t / "c_0000.nii.gz", _poisoned(), compress=True)),
+    Malformed("nii.gz NaN", _one(lambda t: _write(t / f"{t.name}_0000.nii.gz", _poisoned(), compress=True)),
               "NaN or infinite"),
-    Malformed("mha NaN", _one(lambda t: _write(t / "c_0000.mha", _poisoned())), "NaN or infinite"),
-    Malformed("mha compressed inf", _one(lambda t: _write(t / "c_0000.mha", _poisoned(value=np.inf), compress=True)),
+    Malformed("mha NaN", _one(lambda t: _write(t / f"{t.name}_0000.mha", _poisoned())), "NaN or infinite"),
+    Malformed("mha compressed inf", _one(lambda t: _write(t / f"{t.name}_0000.mha", _poisoned(value=np.inf), compress=True)),
               "NaN or infinite"),
-    Malformed("nrrd gzip NaN", _one(lambda t: _write(t / "c_0000.nrrd", _poisoned(), compress=True)),
+    Malformed("nrrd gzip NaN", _one(lambda t: _write(t / f"{t.name}_0000.nrrd", _poisoned(), compress=True)),
               "NaN or infinite"),
     # --- geometry
     Malformed("nii pixdim 0 (ITK reads 1 mm)", _one(lambda t: _patch(_nii(t), [(80, "f", (0.0,))])), "pixdim"),
     Malformed("nii pixdim NaN", _one(lambda t: _patch(_nii(t), [(84, "f", (float("nan"),))])), "pixdim"),
     Malformed("nii spacing 1e6 mm", _one(lambda t: _nii(t, spacing=(1e6, 0.9, 2.0))), "outside 0.001 to 100 mm"),
     Malformed("nii spacing 1e-5 mm", _one(lambda t: _nii(t, spacing=(0.8, 1e-5, 2.0))), "voxel spacing"),
-    Malformed("mha spacing 500 mm", _one(lambda t: _meta_header(t, "c_0000.mha", {"ElementSpacing": "0.8 0.9 500"},
+    Malformed("mha spacing 500 mm", _one(lambda t: _meta_header(t, f"{t.name}_0000.mha", {"ElementSpacing": "0.8 0.9 500"},
                                                                 _RAW)), "voxel spacing"),
     Malformed("mha sheared direction", _one(lambda t: _meta_header(
-        t, "c_0000.mha", {"TransformMatrix": "1 0 0 0.5 1 0 0 0 1"}, _RAW)), "not orthonormal"),
+        t, f"{t.name}_0000.mha", {"TransformMatrix": "1 0 0 0.5 1 0 0 0 1"}, _RAW)), "not orthonormal"),
     Malformed("mha singular direction", _one(lambda t: _meta_header(
-        t, "c_0000.mha", {"TransformMatrix": "1 0 0 1 0 0 0 0 1"}, _RAW)), "determinant is 0"),
+        t, f"{t.name}_0000.mha", {"TransformMatrix": "1 0 0 1 0 0 0 0 1"}, _RAW)), "determinant is 0"),
     Malformed("nii singular sform", _one(lambda t: _patch(_nii(t), [(252, "h", (0,)), (254, "h", (1,)),
                                                                     (280, "4f", (0.8, 0, 0, 0)),
                                                                     (296, "4f", (0.8, 0, 0, 0))])), "cannot read"),
     # --- Analyze / NIfTI pairs
-    Malformed("hdr without its img", _one(lambda t: (_nii(t, name="c_0000.hdr"),
-                                                     (t / "c_0000.img").unlink())[0]), "data file c_0000.img is missing"),
-    Malformed("hdr with a truncated img", _one(lambda t: (_nii(t, name="c_0000.hdr"),
-                                                          _cut(t / "c_0000.img", -8))[0]), "in c_0000.img holds"),
-    Malformed("hdr with NaN in the img", _one(lambda t: _write(t / "c_0000.hdr", _poisoned())), "NaN or infinite"),
+    Malformed("hdr without its img", _one(lambda t: (_nii(t, name=f"{t.name}_0000.hdr"),
+                                                     (t / f"{t.name}_0000.img").unlink())[0]), ".img is missing"),
+    Malformed("hdr with a truncated img", _one(lambda t: (_nii(t, name=f"{t.name}_0000.hdr"),
+                                                          _cut(t / f"{t.name}_0000.img", -8))[0]), ".img holds"),
+    Malformed("hdr with NaN in the img", _one(lambda t: _write(t / f"{t.name}_0000.hdr", _poisoned())), "NaN or infinite"),
     Malformed("hdr with a truncated img.gz", _one(lambda t: (
-        _nii(t, name="c_0000.hdr"), (t / "c_0000.img.gz").write_bytes(gzip.compress((t / "c_0000.img").read_bytes())
-                                                                         [:-30]), (t / "c_0000.img").unlink())[0]),
-        "gzip stream of c_0000.img.gz"),
+        _nii(t, name=f"{t.name}_0000.hdr"), (t / f"{t.name}_0000.img.gz").write_bytes(gzip.compress((t / f"{t.name}_0000.img").read_bytes())
+                                                                         [:-30]), (t / f"{t.name}_0000.img").unlink())[0]),
+        ".img.gz is corrupt or truncated"),
     # --- MetaImage
-    Malformed("mha raw truncated", _one(lambda t: _cut(_write(t / "c_0000.mha", _array()), -4)), "the file is truncated"),
-    Malformed("mha compressed truncated", _one(lambda t: _cut(_write(t / "c_0000.mha", _array(), compress=True), -20)),
+    Malformed("mha raw truncated", _one(lambda t: _cut(_write(t / f"{t.name}_0000.mha", _array()), -4)), "the file is truncated"),
+    Malformed("mha compressed truncated", _one(lambda t: _cut(_write(t / f"{t.name}_0000.mha", _array(), compress=True), -20)),
               "zlib stream"),
-    Malformed("mha compressed stream corrupted", _one(lambda t: _flip(_write(t / "c_0000.mha", _array(),
+    Malformed("mha compressed stream corrupted", _one(lambda t: _flip(_write(t / f"{t.name}_0000.mha", _array(),
                                                                              compress=True), -30)), "corrupt"),
-    Malformed("mhd without its raw", _one(lambda t: (_write(t / "c_0000.mhd", _array()),
-                                                     (t / "c_0000.raw").unlink())[0]), "data file c_0000.raw is missing"),
-    Malformed("mhd with a truncated raw", _one(lambda t: (_write(t / "c_0000.mhd", _array()),
-                                                          _cut(t / "c_0000.raw", 0.5))[0]), "in c_0000.raw holds"),
-    Malformed("mhd with NaN in the raw", _one(lambda t: _write(t / "c_0000.mhd", _poisoned())), "NaN or infinite"),
+    Malformed("mhd without its raw", _one(lambda t: (_write(t / f"{t.name}_0000.mhd", _array()),
+                                                     (t / f"{t.name}_0000.raw").unlink())[0]), ".raw is missing"),
+    Malformed("mhd with a truncated raw", _one(lambda t: (_write(t / f"{t.name}_0000.mhd", _array()),
+                                                          _cut(t / f"{t.name}_0000.raw", 0.5))[0]), ".raw holds"),
+    Malformed("mhd with NaN in the raw", _one(lambda t: _write(t / f"{t.name}_0000.mhd", _poisoned())), "NaN or infinite"),
     Malformed("mhd with a LIST of data files", _one(lambda t: _patch_text(
-        _write(t / "c_0000.mhd", _array()), "ElementDataFile = c_0000.raw", "ElementDataFile = LIST")),
+        _write(t / f"{t.name}_0000.mhd", _array()), "ElementDataFile = " + t.name + "_0000.raw", "ElementDataFile = LIST")),
         "multi-file MetaImage"),
-    Malformed("mha header without ElementDataFile", _one(lambda t: _bytes(t / "c_0000.mha", 
+    Malformed("mha header without ElementDataFile", _one(lambda t: _bytes(t / f"{t.name}_0000.mha", 
         b"ObjectType = Image\nNDims = 3\n")), "no ElementDataFile"),
-    Malformed("mha string element type", _one(lambda t: _meta_header(t, "c_0000.mha", {"ElementType": "MET_STRING"},
+    Malformed("mha string element type", _one(lambda t: _meta_header(t, f"{t.name}_0000.mha", {"ElementType": "MET_STRING"},
                                                                      _RAW)), "unsupported ElementType"),
-    Malformed("mha NDims disagrees with DimSize", _one(lambda t: _meta_header(t, "c_0000.mha", {"NDims": "2"}, _RAW)),
+    Malformed("mha NDims disagrees with DimSize", _one(lambda t: _meta_header(t, f"{t.name}_0000.mha", {"NDims": "2"}, _RAW)),
               "NDims 2 but DimSize"),
-    Malformed("mha garbled header line", _one(lambda t: _bytes(t / "c_0000.mha", 
+    Malformed("mha garbled header line", _one(lambda t: _bytes(t / f"{t.name}_0000.mha", 
         b"ObjectType = Image\nthis is not a header\n")), "is not 'Key = Value'"),
-    Malformed("mha ascii payload short", _one(lambda t: _meta_header(t, "c_0000.mha", {"BinaryData": "False"},
+    Malformed("mha ascii payload short", _one(lambda t: _meta_header(t, f"{t.name}_0000.mha", {"BinaryData": "False"},
                                                                      b"1 2 3\n")), "the file is truncated"),
     Malformed("mha ascii payload with nan", _one(lambda t: _meta_header(
-        t, "c_0000.mha", {"BinaryData": "False"}, b" ".join([b"1"] * 431 + [b"nan"]))), "NaN or infinite"),
+        t, f"{t.name}_0000.mha", {"BinaryData": "False"}, b" ".join([b"1"] * 431 + [b"nan"]))), "NaN or infinite"),
     # --- NRRD
-    Malformed("nrrd raw truncated", _one(lambda t: _cut(_write(t / "c_0000.nrrd", _array()), -40)),
+    Malformed("nrrd raw truncated", _one(lambda t: _cut(_write(t / f"{t.name}_0000.nrrd", _array()), -40)),
               "the file is truncated"),
-    Malformed("nrrd gzip truncated", _one(lambda t: _cut(_write(t / "c_0000.nrrd", _array(), compress=True), -40)),
+    Malformed("nrrd gzip truncated", _one(lambda t: _cut(_write(t / f"{t.name}_0000.nrrd", _array(), compress=True), -40)),
               "gzip stream"),
-    Malformed("nrrd gzip CRC corrupted", _one(lambda t: _flip(_write(t / "c_0000.nrrd", _array(), compress=True), -6)),
+    Malformed("nrrd gzip CRC corrupted", _one(lambda t: _flip(_write(t / f"{t.name}_0000.nrrd", _array(), compress=True), -6)),
               "CRC check failed"),
-    Malformed("nrrd raw NaN", _one(lambda t: _write(t / "c_0000.nrrd", _poisoned())), "NaN or infinite"),
+    Malformed("nrrd raw NaN", _one(lambda t: _write(t / f"{t.name}_0000.nrrd", _poisoned())), "NaN or infinite"),
     Malformed("nrrd big-endian inf", _one(lambda t: _nrrd(t, {"endian": "big"}, _poisoned(np.dtype(">f4"), np.inf)
                                                           .tobytes())), "NaN or infinite"),
     Malformed("nrrd bzip2 truncated", _one(lambda t: _nrrd(t, {"encoding": "bzip2"}, bz2.compress(_RAW)[:-20])),
@@ -238,7 +238,7 @@ CORPUS: list[Malformed] = [
               "encoding 'hex' is not supported"),
     Malformed("nrrd dimension disagrees with sizes", _one(lambda t: _nrrd(t, {"dimension": "4"}, _RAW)),
               "dimension 4 but sizes"),
-    Malformed("nrrd bad magic", _one(lambda t: _bytes(t / "c_0000.nrrd", b"NRRX0004\n" + _RAW)), "no NRRD000x magic"),
+    Malformed("nrrd bad magic", _one(lambda t: _bytes(t / f"{t.name}_0000.nrrd", b"NRRX0004\n" + _RAW)), "no NRRD000x magic"),
     Malformed("nrrd detached data file missing", _one(lambda t: _nrrd(t, {"data file": "gone.raw"}, b"")),
               "data file gone.raw is missing"),
     Malformed("nrrd detached data file truncated", _one(lambda t: (
@@ -249,11 +249,20 @@ CORPUS: list[Malformed] = [
                                                                   b"\x1f\x8b\x08\x00" + zlib.compress(_RAW)[4:])),
               "corrupt or truncated"),
     # --- not an image
-    Malformed("random bytes named .nii", _one(lambda t: _bytes(t / "c_0000.nii", b"\0" * 400)), "sizeof_hdr"),
-    Malformed("text named .mha", _one(lambda t: _bytes(t / "c_0000.mha", b"just words\n")),
+    Malformed("random bytes named .nii", _one(lambda t: _bytes(t / f"{t.name}_0000.nii", b"\0" * 400)), "sizeof_hdr"),
+    Malformed("text named .mha", _one(lambda t: _bytes(t / f"{t.name}_0000.mha", b"just words\n")),
               "is not 'Key = Value'"),
-    Malformed("gipl garbage (left to ITK)", _one(lambda t: _bytes(t / "c_0000.gipl", b"\1" * 300)), "cannot read"),
+    Malformed("a dangling symbolic link", _one(lambda t: _link(t / f"{t.name}_0000.nii.gz", t / "gone.nii.gz")),
+              "no such file"),
+    Malformed("a symbolic link loop", _one(lambda t: _link(t / f"{t.name}_0000.nii.gz", t / f"{t.name}_0000.nii.gz")),
+              "looping symbolic link"),
+    Malformed("gipl garbage (left to ITK)", _one(lambda t: _bytes(t / f"{t.name}_0000.gipl", b"\1" * 300)), "cannot read"),
 ]
+
+
+def _link(path: Path, target: Path) -> Path:
+    path.symlink_to(target)
+    return path
 
 
 def _bytes(path: Path, data: bytes) -> Path:
@@ -267,7 +276,8 @@ def _patch_text(path: Path, old: str, new: str) -> Path:
 
 
 def _digest(folder: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else f"-> {p.readlink()}"
+            for p in sorted(folder.iterdir()) if p.is_file() or p.is_symlink()}
 
 
 def test_the_corpus_is_large_and_names_are_unique():
@@ -575,3 +585,75 @@ def test_a_case_appears_all_together_or_not_at_all(ct_pipeline, test_cases, tmp_
     batch.run_batch(ct_pipeline.ood_onnx, files, out, qa=False)
     (out / f"{case_id}_uncertainty.nii.gz").unlink()  # a reader must not trust a report whose outputs are gone
     assert batch.completed_cases(out) == {}
+
+
+def test_the_whole_corpus_in_one_ood_run(ct_pipeline, tmp_path):
+    """Every corpus entry, file and DICOM families, in one ``ood-run`` beside one good case: exit 1, one failed
+    row per entry whose error names the problem, nothing written for any of them, no input changed, the good
+    case written."""
+    from typer.testing import CliRunner
+
+    from segsentry.cli import run_app
+
+    inputs: list[Path] = []
+    expected: dict[str, str] = {}
+    for i, bad in enumerate(CORPUS):
+        folder = tmp_path / "in" / f"m{i:03d}"
+        folder.mkdir(parents=True)
+        inputs += bad.make(folder)
+        expected[folder.name] = bad.fragment
+    for i, bad in enumerate(SERIES_CORPUS):
+        if bad.read_kw:  # the modality entries need another model's channels: covered above
+            continue
+        folder = tmp_path / "in" / f"s{i:03d}"
+        bad.make(folder)
+        inputs.append(folder)
+        expected[folder.name] = bad.fragment
+    good = _write(tmp_path / "in" / "good_0000.nii.gz", (np.random.default_rng(1).normal(-300, 200, (12, 80, 70))
+                                                        ).astype(np.int16), compress=True, spacing=(0.8, 0.75, 4.0))
+    before = _tree_digest(tmp_path / "in")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(run_app, [str(ct_pipeline.ood_onnx), *map(str, inputs), str(good), "-o", str(out),
+                                          "--no-qa"])
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    assert (out / "summary.csv").exists(), result.output
+    rows = _summary(out)
+    assert rows.pop("good")["status"] == "ok"
+    assert set(rows) == set(expected)
+    for case_id, fragment in expected.items():
+        assert rows[case_id]["status"] == "failed"
+        assert fragment in rows[case_id]["error"], (case_id, rows[case_id]["error"])
+    assert sorted(p.name for p in out.iterdir()) == ["good.json", "good.nii.gz", "good_uncertainty.nii.gz",
+                                                     "summary.csv"]
+    assert _tree_digest(tmp_path / "in") == before
+
+
+def _tree_digest(root: Path) -> dict[Path, str]:
+    return {p: hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else f"-> {p.readlink()}"
+            for p in root.rglob("*") if p.is_file() or p.is_symlink()}
+
+
+def test_dangling_links_in_a_folder_are_failed_rows(ct_pipeline, test_cases, tmp_path):
+    """A dangling link and a link loop inside an input folder are cases that fail (rows), not skipped files."""
+    from segsentry.runtime.batch import run_batch
+
+    good = next(iter(test_cases["ct"].values()))[0]
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / good.name).symlink_to(good)
+    (folder / "dangling_0000.nii.gz").symlink_to(tmp_path / "moved_away.nii.gz")
+    (folder / "loop_0000.nii.gz").symlink_to(folder / "loop_0000.nii.gz")
+    run_batch(ct_pipeline.ood_onnx, [folder], tmp_path / "o", qa=False)
+    rows = _summary(tmp_path / "o")
+    assert rows[good.name.removesuffix("_0000.nii.gz")]["status"] == "ok"
+    assert "no such file" in rows["dangling"]["error"] and "no such file" in rows["loop"]["error"]
+
+
+def test_a_volume_with_nothing_left_after_resampling_is_a_clear_error(ct_pipeline, tmp_path):
+    from segsentry.runtime.batch import run_batch
+
+    thin = _write(tmp_path / "thin_0000.nii.gz", np.full((1, 80, 70), 40, np.int16), compress=True,
+                  spacing=(0.8, 0.75, 0.5))
+    (outcome,) = run_batch(ct_pipeline.ood_onnx, [thin], tmp_path / "o", qa=False).outcomes
+    assert outcome.status == "failed" and "thinner than one voxel at the model's spacing" in outcome.error
