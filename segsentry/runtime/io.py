@@ -239,6 +239,9 @@ def read_case(case: CaseInput, *, num_channels: int, allow_irregular_slices: boo
                              "a 3D volume")
         if min(img.GetSize()) < 1:
             raise InputError(f"{path}: empty image of size {img.GetSize()}")
+        if min(img.GetSize()) < 2:
+            raise InputError(f"{path}: a single slice (size {img.GetSize()}, x y z) stored as a volume; the model is 3D "
+                             "and needs a volume: pass the whole series")
     first = images[0]
     for path, img in zip(case.files[1:], images[1:]):
         if img.GetSize() != first.GetSize():

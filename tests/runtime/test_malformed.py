@@ -155,6 +155,8 @@ CORPUS: list[Malformed] = [
                                                                  vector=True)), "2 components"),
     Malformed("nii 4D time series", _one(lambda t: _write(t / f"{t.name}_0000.nii.gz", np.stack([_array()] * 2))),
               "4D image"),
+    Malformed("nii one slice as a 3D volume", _one(lambda t: _write(t / f"{t.name}_0000.nii.gz", _array()[:1],
+                                                                   compress=True)), "a single slice"),
     Malformed("nii 2D", _one(lambda t: _write(t / f"{t.name}_0000.nii", _array()[0], spacing=SPACING[:2])), "2D image"),
     # --- non-finite payloads (ITK zeroes NaN/inf in NIfTI)
     Malformed("nii NaN float32", _one(lambda t: _write(t / f"{t.name}_0000.nii", _poisoned())), "NaN or infinite"),
@@ -653,7 +655,7 @@ def test_dangling_links_in_a_folder_are_failed_rows(ct_pipeline, test_cases, tmp
 def test_a_volume_with_nothing_left_after_resampling_is_a_clear_error(ct_pipeline, tmp_path):
     from segsentry.runtime.batch import run_batch
 
-    thin = _write(tmp_path / "thin_0000.nii.gz", np.full((1, 80, 70), 40, np.int16), compress=True,
-                  spacing=(0.8, 0.75, 0.5))
+    thin = _write(tmp_path / "thin_0000.nii.gz", np.full((2, 80, 70), 40, np.int16), compress=True,
+                  spacing=(0.8, 0.75, 0.5))  # 1 mm of content at the model's 2.5 mm: round(0.4) = 0 slices
     (outcome,) = run_batch(ct_pipeline.ood_onnx, [thin], tmp_path / "o", qa=False).outcomes
     assert outcome.status == "failed" and "thinner than one voxel at the model's spacing" in outcome.error
