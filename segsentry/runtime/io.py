@@ -53,6 +53,7 @@ class LoadedCase:
     warnings: list[str] = field(default_factory=list)
     series_uid: str | None = None  # DICOM cases
     modality: str | None = None  # DICOM cases: the series' Modality
+    dicom_files: tuple[Path, ...] = ()  # DICOM cases: the files stacked, in slice order (numpy z index order)
 
     @property
     def output_ending(self) -> str:
@@ -222,11 +223,12 @@ def read_case(case: CaseInput, *, num_channels: int, allow_irregular_slices: boo
         raise InputError(f"case {case.case_id}: the model needs {num_channels} channel(s), got {len(case.files)}")
     warnings: list[str] = []
     series_uid = modality = None
+    dicom_files: tuple[Path, ...] = ()
     if case.series is not None:
         check = dicom.check_series(case.series, allow_irregular=allow_irregular_slices,
                                    expected_modality=expected_modality)
         warnings += check.warnings
-        series_uid, modality = case.series.series_uid, check.modality
+        series_uid, modality, dicom_files = case.series.series_uid, check.modality, tuple(check.files)
         images = [_read_one(case.files[0], check.files)]
     else:
         images = [_read_one(f) for f in case.files]
@@ -266,7 +268,8 @@ def read_case(case: CaseInput, *, num_channels: int, allow_irregular_slices: boo
     for warning in warnings:
         log.warning(warning)
     return LoadedCase(case_id=case.case_id, image=image, spacing=spacing, reference=reference,  # type: ignore[arg-type]
-                      files=case.files, warnings=warnings, series_uid=series_uid, modality=modality)
+                      files=case.files, warnings=warnings, series_uid=series_uid, modality=modality,
+                      dicom_files=dicom_files)
 
 
 def input_fingerprints(case: CaseInput) -> list[dict[str, str]]:

@@ -70,6 +70,7 @@ def test_localizers_are_left_out_with_a_warning(tmp_path):
     loaded = read_case(case, num_channels=1)
     assert loaded.image.shape[1] == 5
     assert loaded.warnings == ["1 localizer image(s) left out"]
+    assert [f.name for f in loaded.dicom_files] == [f"IM{i:04d}.dcm" for i in range(5)]  # what was stacked
 
 
 def test_slices_are_stacked_by_position_with_the_series_geometry(tmp_path):
@@ -81,6 +82,7 @@ def test_slices_are_stacked_by_position_with_the_series_geometry(tmp_path):
     loaded = read_case(case, num_channels=1, expected_modality="CT")
     means = loaded.image[0].mean(axis=(1, 2))
     assert np.all(np.diff(means) < 0)  # slice i (+10 i) was written at position 5 - i: bottom first
+    assert [f.name for f in loaded.dicom_files] == [f"IM{i:04d}.dcm" for i in reversed(range(6))]
     assert loaded.spacing == pytest.approx((STEP_MM, 0.661468, 0.661468), rel=1e-5)
     assert loaded.reference.GetOrigin()[2] == pytest.approx(z0)
     assert loaded.modality == "CT"
