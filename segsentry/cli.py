@@ -32,6 +32,16 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_OOD = 0, 1, 2, 3
 _settings = {"pretty_exceptions_show_locals": False, "add_completion": False, "no_args_is_help": True}
 app = typer.Typer(help="segsentry: OOD detection for 3D segmentation networks, shipped as ONNX.", **_settings)
 
+def _print_version(value: bool) -> None:
+    if value:
+        from segsentry import __version__
+
+        typer.echo(f"segsentry {__version__}")
+        raise typer.Exit(EXIT_OK)
+
+
+VersionOpt = Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                          help="Print the segsentry version and exit.")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show full tracebacks for unexpected errors.")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Patches per backend call.")]
@@ -135,6 +145,7 @@ def export_command(
     verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Compare ONNX with torch on random patches.")] = True,
     verbose: VerboseOpt = False,
     debug: DebugOpt = False,
+    version: VersionOpt = False,
 ) -> None:
     """Export an nnU-Net v2 model to ONNX with two outputs: logits and pooled bottleneck features."""
     _setup_logging(verbose)
@@ -175,6 +186,7 @@ def calib_command(
     threads: ThreadsOpt = None,
     verbose: VerboseOpt = False,
     debug: DebugOpt = False,
+    version: VersionOpt = False,
 ) -> None:
     """Fit the Gaussian on training patches and fold the Mahalanobis head into the graph."""
     _setup_logging(verbose)
@@ -234,8 +246,12 @@ def run_command(
     dicom_seg: Annotated[bool, typer.Option("--dicom-seg", help="Also write CASE.seg.dcm (DICOM SEG) and CASE.sr.dcm "
                                             "(SR with the OOD verdict) for DICOM series inputs (segsentry[dicom]).")] = False,
     monitor_log: MonitorLogOpt = None,
+    allow_irregular_slices: Annotated[bool, typer.Option(
+        "--allow-irregular-slices", help="Process DICOM series with missing or unevenly spaced slices instead of "
+        "refusing them; each such case's report carries the warning.")] = False,
     verbose: VerboseOpt = False,
     debug: DebugOpt = False,
+    version: VersionOpt = False,
 ) -> None:
     """Segment cases, score them for OOD, write masks, uncertainty maps, reports and a QA page."""
     _setup_logging(verbose)
@@ -265,7 +281,7 @@ def run_command(
             else:
                 result = run_batch(bundle, inputs, output, backend=backend, batch_size=batch_size, threads=threads,
                                    low_memory=low_memory, qa=qa, on_case=advance, raise_unexpected=debug,
-                                   case_hooks=hooks)
+                                   case_hooks=hooks, allow_irregular_slices=allow_irregular_slices)
         if as_json:
             typer.echo(json.dumps({
                 "backend": result.backend,
@@ -314,6 +330,7 @@ def monitor_command(
     window: Annotated[int, typer.Option("--window", min=1, help="Rolling window, in cases.")] = 50,
     significance: Annotated[float, typer.Option("--significance", min=1e-9, max=0.5, help="Binomial test level.")] = 0.01,
     debug: DebugOpt = False,
+    version: VersionOpt = False,
 ) -> None:
     """Drift watch: rolling flag rate against alpha (exact binomial test) and U per scanner/protocol."""
     _setup_logging(False)
@@ -360,6 +377,7 @@ def serve_command(
     threads: ThreadsOpt = None,
     verbose: VerboseOpt = False,
     debug: DebugOpt = False,
+    version: VersionOpt = False,
 ) -> None:
     """DICOM node: receive CT/MR series (C-STORE), run each once, send DICOM SEG + SR on (default log: WORK/monitor.jsonl)."""
     # a daemon's log: plain timestamped lines (no wrapping), one per series at INFO
@@ -424,6 +442,7 @@ def bench_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON on stdout.")] = False,
     verbose: VerboseOpt = False,
     debug: DebugOpt = False,
+    version: VersionOpt = False,
 ) -> None:
     """Measure per-patch latency, throughput, end-to-end stages and OOD-head overhead per backend."""
     _setup_logging(verbose)
@@ -474,6 +493,7 @@ def phantoms_command(
     prefix: Annotated[str, typer.Option("--prefix", help="Case id prefix.")] = "PH",
     verbose: VerboseOpt = False,
     debug: DebugOpt = False,
+    version: VersionOpt = False,
 ) -> None:
     """Generate a cohort of procedural chest-CT phantoms (with lesion labels) in nnU-Net raw layout."""
     _setup_logging(verbose)
@@ -516,6 +536,7 @@ def eval_run_command(
     threads: ThreadsOpt = None,
     verbose: VerboseOpt = False,
     debug: DebugOpt = False,
+    version: VersionOpt = False,
 ) -> None:
     """Compare the Mahalanobis score with the output baselines on an ID set and named OOD sets."""
     _setup_logging(verbose)
@@ -552,6 +573,7 @@ def eval_shift_command(
     seed: Annotated[int, typer.Option("--seed", help="Random seed (per case derived from it).")] = 0,
     verbose: VerboseOpt = False,
     debug: DebugOpt = False,
+    version: VersionOpt = False,
 ) -> None:
     """Apply a transformation shift (paper Table 4, TorchIO) to images and labels, in nnU-Net raw layout."""
     _setup_logging(verbose)
@@ -591,6 +613,14 @@ run_app = _single(run_command)
 bench_app = _single(bench_command)
 serve_app = _single(serve_command)
 eval_app = typer.Typer(help="Evaluate OOD detection against the paper's baselines and metrics.", **_settings)
+
+
+@app.callback()
+@eval_app.callback()
+def _groups(version: VersionOpt = False) -> None:  # the umbrella and ood-eval: --version before a sub-command
+    pass
+
+
 eval_app.command("run")(eval_run_command)
 eval_app.command("shift")(eval_shift_command)
 app.add_typer(eval_app, name="eval")

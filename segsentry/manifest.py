@@ -100,6 +100,7 @@ class Calibration:
     calibration_scores: list[float] = field(default_factory=list)  # their raw subject scores u
     input_range: InputRange | None = None  # the training cases' content range (None: bundles before 0.2)
     feature_norm: str = "none"  # FeatureNorm: "none" (the paper) or "l2" (Mahalanobis++), fit and head alike
+    train_orientation: str | None = None  # dominant orientation code of the training images ("LPS"...), if known
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ the min / 2·max normalisation and the 95 % TPR threshold recorded in the manife
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +34,7 @@ from segsentry.runtime.backends import BackendOptions, create_backend
 from segsentry.runtime.bundle import load_bundle
 from segsentry.runtime.backends.base import Backend
 from segsentry.runtime.guard import ContentStats, content_stats, input_range
-from segsentry.runtime.io import CaseInput, collect_cases, read_case
+from segsentry.runtime.io import CaseInput, case_orientation, collect_cases, label_map_reason, read_case
 from segsentry.runtime.pipeline import VolumeInference, infer_volume
 from segsentry.runtime.preprocess import preprocess
 from segsentry.runtime.scoring import (
@@ -124,6 +125,9 @@ def calibrate(
     cases = collect_cases(images, num_channels=manifest.num_channels)
     if not cases:
         raise CalibrationError("no training cases found")
+    _check_training_inputs(cases, manifest, threshold_rule=threshold_rule, alpha=alpha,
+                           has_calibration_images=bool(calibration_images))
+    train_orientation = dominant_orientation(cases)
     calibration_cases = []
     if calibration_images:
         calibration_cases = collect_cases(calibration_images, num_channels=manifest.num_channels)
@@ -202,6 +206,7 @@ def calibrate(
         calibration_scores=[float(s) for s in source_scores],
         input_range=input_range(content),
         feature_norm=feature_norm.value,
+        train_orientation=train_orientation,
     )
     model = onnx.load_model_from_string(bundle.model_bytes)
     fused = fold_mahalanobis_head(model, fit, keep_features=keep_features, feature_norm=feature_norm)
@@ -216,6 +221,41 @@ def calibrate(
              len(patches), estimator, calibration.threshold, threshold_rule.value, source)
     return CalibrationResult(path=Path(output), calibration=calibration, fit=fit,
                              case_ids=[p.case_id for p in patches], failed=failed, head_check_max_rel_error=check)
+
+
+LABEL_MAP_PROBES = 3  # training cases read up front to catch a folder of label maps
+
+
+def _check_training_inputs(cases: Sequence[CaseInput], manifest: Manifest, *, threshold_rule: ThresholdRule,
+                           alpha: float, has_calibration_images: bool) -> None:
+    """Refuse what would calibrate without a word into a useless bundle: fewer than 2 training cases (the
+    min/2·max range and the threshold are degenerate with one) and label maps passed as images."""
+    usable = [c for c in cases if not c.error]
+    if len(usable) < 2:
+        need = (f"the conformal threshold at alpha {alpha:g} needs at least {min_calibration_cases(alpha)} "
+                "calibration cases" if threshold_rule is ThresholdRule.CONFORMAL
+                else "the paper's 95 % TPR boundary needs 20 cases to mean what it says")
+        raise CalibrationError(
+            f"ood-calib needs at least 2 training cases, found {len(usable)} usable of {len(cases)}: with one, the "
+            f"score range is degenerate and every new case would be flagged; {need}"
+            + ("" if has_calibration_images else " (give them with --calibration-images, or as training cases "
+               "scored out of sample)"))
+    for case in usable[:LABEL_MAP_PROBES]:
+        try:
+            loaded = read_case(case, num_channels=manifest.num_channels)
+        except SegsentryError:
+            continue  # reported with the case when the training loop reaches it
+        for channel, path in enumerate(case.files):
+            reason = label_map_reason(loaded.image[channel])
+            if reason:
+                raise CalibrationError(f"training case {case.case_id} ({path}) has {reason}; pass the training "
+                                       "images (nnU-Net imagesTr), not their labels (labelsTr)")
+
+
+def dominant_orientation(cases: Sequence[CaseInput]) -> str | None:
+    """The most common orientation code among the training cases' headers (None if none is readable)."""
+    codes = Counter(code for code in map(case_orientation, cases) if code)
+    return codes.most_common(1)[0][0] if codes else None
 
 
 def _features_per_case(cases: Sequence[CaseInput], engine: Backend, manifest: Manifest, batch_size: int,

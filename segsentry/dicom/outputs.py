@@ -48,7 +48,7 @@ class DicomResultWriter:
             raise InputError(f"case {written.case.case_id}: --dicom-seg needs a DICOM series folder as input, got "
                              f"{source.name}; DICOM SEG/SR reference the source SOP instances, which a "
                              f"{source.suffix or 'non-DICOM'} file does not have")
-        datasets = source_datasets(source)
+        datasets = source_datasets(source, files=written.dicom_files or None)
         producer = self.producer(written.manifest.weights_sha256)
         seg = build_seg(written.mask, datasets, labels=written.manifest.labels, producer=producer)
         sr = build_sr(written.report, datasets, producer=producer, seg=seg)

@@ -9,6 +9,7 @@ numpy slice ``k`` (arrays are ``(z, y, x)``; DICOM rows are ``y``, columns ``x``
 from __future__ import annotations
 
 import datetime as _dt
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,11 +34,13 @@ def series_files(folder: Path) -> list[Path]:
     return [Path(f) for f in sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), ids[0])]
 
 
-def source_datasets(folder: Path) -> list:
-    """The series' pydicom datasets (pixel data included, highdicom needs it), in SimpleITK's slice order."""
+def source_datasets(folder: Path, *, files: Sequence[Path] | None = None) -> list:
+    """The series' pydicom datasets (pixel data included, highdicom needs it), in the stacked volume's slice
+    order: ``files`` as the reader stacked them (localizers left out, one echo) or, without it, SimpleITK's
+    order of ``folder``."""
     pydicom = require("pydicom", "Writing DICOM SEG/SR")
     try:
-        return [pydicom.dcmread(str(f)) for f in series_files(folder)]
+        return [pydicom.dcmread(str(f)) for f in (files if files is not None else series_files(folder))]
     except (OSError, pydicom.errors.InvalidDicomError) as exc:
         raise InputError(f"cannot read the DICOM series in {folder}: {exc}") from exc
 

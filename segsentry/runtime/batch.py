@@ -1,16 +1,23 @@
 """``ood-run`` as a library call: many cases, one bundle, per-case outputs and a batch summary.
 
-A failing case is recorded and the batch goes on; every file is written atomically; inputs are never
-overwritten.
+A failing case is recorded and the batch goes on; inputs are never overwritten. A case's outputs appear
+together: they are written into one hidden per-case folder and moved into place at the end, ``CASE.json``
+last, so ``CASE.json`` is the completion marker (:func:`completed_cases` reads a folder that way).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import hashlib
 import io
+import json
 import logging
+import os
+import shutil
+import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -21,7 +28,18 @@ from segsentry.errors import SegsentryError
 from segsentry.manifest import Manifest
 from segsentry.runtime.backends import BackendOptions, create_backend, resolve_backend_name
 from segsentry.runtime.bundle import Bundle, load_bundle
-from segsentry.runtime.io import IMAGE_ENDINGS, CaseInput, collect_cases, guard_outputs, read_case, write_image
+from segsentry.runtime.dicom import expected_modality
+from segsentry.runtime.io import (
+    IMAGE_ENDINGS,
+    CaseInput,
+    collect_cases,
+    guard_outputs,
+    input_fingerprints,
+    orientation_warning,
+    read_case,
+    sha256_file,
+    write_image,
+)
 from segsentry.runtime.pipeline import predict_case
 from segsentry.runtime.report import CaseReport
 from segsentry.runtime.qa import CaseView, modality_of, render_case, write_qa_page
@@ -58,6 +76,7 @@ class WrittenCase:
     output_dir: Path
     manifest: Manifest
     bundle_path: Path
+    dicom_files: tuple[Path, ...] = ()  # DICOM cases: the files stacked, in slice order (numpy z index order)
 
 
 # A hook writes more outputs for a case (DICOM SEG/SR, a monitoring line) and returns {name: path} to record
@@ -101,17 +120,23 @@ def run_batch(
     on_case: Callable[[CaseOutcome], None] | None = None,
     raise_unexpected: bool = False,
     case_hooks: Sequence[CaseHook] = (),
+    allow_irregular_slices: bool = False,
 ) -> BatchResult:
     """Run every case found in ``inputs``; write ``CASE<ending>``, ``CASE_uncertainty<ending>``, ``CASE.json``,
     ``summary.csv`` and (unless ``qa=False``) the QA page ``qa.html`` with its PNGs in ``qa/``, into
     ``output_dir``. Raises only for problems that stop the whole batch (bundle, backend, no inputs);
     per-case problems are recorded in the result, unexpected exceptions (bugs) included unless
     ``raise_unexpected`` (the CLI's ``--debug``); a failing case's outputs from an earlier run are removed.
-    ``case_hooks`` run in order after each case's images are written, before its report.
+    ``case_hooks`` run in order after each case's images are written, before its report (in the case's stage folder).
+    ``allow_irregular_slices`` processes DICOM series with gaps or uneven steps, with a warning in the report.
     """
     output_dir = Path(output_dir)
     bundle = load_bundle(bundle_path)
     manifest = bundle.manifest
+    options = _CaseOptions(
+        batch_size=batch_size, qa=qa, raise_unexpected=raise_unexpected, allow_irregular_slices=allow_irregular_slices,
+        expected_modality=expected_modality(manifest.channels, manifest.preprocessing.normalization_schemes),
+        bundle_sha256=hashlib.sha256(bundle.model_bytes).hexdigest(), case_hooks=tuple(case_hooks))
     backend_name = resolve_backend_name(backend)
     guard_outputs(output_dir, [Path(p) for p in inputs])
     cases = collect_cases(inputs, num_channels=manifest.num_channels)
@@ -126,8 +151,7 @@ def run_batch(
         # the engine holds its own copy of the graph: drop ours (the weights' size: 123 MB for a fullres net)
         bundle = replace(bundle, model_bytes=b"")
         for case in cases:
-            outcome = _run_case(case, bundle, engine, output_dir, backend_name, batch_size, qa, raise_unexpected,
-                                case_hooks)
+            outcome = _run_case(case, bundle, engine, output_dir, backend_name, options)
             outcomes.append(outcome)
             if on_case is not None:
                 on_case(outcome)
@@ -143,37 +167,62 @@ def run_batch(
     return result
 
 
+@dataclass(frozen=True)
+class _CaseOptions:
+    """What every case of a batch is run with (besides bundle, engine and output folder)."""
+
+    batch_size: int = 1
+    qa: bool = True
+    raise_unexpected: bool = False
+    allow_irregular_slices: bool = False
+    expected_modality: str | None = None  # CT / MR for DICOM Modality checks, from the bundle's channels
+    bundle_sha256: str = ""
+    case_hooks: Sequence[CaseHook] = ()
+
+
 def _run_case(case: CaseInput, bundle: Bundle, engine, output_dir: Path, backend_name: str,
-              batch_size: int, qa: bool, raise_unexpected: bool = False,
-              case_hooks: Sequence[CaseHook] = ()) -> CaseOutcome:
+              options: _CaseOptions) -> CaseOutcome:
     start = time.perf_counter()
+    _remove_stale_stages(output_dir, case.case_id)
     try:
         t0 = time.perf_counter()
-        loaded = read_case(case, num_channels=bundle.manifest.num_channels)
+        loaded = read_case(case, num_channels=bundle.manifest.num_channels,
+                           allow_irregular_slices=options.allow_irregular_slices,
+                           expected_modality=options.expected_modality)
+        input_ids = input_fingerprints(case)
+        calibration = bundle.manifest.calibration
+        turned = orientation_warning(loaded, calibration.train_orientation if calibration else None)
+        if turned:
+            loaded.warnings.append(turned)
         read_s = time.perf_counter() - t0
-        prediction = predict_case(loaded, engine, bundle.manifest, batch_size=batch_size)
+        prediction = predict_case(loaded, engine, bundle.manifest, batch_size=options.batch_size)
         t0 = time.perf_counter()
         ending = loaded.output_ending
         outputs = {"mask": output_dir / f"{case.case_id}{ending}"}
-        write_image(prediction.mask, loaded.reference, outputs["mask"])
         if prediction.uncertainty is not None:
             outputs["uncertainty_map"] = output_dir / f"{case.case_id}_uncertainty{ending}"
-            write_image(prediction.uncertainty, loaded.reference, outputs["uncertainty_map"])
-        timings = {"read": read_s, **prediction.timings, "write": time.perf_counter() - t0}
-        timings["total"] = time.perf_counter() - start
-        calibration = bundle.manifest.calibration
-        report = CaseReport.from_prediction(
-            prediction, inputs=[str(f) for f in case.files],
-            aggregation=calibration.aggregation if calibration else None, timings=timings, backend=backend_name,
-            model_sha256=bundle.weights_sha256, bundle=str(bundle.path),
-            outputs={k: str(v) for k, v in outputs.items()}, warnings=loaded.warnings)
-        for hook in case_hooks:
-            written = WrittenCase(case=case, mask=prediction.mask, report=report, output_dir=output_dir,
-                                  manifest=bundle.manifest, bundle_path=bundle.path)
-            report = replace(report, outputs={**report.outputs, **{k: str(v) for k, v in hook(written).items()}})
-        write_text_atomic(output_dir / f"{case.case_id}.json", report.to_json())
+        with _case_stage(output_dir, case.case_id) as stage:
+            write_image(prediction.mask, loaded.reference, stage / outputs["mask"].name)
+            if prediction.uncertainty is not None:
+                write_image(prediction.uncertainty, loaded.reference, stage / outputs["uncertainty_map"].name)
+            timings = {"read": read_s, **prediction.timings, "write": time.perf_counter() - t0}
+            timings["total"] = time.perf_counter() - start
+            report = CaseReport.from_prediction(
+                prediction, inputs=[str(f) for f in case.files],
+                aggregation=calibration.aggregation if calibration else None, timings=timings, backend=backend_name,
+                model_sha256=bundle.weights_sha256, bundle=str(bundle.path),
+                outputs={k: str(v) for k, v in outputs.items()}, warnings=loaded.warnings,
+                bundle_sha256=options.bundle_sha256, input_ids=input_ids)
+            for hook in options.case_hooks:
+                written = WrittenCase(case=case, mask=prediction.mask, report=report, output_dir=stage,
+                                      manifest=bundle.manifest, bundle_path=bundle.path,
+                                      dicom_files=loaded.dicom_files)
+                extra = {k: str(output_dir / Path(v).name) for k, v in hook(written).items()}
+                report = replace(report, outputs={**report.outputs, **extra})
+            (stage / f"{case.case_id}.json").write_text(report.to_json())
+            _publish(stage, output_dir, case.case_id)
         view = None
-        if qa:
+        if options.qa:
             view = render_case(case.case_id, loaded.image[0], prediction.mask, prediction.uncertainty,
                                geometry=loaded.reference, modality=modality_of(bundle.manifest),
                                qa_dir=output_dir / "qa", report=report, distance_range=_distance_range(bundle))
@@ -184,12 +233,79 @@ def _run_case(case: CaseInput, bundle: Bundle, engine, output_dir: Path, backend
     except (MemoryError, FloatingPointError, OSError) as exc:
         return _failed(case, output_dir, f"{type(exc).__name__}: {exc}", start)
     except Exception as exc:  # noqa: BLE001 - a bug must fail this case, not the batch (and its summary)
-        if raise_unexpected:
+        if options.raise_unexpected:
             raise
         log.debug("case %s: unexpected error", case.case_id, exc_info=True)
         first = str(exc).splitlines()[0] if str(exc) else ""
         return _failed(case, output_dir, f"internal error: {type(exc).__name__}: {first} (rerun with --debug for "
                        "the traceback)", start)
+
+
+_STAGE_MARK = ".case-partial-"
+_HEADER_ENDINGS = (".hdr", ".mhd")  # multi-file formats: the data file moves first, the header after it
+
+
+def _stage_prefix(case_id: str) -> str:
+    return f".{case_id}{_STAGE_MARK}"
+
+
+@contextlib.contextmanager
+def _case_stage(output_dir: Path, case_id: str) -> Iterator[Path]:
+    """A hidden per-case folder in ``output_dir`` (its name ends in no image ending), removed on exit."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=_stage_prefix(case_id), dir=output_dir))
+    try:
+        yield stage
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _remove_stale_stages(output_dir: Path, case_id: str) -> None:
+    """A run killed while publishing a case leaves its stage folder: remove it before the case runs again."""
+    if output_dir.is_dir():
+        for stale in output_dir.glob(_stage_prefix(case_id) + "*"):
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale, ignore_errors=True)
+
+
+def _publish(stage: Path, output_dir: Path, case_id: str) -> None:
+    """Move a finished case into place: its old report first (so no earlier ``CASE.json`` stands beside half of
+    the new files), then outputs of an earlier run this run does not write, the images (data files before
+    their headers), and ``CASE.json`` last as the completion marker."""
+    report = f"{case_id}.json"
+    (output_dir / report).unlink(missing_ok=True)
+    new = {p.name for p in stage.iterdir()}
+    for stale in _case_outputs(output_dir, case_id):
+        if stale.name not in new:
+            stale.unlink(missing_ok=True)
+    mode = 0o666 & ~_umask()
+    order = sorted(new - {report}, key=lambda n: (n.lower().endswith(_HEADER_ENDINGS), n)) + [report]
+    for name in order:
+        os.chmod(stage / name, mode)
+        os.replace(stage / name, output_dir / name)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def completed_cases(output_dir: str | Path) -> dict[str, dict]:
+    """The cases of ``output_dir`` that are complete: a ``CASE.json`` (the marker, moved last) whose listed
+    outputs all exist. Returns ``{case_id: report dict}``; anything else in the folder is not a result."""
+    output_dir = Path(output_dir)
+    done: dict[str, dict] = {}
+    for path in sorted(output_dir.glob("*.json")):
+        try:
+            report = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(report, dict) or report.get("case") != path.stem:
+            continue
+        if all((output_dir / Path(p).name).is_file() for p in report.get("outputs", {}).values()):
+            done[path.stem] = report
+    return done
 
 
 def _failed(case: CaseInput, output_dir: Path, error: str, start: float) -> CaseOutcome:

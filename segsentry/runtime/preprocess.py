@@ -87,6 +87,10 @@ def preprocess(image: np.ndarray, spacing: Sequence[float], spec: Preprocessing)
     shape_cropped = tuple(int(s) for s in data.shape[1:])
     target = tuple(float(s) for s in spec.spacing)
     new_shape = tuple(int(s) for s in compute_new_shape(shape_cropped, spacing_t, target))
+    if min(new_shape) < 1:
+        raise InputError(f"the image content ({shape_cropped} voxels at {tuple(round(s, 4) for s in spacing_t)} mm, "
+                         f"network axis order) is thinner than one voxel at the model's spacing {target} mm: nothing "
+                         "is left to segment; pass the whole volume")
     data = np.ascontiguousarray(data)
     for c in range(data.shape[0]):
         data[c] = _normalize_channel(

@@ -7,6 +7,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from segsentry import __version__
 from segsentry.runtime.pipeline import CasePrediction, TopPatch
 
 DISTANCE_MAP_UNITS = "squared Mahalanobis distance per voxel (aggregated patch distances)"
@@ -38,11 +39,15 @@ class CaseReport:
     bundle: str
     outputs: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)  # what was accepted about the input with a caveat
+    segsentry_version: str = ""
+    bundle_sha256: str = ""  # of the bundle file as loaded (model_sha256 is the graph's, from the manifest)
+    input_ids: list[dict[str, str]] = field(default_factory=list)  # per input: path + sha256, or series UID
 
     @classmethod
     def from_prediction(cls, prediction: CasePrediction, *, inputs: list[str], aggregation: str | None,
                         timings: dict[str, float], backend: str, model_sha256: str, bundle: str,
-                        outputs: dict[str, str], warnings: list[str] | None = None) -> CaseReport:
+                        outputs: dict[str, str], warnings: list[str] | None = None, bundle_sha256: str = "",
+                        input_ids: list[dict[str, str]] | None = None) -> CaseReport:
         return cls(
             case=prediction.case_id,
             inputs=inputs,
@@ -61,6 +66,9 @@ class CaseReport:
             bundle=bundle,
             outputs=outputs,
             warnings=list(warnings or []),
+            segsentry_version=__version__,
+            bundle_sha256=bundle_sha256,
+            input_ids=list(input_ids or []),
         )
 
     @property

@@ -115,6 +115,7 @@ def test_every_training_case_failing_is_an_error(ct_pipeline, tmp_path):
     folder = tmp_path / "imagesTr"
     folder.mkdir()
     (folder / "garbage_0000.nii.gz").write_bytes(b"not an image at all")
+    (folder / "rubbish_0000.nii.gz").write_bytes(b"not an image either")
     with pytest.raises(CalibrationError, match="every training case failed; nothing to calibrate on"):
         calibrate(ct_pipeline.features_onnx, [folder], tmp_path / "m.ood.onnx", threshold_rule="paper")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["imagesTr"]

@@ -12,7 +12,7 @@ from factory import run_with_blocked_imports
 from segsentry.runtime.backends import resolve_backend_name
 
 BLOCKED = ["torch", "onnx", "onnxscript", "scipy", "sklearn", "skimage", "nnunetv2",
-           "dynamic_network_architectures", "timm", "torchvision", "acvl_utils", "batchgenerators"]
+           "dynamic_network_architectures", "timm", "torchvision", "acvl_utils", "batchgenerators", "pydicom"]
 
 CHILD = """
 import segsentry.runtime
