@@ -10,6 +10,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+PARTIAL = ".partial-"  # in the name of every temporary folder: ``.NAME.partial-XXXX``
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | Path) -> Iterator[Path]:
     """Yield a path with ``target``'s own name inside a hidden temporary folder beside it; on success move what
@@ -22,7 +25,7 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    folder = Path(tempfile.mkdtemp(prefix=f".{target.name.split('.')[0]}.partial-", dir=target.parent))
+    folder = Path(tempfile.mkdtemp(prefix=f".{target.name.split('.')[0]}{PARTIAL}", dir=target.parent))
     tmp = folder / target.name
     try:
         yield tmp
@@ -49,3 +52,10 @@ def write_text_atomic(target: str | Path, text: str) -> None:
 def write_bytes_atomic(target: str | Path, data: bytes) -> None:
     with atomic_path(target) as tmp:
         tmp.write_bytes(data)
+
+
+def leftover_partials(folder: str | Path) -> list[Path]:
+    """Temporary folders :func:`atomic_path` left in ``folder`` because its writer was killed mid-write (a
+    process killed with SIGKILL runs no ``finally``). Only safe to remove once no writer uses the folder."""
+    folder = Path(folder)
+    return sorted(p for p in folder.glob(f".*{PARTIAL}*") if p.is_dir()) if folder.is_dir() else []

@@ -225,6 +225,12 @@ def run_command(
         "--low-memory", help="Lower peak memory for some speed (onnxruntime: no CPU memory arena; ~30 % less RSS, "
         "2-8 % slower on a fullres net).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the case reports as JSON on stdout.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Skip cases whose outputs an earlier run of the same model "
+                                         "left complete in the output folder.")] = False,
+    ray: Annotated[Optional[str], typer.Option("--ray", metavar="ADDRESS", help="Run on Ray (segsentry[distributed]): "
+                                               "'local' (a private instance), 'auto' or HOST:PORT (a cluster).")] = None,
+    ray_workers: Annotated[Optional[int], typer.Option("--ray-workers", min=1, help="Inference actors on Ray "
+                                                       "(default: as many as fit; --threads CPUs each).")] = None,
     verbose: VerboseOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -232,6 +238,8 @@ def run_command(
     _setup_logging(verbose)
     if demo and (bundle is not None or inputs):
         raise typer.BadParameter("--demo takes no BUNDLE or INPUTS")
+    if demo and (ray or resume):
+        raise typer.BadParameter("--demo runs here and from scratch: no --ray or --resume")
     if not demo and (bundle is None or not inputs):
         raise typer.BadParameter("give a BUNDLE and at least one INPUT (or --demo)")
 
@@ -247,9 +255,17 @@ def run_command(
                 from segsentry.demo import run_demo
 
                 result = run_demo(output, backend=backend, threads=threads, on_case=advance)
+            elif ray is not None:
+                from segsentry.distributed import RayOptions, run_batch_ray
+
+                options = RayOptions(address=ray, workers=ray_workers, cpus_per_worker=threads or 1)
+                result = run_batch_ray(bundle, inputs, output, ray_options=options, backend=backend,
+                                       batch_size=batch_size, low_memory=low_memory, qa=qa, resume=resume,
+                                       on_case=advance, raise_unexpected=debug)
             else:
                 result = run_batch(bundle, inputs, output, backend=backend, batch_size=batch_size, threads=threads,
-                                   low_memory=low_memory, qa=qa, on_case=advance, raise_unexpected=debug)
+                                   low_memory=low_memory, qa=qa, on_case=advance, raise_unexpected=debug,
+                                   resume=resume)
         if as_json:
             typer.echo(json.dumps({
                 "backend": result.backend,

@@ -19,7 +19,7 @@ import pytest
 import segsentry
 
 PACKAGE = Path(segsentry.__file__).parent
-ABOVE_RUNTIME = ("segsentry.evaluation", "segsentry.export", "segsentry.calib", "segsentry.cli")
+ABOVE_RUNTIME = ("segsentry.evaluation", "segsentry.export", "segsentry.calib", "segsentry.distributed", "segsentry.cli")
 
 
 def _module_name(path: Path) -> str:

@@ -18,10 +18,11 @@ from segsentry._atomic import write_text_atomic
 from segsentry.errors import SegsentryError
 from segsentry.runtime.backends import BackendOptions, create_backend, resolve_backend_name
 from segsentry.runtime.bundle import Bundle, load_bundle
-from segsentry.runtime.io import IMAGE_ENDINGS, CaseInput, collect_cases, guard_outputs, read_case, write_image
-from segsentry.runtime.pipeline import predict_case
+from segsentry.runtime.io import IMAGE_ENDINGS, CaseInput, LoadedCase, collect_cases, guard_outputs, read_case, write_image
+from segsentry.runtime.pipeline import CasePrediction, predict_case
 from segsentry.runtime.report import CaseReport
 from segsentry.runtime.qa import CaseView, render_case, write_qa_page
+from segsentry.runtime.resume import find_complete
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ class CaseOutcome:
     error: str | None = None
     qa_view: CaseView | None = None
     seconds: float = 0.0  # wall time spent on the case, failed or not
+    resumed: bool = False  # complete from an earlier run, skipped (``resume=True``)
 
     @property
     def ood(self) -> bool:
@@ -78,22 +80,19 @@ def run_batch(
     qa: bool = True,
     on_case: Callable[[CaseOutcome], None] | None = None,
     raise_unexpected: bool = False,
+    resume: bool = False,
 ) -> BatchResult:
     """Run every case found in ``inputs``; write ``CASE<ending>``, ``CASE_uncertainty<ending>``, ``CASE.json``,
     ``summary.csv`` and (unless ``qa=False``) the QA page ``qa.html`` with its PNGs in ``qa/``, into
     ``output_dir``. Raises only for problems that stop the whole batch (bundle, backend, no inputs);
     per-case problems are recorded in the result, unexpected exceptions (bugs) included unless
     ``raise_unexpected`` (the CLI's ``--debug``); a failing case's outputs from an earlier run are removed.
+    ``resume`` skips the cases an earlier run of the same model completed (:func:`find_complete`).
     """
     output_dir = Path(output_dir)
-    bundle = load_bundle(bundle_path)
+    bundle, cases = open_batch(bundle_path, inputs, output_dir)
     manifest = bundle.manifest
     backend_name = resolve_backend_name(backend)
-    guard_outputs(output_dir, [Path(p) for p in inputs])
-    cases = collect_cases(inputs, num_channels=manifest.num_channels)
-    if not cases:
-        raise SegsentryError("no cases found in the inputs")
-    output_dir.mkdir(parents=True, exist_ok=True)
     outcomes: list[CaseOutcome] = []
     with create_backend(backend_name, bundle.model_bytes, channels=manifest.num_channels,
                         patch_size=manifest.patch_size, manifest=manifest,
@@ -102,20 +101,49 @@ def run_batch(
         # the engine holds its own copy of the graph: drop ours (the weights' size: 123 MB for a fullres net)
         bundle = replace(bundle, model_bytes=b"")
         for case in cases:
-            outcome = _run_case(case, bundle, engine, output_dir, backend_name, batch_size, qa, raise_unexpected)
+            outcome = (resumed_outcome(case, output_dir, bundle, qa=qa) if resume else None) \
+                or _run_case(case, bundle, engine, output_dir, backend_name, batch_size, qa, raise_unexpected)
             outcomes.append(outcome)
             if on_case is not None:
                 on_case(outcome)
+    return finish_batch(outcomes, output_dir, bundle, backend_name, qa=qa)
+
+
+def open_batch(bundle_path: str | Path, inputs: Sequence[str | Path], output_dir: Path) -> tuple[Bundle, list[CaseInput]]:
+    """Load the bundle, refuse an input folder as output, collect the cases and create ``output_dir``."""
+    bundle = load_bundle(bundle_path)
+    guard_outputs(output_dir, [Path(p) for p in inputs])
+    cases = collect_cases(inputs, num_channels=bundle.manifest.num_channels)
+    if not cases:
+        raise SegsentryError("no cases found in the inputs")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    return bundle, cases
+
+
+def finish_batch(outcomes: list[CaseOutcome], output_dir: Path, bundle: Bundle, backend_name: str, *,
+                 qa: bool) -> BatchResult:
+    """Write ``summary.csv`` (one row per outcome, in the order given) and the QA page."""
     result = BatchResult(outcomes=outcomes, output_dir=output_dir, backend=backend_name)
     write_summary(result)
     if qa:
         result.qa_page = write_qa_page(
             [o.qa_view for o in outcomes if o.qa_view is not None],
             {o.case_id: o.error or "" for o in outcomes if o.status != "ok"},
-            qa_dir=output_dir / "qa", page=output_dir / "qa.html", calibration=manifest.calibration,
+            qa_dir=output_dir / "qa", page=output_dir / "qa.html", calibration=bundle.manifest.calibration,
             bundle_name=bundle.path.name, backend=backend_name,
         )
     return result
+
+
+def resumed_outcome(case: CaseInput, output_dir: Path, bundle: Bundle, *, qa: bool) -> CaseOutcome | None:
+    """The outcome an earlier run recorded for ``case`` when its outputs are complete (``--resume``), else None."""
+    done = find_complete(case, output_dir, weights_sha256=bundle.weights_sha256, qa=qa)
+    if done is None:
+        return None
+    report, view = done
+    log.info("case %s: complete in %s, skipped (--resume)", case.case_id, output_dir)
+    return CaseOutcome(case_id=case.case_id, status="ok", report=report, qa_view=view,
+                       seconds=report.total_seconds, resumed=True)
 
 
 def _run_case(case: CaseInput, bundle: Bundle, engine, output_dir: Path, backend_name: str,
@@ -126,40 +154,55 @@ def _run_case(case: CaseInput, bundle: Bundle, engine, output_dir: Path, backend
         loaded = read_case(case, num_channels=bundle.manifest.num_channels)
         read_s = time.perf_counter() - t0
         prediction = predict_case(loaded, engine, bundle.manifest, batch_size=batch_size)
-        t0 = time.perf_counter()
-        ending = loaded.output_ending
-        outputs = {"mask": output_dir / f"{case.case_id}{ending}"}
-        write_image(prediction.mask, loaded.reference, outputs["mask"])
-        if prediction.uncertainty is not None:
-            outputs["uncertainty_map"] = output_dir / f"{case.case_id}_uncertainty{ending}"
-            write_image(prediction.uncertainty, loaded.reference, outputs["uncertainty_map"])
-        timings = {"read": read_s, **prediction.timings, "write": time.perf_counter() - t0}
-        timings["total"] = time.perf_counter() - start
-        calibration = bundle.manifest.calibration
-        report = CaseReport.from_prediction(
-            prediction, inputs=[str(f) for f in case.files],
-            aggregation=calibration.aggregation if calibration else None, timings=timings, backend=backend_name,
-            model_sha256=bundle.weights_sha256, bundle=str(bundle.path),
-            outputs={k: str(v) for k, v in outputs.items()}, warnings=loaded.warnings)
-        write_text_atomic(output_dir / f"{case.case_id}.json", report.to_json())
-        view = None
-        if qa:
-            view = render_case(case.case_id, loaded.image[0], prediction.mask, prediction.uncertainty,
-                               spacing_zyx=loaded.spacing, modality=bundle.manifest.channels.get("0", ""),
-                               qa_dir=output_dir / "qa", report=report, distance_range=_distance_range(bundle))
-        return CaseOutcome(case_id=case.case_id, status="ok", report=report, qa_view=view,
-                           seconds=time.perf_counter() - start)
-    except SegsentryError as exc:
+        return write_case(case, loaded, prediction, bundle, output_dir, backend_name, qa=qa, read_s=read_s,
+                          start=start)
+    except Exception as exc:  # noqa: BLE001 - sorted out by failed_outcome
+        return failed_outcome(case, output_dir, exc, start, raise_unexpected=raise_unexpected)
+
+
+def write_case(case: CaseInput, loaded: LoadedCase, prediction: CasePrediction, bundle: Bundle, output_dir: Path,
+               backend_name: str, *, qa: bool, read_s: float, start: float) -> CaseOutcome:
+    """The write stage: mask, uncertainty map, ``CASE.json`` and the QA PNGs; ``start`` is the case's
+    ``time.perf_counter()`` origin (its ``total`` timing)."""
+    t0 = time.perf_counter()
+    ending = loaded.output_ending
+    outputs = {"mask": output_dir / f"{case.case_id}{ending}"}
+    write_image(prediction.mask, loaded.reference, outputs["mask"])
+    if prediction.uncertainty is not None:
+        outputs["uncertainty_map"] = output_dir / f"{case.case_id}_uncertainty{ending}"
+        write_image(prediction.uncertainty, loaded.reference, outputs["uncertainty_map"])
+    timings = {"read": read_s, **prediction.timings, "write": time.perf_counter() - t0}
+    timings["total"] = time.perf_counter() - start
+    calibration = bundle.manifest.calibration
+    report = CaseReport.from_prediction(
+        prediction, inputs=[str(f) for f in case.files],
+        aggregation=calibration.aggregation if calibration else None, timings=timings, backend=backend_name,
+        model_sha256=bundle.weights_sha256, bundle=str(bundle.path),
+        outputs={k: str(v) for k, v in outputs.items()}, warnings=loaded.warnings)
+    write_text_atomic(output_dir / f"{case.case_id}.json", report.to_json())
+    view = None
+    if qa:
+        view = render_case(case.case_id, loaded.image[0], prediction.mask, prediction.uncertainty,
+                           spacing_zyx=loaded.spacing, modality=bundle.manifest.channels.get("0", ""),
+                           qa_dir=output_dir / "qa", report=report, distance_range=_distance_range(bundle))
+    return CaseOutcome(case_id=case.case_id, status="ok", report=report, qa_view=view,
+                       seconds=time.perf_counter() - start)
+
+
+def failed_outcome(case: CaseInput, output_dir: Path, exc: Exception, start: float, *,
+                   raise_unexpected: bool = False) -> CaseOutcome:
+    """The failed outcome for an exception raised while processing ``case`` (its earlier outputs removed); an
+    unexpected one (a bug) is re-raised when ``raise_unexpected`` (the CLI's ``--debug``)."""
+    if isinstance(exc, SegsentryError):
         return _failed(case, output_dir, str(exc), start)
-    except (MemoryError, FloatingPointError, OSError) as exc:
+    if isinstance(exc, (MemoryError, FloatingPointError, OSError)):
         return _failed(case, output_dir, f"{type(exc).__name__}: {exc}", start)
-    except Exception as exc:  # noqa: BLE001 - a bug must fail this case, not the batch (and its summary)
-        if raise_unexpected:
-            raise
-        log.debug("case %s: unexpected error", case.case_id, exc_info=True)
-        first = str(exc).splitlines()[0] if str(exc) else ""
-        return _failed(case, output_dir, f"internal error: {type(exc).__name__}: {first} (rerun with --debug for "
-                       "the traceback)", start)
+    if raise_unexpected:
+        raise exc
+    log.debug("case %s: unexpected error", case.case_id, exc_info=exc)
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    return _failed(case, output_dir, f"internal error: {type(exc).__name__}: {first} (rerun with --debug for "
+                   "the traceback)", start)
 
 
 def _failed(case: CaseInput, output_dir: Path, error: str, start: float) -> CaseOutcome:

@@ -105,9 +105,7 @@ def render_case(
     ``distance_range`` maps voxel distances to colours like the subject score is normalised: the training
     cases' (min, 2·max) raw scores span black to white, so hot voxels are outside the training range.
     """
-    top = report.top_patches
-    centre = [(lo + hi) // 2 for lo, hi in top[0].box_zyx] if top else None
-    z, y, x = focus_point(mask, centre)
+    z, y, x = _report_focus(report, mask)
     grey = _window(image, modality)
     lo, hi = distance_range if distance_range else (0.0, float(uncertainty.max()) if uncertainty is not None else 1.0)
     pngs: dict[str, str] = {}
@@ -131,6 +129,26 @@ def render_case(
     return CaseView(case_id=case_id, pngs=pngs, uncertainty=report.uncertainty,
                     threshold=report.threshold, ood=report.ood, score=report.score,
                     focus_zyx=(int(z), int(y), int(x)))
+
+
+def _report_focus(report: CaseReport, mask: np.ndarray | None) -> tuple[int, ...]:
+    """The slices' voxel: the most distant patch's centre (``mask`` is only read without top patches)."""
+    top = report.top_patches
+    centre = [(lo + hi) // 2 for lo, hi in top[0].box_zyx] if top else None
+    return focus_point(mask if mask is not None else np.zeros((1, 1, 1), bool), centre)
+
+
+def existing_view(report: CaseReport, qa_dir: Path) -> CaseView | None:
+    """The view :func:`render_case` made for ``report`` in an earlier run, if all its PNGs are still in ``qa_dir``
+    (``ood-run --resume``); None when one is missing."""
+    names = ("image", "mask", "uncertainty") if report.uncertainty_map_units else ("image", "mask")
+    pngs = {f"{view}_{name}": f"{report.case}_{view}_{name}.png" for view in ("axial", "coronal") for name in names}
+    if not all((qa_dir / file).is_file() for file in pngs.values()):
+        return None
+    mask = None if report.top_patches else sitk.GetArrayFromImage(sitk.ReadImage(report.outputs["mask"]))
+    z, y, x = _report_focus(report, mask)
+    return CaseView(case_id=report.case, pngs=pngs, uncertainty=report.uncertainty, threshold=report.threshold,
+                    ood=report.ood, score=report.score, focus_zyx=(int(z), int(y), int(x)))
 
 
 def _strip_svg(view: CaseView, calibration: Calibration | None) -> str:
