@@ -219,12 +219,14 @@ class _Run:
         ray = self.ray
         try:
             outcome = ray.get(ref)
-        except ray.exceptions.RayTaskError as exc:  # a stage raised: only unexpected errors under --debug
-            raise exc.as_instanceof_cause() from None
-        except ray.exceptions.RayError as exc:  # a worker kept dying on this case
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            error = BackendError(f"the Ray worker processing the case died and was restarted "
-                                 f"{self.options.max_retries} time(s) ({type(exc).__name__}: {first})")
+        except ray.exceptions.RayError as exc:
+            cause = exc.cause if isinstance(exc, ray.exceptions.RayTaskError) else exc
+            if not isinstance(cause, ray.exceptions.RayError):  # a stage raised: only a bug, under --debug
+                raise exc.as_instanceof_cause() from None
+            # a worker died on every try: the write task reports its inference's actor death as its own error
+            first = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+            error = BackendError(f"the Ray worker running it died, {self.options.max_retries + 1} time(s) "
+                                 f"({type(cause).__name__}: {first[:200]})")
             outcome = failed_outcome(case, self.output_dir, error, since)
         self.outcomes[case.case_id] = outcome
         if self.on_case is not None:
