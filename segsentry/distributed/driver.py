@@ -184,7 +184,7 @@ class _Run:
                 raise BackendError(f"the {self.backend_name} engine cannot be built on a Ray worker: {error}")
         log.info("%d case(s) on %d Ray worker(s), backend %s", len(self.cases), len(actors), self.backend_name)
         waiting = deque(self.cases)
-        read: deque[tuple[CaseInput, object, object, float]] = deque()  # cases read (or being read)
+        read: deque[tuple[CaseInput, object, object]] = deque()  # cases read (or being read), not yet dispatched
         free = deque(actors)
         inferring: dict[object, object] = {}  # inference-time ref -> actor
         writing: dict[object, tuple[CaseInput, float]] = {}  # outcome ref -> case, submit time
@@ -194,9 +194,9 @@ class _Run:
                 while waiting and len(read) + len(writing) < ahead:
                     case = waiting.popleft()
                     data, context = self.prepare.remote(case, self.manifest_ref, self.output_dir, self.raise_unexpected)
-                    read.append((case, data, context, time.perf_counter()))
+                    read.append((case, data, context))
                 while free and read:
-                    case, data, context, _ = read.popleft()
+                    case, data, context = read.popleft()
                     actor = free.popleft()
                     seconds, inference = actor.infer.options(num_returns=2).remote(
                         case, data, self.batch_size, self.output_dir, self.raise_unexpected)
