@@ -277,6 +277,8 @@ def run_command(
             }, indent=2))
         else:
             _print_run_table(result)
+            if resumed := sum(o.resumed for o in result.outcomes):
+                console.print(f"{resumed} case(s) complete from an earlier run: skipped (--resume)", highlight=False)
             if result.qa_page:
                 console.print(f"QA page: {escape(str(result.qa_page))}", highlight=False)
         return result.exit_code()

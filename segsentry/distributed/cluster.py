@@ -60,7 +60,7 @@ def ray_session(address: str, *, num_cpus: int | None = None) -> Iterator[Module
     if ray.is_initialized():
         yield ray
         return
-    settings = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.WARNING}
+    settings = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.ERROR}
     try:
         if local:
             ray.init(address="local", num_cpus=num_cpus, **settings)

@@ -233,3 +233,12 @@ def test_without_ray_the_error_names_the_extra(ct_pipeline, tmp_path):
     """)
     assert "EXIT 1" in done.stdout, done.stdout + done.stderr
     assert "segsentry[distributed]" in done.stdout and "ray" in done.stdout
+
+
+@pytest.mark.parametrize("address", ["", "nowhere", "  "])
+def test_an_address_that_is_none_is_refused_before_ray_starts(address):
+    from segsentry.distributed import ray_session
+
+    with pytest.raises(SegsentryError, match="give 'local'"):
+        with ray_session(address):
+            pass
