@@ -240,6 +240,8 @@ def run_command(
         raise typer.BadParameter("--demo takes no BUNDLE or INPUTS")
     if demo and (ray or resume):
         raise typer.BadParameter("--demo runs here and from scratch: no --ray or --resume")
+    if ray_workers is not None and ray is None:
+        raise typer.BadParameter("--ray-workers needs --ray ADDRESS")
     if not demo and (bundle is None or not inputs):
         raise typer.BadParameter("give a BUNDLE and at least one INPUT (or --demo)")
 
