@@ -1,9 +1,12 @@
 """Cohort throughput of ``ood-run --ray`` on this machine: cases per minute at 1 and 2 engine workers.
 
-    python benchmarks/ray_throughput.py                   # 12 phantom CTs, the embedded demo model, ~3 minutes
-    python benchmarks/ray_throughput.py --cases 24 --workers 1 2
+    python benchmarks/ray_throughput.py --cases 36                  # the embedded demo model, ~3 minutes
+    python benchmarks/ray_throughput.py --model small --cases 12    # inference-bound: ~98 % of a case, ~8 min
 
-The embedded demo bundle (an nnU-Net 2.8.1 network with the fused OOD head) on in-distribution phantom chest
+``--model demo``: the embedded demo bundle (an nnU-Net 2.8.1 network with the fused OOD head), where inference
+is ~60 % of a case's CPU time, the rest reading, preprocessing, resampling back and writing. ``--model small``:
+the 1.4 M-parameter nnU-Net plan of ``benchmarks/e2e_cpu.py`` (random weights, exported and calibrated on two
+phantoms first, as there), where inference is ~98 %: the CPU-bound case. Both on in-distribution phantom chest
 CTs, onnxruntime with one thread per engine. Measured: the serial ``run_batch`` (one thread) as the reference,
 then per worker count a fresh private Ray instance (``--ray local``) with ``workers + 1`` logical CPUs (one
 CPU per engine actor plus one for the read/write tasks, which share the physical cores with the engines) and
@@ -12,17 +15,19 @@ at steady state (between the first and the last case written: no actor start-up 
 every mask and map is byte-identical to the serial run's, and the median per-case stage costs, object sizes
 (what crosses the object store per case) and engine memory that docs/scaling.md extrapolates from. The load
 average before and after is recorded: the 2 cores here are shared with other work, so figures are contended.
-Results: ``benchmarks/results/ray/ray_throughput.json`` and ``.md``.
+Results: ``benchmarks/results/ray/ray_throughput_<model>.json`` and ``.md``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import statistics
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -40,6 +45,26 @@ def _rss_mb() -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+MODELS = {"demo": "the embedded demo model", "small": "the 1.4 M-parameter plan of e2e_cpu.py, random weights"}
+
+
+def _small_bundle(work: Path) -> Path:
+    """Export and calibrate the ``small`` plan (as ``benchmarks/e2e_cpu.py`` does; needs the export extra)."""
+    from segsentry.calib import calibrate
+    from segsentry.devtools import nnunet_folder
+    from segsentry.export import export_nnunet
+    from segsentry.phantoms import make_chest_ct
+
+    model_dir = nnunet_folder.make_model_folder(work / "results", nnunet_folder.SMALL_SPEC)
+    train = work / "imagesTr"
+    train.mkdir(parents=True)
+    for seed in (101, 102):
+        image, _ = make_chest_ct(seed=seed, cohort="id").to_sitk()
+        sitk.WriteImage(image, str(train / f"train{seed}_0000.nii.gz"))
+    features = export_nnunet(model_dir, work / "m.features.onnx").path
+    return calibrate(features, [train], work / "m.ood.onnx", score_folds=1, threshold_rule="paper").path
 
 
 def _phantoms(folder: Path, n: int) -> list[Path]:
@@ -67,7 +92,7 @@ def _stage_medians(outcomes) -> dict[str, float]:  # noqa: ANN001
 
 def _case_bytes(bundle_path: Path, image: Path) -> dict[str, float]:
     """MB that cross the object store for one case (read -> engine, read -> write, engine -> write) and the
-    engine's resident memory, measured on this process."""
+    engine's resident memory (run in a fresh process, so freed memory of earlier work is not reused)."""
     from segsentry.runtime import collect_cases, load_bundle, preprocess, read_case
     from segsentry.runtime.backends import BackendOptions, create_backend
     from segsentry.runtime.pipeline import infer_volume_for_case
@@ -100,6 +125,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", type=int, default=12)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--model", choices=["demo", "small"], default="demo")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
 
@@ -107,14 +133,15 @@ def main() -> None:
     from segsentry.distributed import RayOptions, ray_session, run_batch_ray
     from segsentry.runtime import run_batch
 
-    bundle = demo_bundle_path()
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="ray_bench") as tmp:
         tmp = Path(tmp)
+        bundle = demo_bundle_path() if args.model == "demo" else _small_bundle(tmp / "model")
         inputs = tmp / "in"
         inputs.mkdir()
         _phantoms(inputs, args.cases)
-        sizes = _case_bytes(bundle, inputs / "bench000_0000.nii.gz")
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as fresh:  # clean RSS
+            sizes = fresh.submit(_case_bytes, bundle, inputs / "bench000_0000.nii.gz").result()
 
         t0 = time.perf_counter()
         serial = run_batch(bundle, [inputs], tmp / "serial", backend="onnxruntime", threads=1, qa=False)
@@ -154,6 +181,7 @@ def main() -> None:
         "versions": package_versions(["segsentry", "ray", "onnxruntime", "numpy", "SimpleITK"]),
         "load_average_before": [round(x, 2) for x in load_before],
         "load_average_after": [round(x, 2) for x in os.getloadavg()],
+        "model": args.model,
         "bundle": bundle.name,
         "cases": args.cases,
         "per_case": sizes,
@@ -162,8 +190,8 @@ def main() -> None:
         "contended": True,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "ray_throughput.json").write_text(json.dumps(record, indent=2) + "\n")
-    (args.out / "ray_throughput.md").write_text(_markdown(record))
+    (args.out / f"ray_throughput_{args.model}.json").write_text(json.dumps(record, indent=2) + "\n")
+    (args.out / f"ray_throughput_{args.model}.md").write_text(_markdown(record))
     print(_markdown(record))
 
 
@@ -172,7 +200,7 @@ def _markdown(r: dict) -> str:
     lines = [
         f"# ood-run --ray throughput ({r['date']})", "",
         f"{m['cpu']}, {m['cores']} cores, Python {m['python']}; ray {r['versions']['ray']}, onnxruntime "
-        f"{r['versions']['onnxruntime']}. Bundle `{r['bundle']}` (the embedded demo model), {r['cases']} phantom "
+        f"{r['versions']['onnxruntime']}. Bundle `{r['bundle']}` ({MODELS[r['model']]}), {r['cases']} phantom "
         f"chest CTs of {r['per_case']['input_shape_zyx']} voxels (z, y, x), onnxruntime, 1 thread per engine, "
         "no QA page.", "",
         f"**Contended:** the cores are shared with other work (load average {r['load_average_before']} before, "
