@@ -179,41 +179,45 @@ class _Run:
     def run(self) -> None:
         ray = self.ray
         actors = [self._actor(i) for i in range(self.n_workers)]
-        for error in ray.get([a.ready.remote() for a in actors]):
-            if error is not None:
-                raise BackendError(f"the {self.backend_name} engine cannot be built on a Ray worker: {error}")
-        log.info("%d case(s) on %d Ray worker(s), backend %s", len(self.cases), len(actors), self.backend_name)
+        try:
+            for error in ray.get([a.ready.remote() for a in actors]):
+                if error is not None:
+                    raise BackendError(f"the {self.backend_name} engine cannot be built on a Ray worker: {error}")
+            log.info("%d case(s) on %d Ray worker(s), backend %s", len(self.cases), len(actors), self.backend_name)
+            self._dispatch(actors)
+        finally:
+            for actor in actors:
+                ray.kill(actor, no_restart=True)
+
+    def _dispatch(self, actors: list) -> None:
+        ray = self.ray
         waiting = deque(self.cases)
         read: deque[tuple[CaseInput, object, object]] = deque()  # cases read (or being read), not yet dispatched
         free = deque(actors)
         inferring: dict[object, object] = {}  # inference-time ref -> actor
         writing: dict[object, tuple[CaseInput, float]] = {}  # outcome ref -> case, submit time
         ahead = self.n_workers * (2 + self.options.prefetch)  # cases between read and written, at most
-        try:
-            while waiting or read or inferring or writing:
-                while waiting and len(read) + len(writing) < ahead:
-                    case = waiting.popleft()
-                    data, context = self.prepare.remote(case, self.manifest_ref, self.output_dir, self.raise_unexpected)
-                    read.append((case, data, context))
-                while free and read:
-                    case, data, context = read.popleft()
-                    actor = free.popleft()
-                    seconds, inference = actor.infer.options(num_returns=2).remote(
-                        case, data, self.batch_size, self.output_dir, self.raise_unexpected)
-                    inferring[seconds] = actor
-                    outcome = self.write.remote(case, context, seconds, inference, self.bundle_ref, self.output_dir,
-                                                self.backend_name, qa=self.qa, raise_unexpected=self.raise_unexpected)
-                    writing[outcome] = (case, time.perf_counter())
-                ready, _ = ray.wait([*inferring, *writing], num_returns=1)
-                for ref in ready:
-                    if ref in inferring:
-                        free.append(inferring.pop(ref))  # the actor is free again (or restarted by Ray)
-                    else:
-                        case, since = writing.pop(ref)
-                        self._collect(ref, case, since)
-        finally:
-            for actor in actors:
-                ray.kill(actor, no_restart=True)
+        while waiting or read or inferring or writing:
+            while waiting and len(read) + len(writing) < ahead:
+                case = waiting.popleft()
+                data, context = self.prepare.remote(case, self.manifest_ref, self.output_dir, self.raise_unexpected)
+                read.append((case, data, context))
+            while free and read:
+                case, data, context = read.popleft()
+                actor = free.popleft()
+                seconds, inference = actor.infer.options(num_returns=2).remote(
+                    case, data, self.batch_size, self.output_dir, self.raise_unexpected)
+                inferring[seconds] = actor
+                outcome = self.write.remote(case, context, seconds, inference, self.bundle_ref, self.output_dir,
+                                            self.backend_name, qa=self.qa, raise_unexpected=self.raise_unexpected)
+                writing[outcome] = (case, time.perf_counter())
+            ready, _ = ray.wait([*inferring, *writing], num_returns=1)
+            for ref in ready:
+                if ref in inferring:
+                    free.append(inferring.pop(ref))  # the actor is free again (or restarted by Ray)
+                else:
+                    case, since = writing.pop(ref)
+                    self._collect(ref, case, since)
 
     def _collect(self, ref, case: CaseInput, since: float) -> None:  # noqa: ANN001 - an object ref
         ray = self.ray

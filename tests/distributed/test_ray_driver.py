@@ -242,3 +242,21 @@ def test_an_address_that_is_none_is_refused_before_ray_starts(address):
     with pytest.raises(SegsentryError, match="give 'local'"):
         with ray_session(address):
             pass
+
+
+def test_a_gpu_backend_reserves_a_gpu_per_worker(ct_pipeline, cohort, ray_instance, tmp_path):
+    from segsentry.distributed import RayOptions, run_batch_ray
+
+    with pytest.raises(SegsentryError, match=r"0 GPU\(s\): not enough for 1 worker\(s\) × 1 CPU × 1 GPU"):
+        run_batch_ray(ct_pipeline.ood_onnx, [cohort], tmp_path / "ray", backend="tensorrt",
+                      ray_options=RayOptions(workers=1))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="needs a backend that is not installed")
+def test_an_engine_that_cannot_be_built_stops_the_batch_with_its_reason(ct_pipeline, cohort, ray_instance, tmp_path):
+    from segsentry.distributed import RayOptions, run_batch_ray
+
+    with pytest.raises(SegsentryError, match=r"engine cannot be built on a Ray worker: .*segsentry\[trt\]"):
+        run_batch_ray(ct_pipeline.ood_onnx, [cohort], tmp_path / "ray", backend="tensorrt",
+                      ray_options=RayOptions(workers=1, gpus_per_worker=0))
+    assert not (tmp_path / "ray" / "summary.csv").exists()
