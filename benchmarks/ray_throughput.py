@@ -1,12 +1,12 @@
 """Cohort throughput of ``ood-run --ray`` on this machine: cases per minute at 1 and 2 engine workers.
 
     python benchmarks/ray_throughput.py --cases 36                  # the embedded demo model, ~3 minutes
-    python benchmarks/ray_throughput.py --model small --cases 12    # inference-bound: ~98 % of a case, ~8 min
+    python benchmarks/ray_throughput.py --model small --cases 12    # inference-bound: 93-98 % of a case, ~5 min
 
 ``--model demo``: the embedded demo bundle (an nnU-Net 2.8.1 network with the fused OOD head), where inference
 is ~60 % of a case's CPU time, the rest reading, preprocessing, resampling back and writing. ``--model small``:
 the 1.4 M-parameter nnU-Net plan of ``benchmarks/e2e_cpu.py`` (random weights, exported and calibrated on two
-phantoms first, as there), where inference is ~98 %: the CPU-bound case. Both on in-distribution phantom chest
+phantoms first, as there), where inference is 93-98 %: the CPU-bound case. Both on in-distribution phantom chest
 CTs, onnxruntime with one thread per engine. Measured: the serial ``run_batch`` (one thread) as the reference,
 then per worker count a fresh private Ray instance (``--ray local``) with ``workers + 1`` logical CPUs (one
 CPU per engine actor plus one for the read/write tasks, which share the physical cores with the engines) and
