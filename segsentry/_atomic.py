@@ -10,6 +10,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+PARTIAL = ".partial-"  # in the name of every temporary folder: ``.NAME.partial-XXXX``
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | Path) -> Iterator[Path]:
     """Yield a path with ``target``'s own name inside a hidden temporary folder beside it; on success move what
@@ -22,12 +25,12 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    folder = Path(tempfile.mkdtemp(prefix=f".{target.name.split('.')[0]}.partial-", dir=target.parent))
+    folder = Path(tempfile.mkdtemp(prefix=f".{target.name.split('.')[0]}{PARTIAL}", dir=target.parent))
     tmp = folder / target.name
     try:
         yield tmp
         companions = sorted(p for p in folder.iterdir() if p.name != target.name)
-        mode = 0o666 & ~_umask()  # mkstemp/mkdtemp-style files are 0600; give them the usual permissions
+        mode = 0o666 & ~current_umask()  # mkstemp/mkdtemp-style files are 0600; give them the usual permissions
         for written in [*companions, tmp]:
             os.chmod(written, mode)
             os.replace(written, target.parent / written.name)
@@ -35,7 +38,7 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _umask() -> int:
+def current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -49,3 +52,10 @@ def write_text_atomic(target: str | Path, text: str) -> None:
 def write_bytes_atomic(target: str | Path, data: bytes) -> None:
     with atomic_path(target) as tmp:
         tmp.write_bytes(data)
+
+
+def leftover_partials(folder: str | Path) -> list[Path]:
+    """Temporary folders :func:`atomic_path` left in ``folder`` because its writer was killed mid-write (a
+    process killed with SIGKILL runs no ``finally``). Only safe to remove once no writer uses the folder."""
+    folder = Path(folder)
+    return sorted(p for p in folder.glob(f".*{PARTIAL}*") if p.is_dir()) if folder.is_dir() else []

@@ -249,6 +249,12 @@ def run_command(
     allow_irregular_slices: Annotated[bool, typer.Option(
         "--allow-irregular-slices", help="Process DICOM series with missing or unevenly spaced slices instead of "
         "refusing them; each such case's report carries the warning.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Skip cases whose outputs an earlier run of the same model "
+                                         "left complete in the output folder.")] = False,
+    ray: Annotated[Optional[str], typer.Option("--ray", metavar="ADDRESS", help="Run on Ray (segsentry[distributed]): "
+                                               "'local' (a private instance), 'auto' or HOST:PORT (a cluster).")] = None,
+    ray_workers: Annotated[Optional[int], typer.Option("--ray-workers", min=1, help="Inference actors on Ray "
+                                                       "(default: as many as fit; --threads CPUs each).")] = None,
     verbose: VerboseOpt = False,
     debug: DebugOpt = False,
     version: VersionOpt = False,
@@ -257,10 +263,16 @@ def run_command(
     _setup_logging(verbose)
     if demo and (bundle is not None or inputs):
         raise typer.BadParameter("--demo takes no BUNDLE or INPUTS")
+    if demo and (ray or resume):
+        raise typer.BadParameter("--demo runs here and from scratch: no --ray or --resume")
+    if ray_workers is not None and ray is None:
+        raise typer.BadParameter("--ray-workers needs --ray ADDRESS")
     if not demo and (bundle is None or not inputs):
         raise typer.BadParameter("give a BUNDLE and at least one INPUT (or --demo)")
     if demo and (dicom_seg or monitor_log):
         raise typer.BadParameter("--demo runs NIfTI phantoms: it takes no --dicom-seg or --monitor-log")
+    if ray is not None and (dicom_seg or monitor_log):
+        raise typer.BadParameter("--dicom-seg and --monitor-log run in this process: not yet with --ray")
     if dicom_seg:
         _check_dicom_inputs(inputs or [])
 
@@ -278,10 +290,18 @@ def run_command(
                 from segsentry.demo import run_demo
 
                 result = run_demo(output, backend=backend, threads=threads, on_case=advance)
+            elif ray is not None:
+                from segsentry.distributed import RayOptions, run_batch_ray
+
+                options = RayOptions(address=ray, workers=ray_workers, cpus_per_worker=threads or 1)
+                result = run_batch_ray(bundle, inputs, output, ray_options=options, backend=backend,
+                                       batch_size=batch_size, low_memory=low_memory, qa=qa, resume=resume,
+                                       on_case=advance, raise_unexpected=debug,
+                                       allow_irregular_slices=allow_irregular_slices)
             else:
                 result = run_batch(bundle, inputs, output, backend=backend, batch_size=batch_size, threads=threads,
                                    low_memory=low_memory, qa=qa, on_case=advance, raise_unexpected=debug,
-                                   case_hooks=hooks, allow_irregular_slices=allow_irregular_slices)
+                                   case_hooks=hooks, allow_irregular_slices=allow_irregular_slices, resume=resume)
         if as_json:
             typer.echo(json.dumps({
                 "backend": result.backend,
@@ -293,6 +313,8 @@ def run_command(
             }, indent=2))
         else:
             _print_run_table(result)
+            if resumed := sum(o.resumed for o in result.outcomes):
+                console.print(f"{resumed} case(s) complete from an earlier run: skipped (--resume)", highlight=False)
             if result.qa_page:
                 console.print(f"QA page: {escape(str(result.qa_page))}", highlight=False)
         return result.exit_code()

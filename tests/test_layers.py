@@ -19,7 +19,8 @@ import pytest
 import segsentry
 
 PACKAGE = Path(segsentry.__file__).parent
-ABOVE_RUNTIME = ("segsentry.evaluation", "segsentry.export", "segsentry.calib", "segsentry.dicom", "segsentry.cli")
+ABOVE_RUNTIME = ("segsentry.evaluation", "segsentry.export", "segsentry.calib", "segsentry.dicom",
+                 "segsentry.distributed", "segsentry.cli")
 
 
 def _module_name(path: Path) -> str:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from segsentry._atomic import write_text_atomic
+from segsentry._atomic import PARTIAL, current_umask, write_text_atomic
 from segsentry.errors import SegsentryError
 from segsentry.manifest import Manifest
 from segsentry.runtime.backends import BackendOptions, create_backend, resolve_backend_name
@@ -32,6 +32,7 @@ from segsentry.runtime.dicom import expected_modality
 from segsentry.runtime.io import (
     IMAGE_ENDINGS,
     CaseInput,
+    LoadedCase,
     collect_cases,
     guard_outputs,
     input_fingerprints,
@@ -40,9 +41,10 @@ from segsentry.runtime.io import (
     sha256_file,
     write_image,
 )
-from segsentry.runtime.pipeline import predict_case
+from segsentry.runtime.pipeline import CasePrediction, predict_case
 from segsentry.runtime.report import CaseReport
 from segsentry.runtime.qa import CaseView, modality_of, render_case, write_qa_page
+from segsentry.runtime.resume import find_complete
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +61,7 @@ class CaseOutcome:
     error: str | None = None
     qa_view: CaseView | None = None
     seconds: float = 0.0  # wall time spent on the case, failed or not
+    resumed: bool = False  # complete from an earlier run, skipped (``resume=True``)
 
     @property
     def ood(self) -> bool:
@@ -121,6 +124,7 @@ def run_batch(
     raise_unexpected: bool = False,
     case_hooks: Sequence[CaseHook] = (),
     allow_irregular_slices: bool = False,
+    resume: bool = False,
 ) -> BatchResult:
     """Run every case found in ``inputs``; write ``CASE<ending>``, ``CASE_uncertainty<ending>``, ``CASE.json``,
     ``summary.csv`` and (unless ``qa=False``) the QA page ``qa.html`` with its PNGs in ``qa/``, into
@@ -129,20 +133,14 @@ def run_batch(
     ``raise_unexpected`` (the CLI's ``--debug``); a failing case's outputs from an earlier run are removed.
     ``case_hooks`` run in order after each case's images are written, before its report (in the case's stage folder).
     ``allow_irregular_slices`` processes DICOM series with gaps or uneven steps, with a warning in the report.
+    ``resume`` skips the cases an earlier run of the same model completed (:func:`find_complete`).
     """
     output_dir = Path(output_dir)
-    bundle = load_bundle(bundle_path)
+    bundle, cases = open_batch(bundle_path, inputs, output_dir)
     manifest = bundle.manifest
-    options = _CaseOptions(
-        batch_size=batch_size, qa=qa, raise_unexpected=raise_unexpected, allow_irregular_slices=allow_irregular_slices,
-        expected_modality=expected_modality(manifest.channels, manifest.preprocessing.normalization_schemes),
-        bundle_sha256=hashlib.sha256(bundle.model_bytes).hexdigest(), case_hooks=tuple(case_hooks))
+    options = case_options(bundle, batch_size=batch_size, qa=qa, raise_unexpected=raise_unexpected,
+                           allow_irregular_slices=allow_irregular_slices, case_hooks=case_hooks)
     backend_name = resolve_backend_name(backend)
-    guard_outputs(output_dir, [Path(p) for p in inputs])
-    cases = collect_cases(inputs, num_channels=manifest.num_channels)
-    if not cases:
-        raise SegsentryError("no cases found in the inputs")
-    output_dir.mkdir(parents=True, exist_ok=True)
     outcomes: list[CaseOutcome] = []
     with create_backend(backend_name, bundle.model_bytes, channels=manifest.num_channels,
                         patch_size=manifest.patch_size, manifest=manifest,
@@ -151,24 +149,42 @@ def run_batch(
         # the engine holds its own copy of the graph: drop ours (the weights' size: 123 MB for a fullres net)
         bundle = replace(bundle, model_bytes=b"")
         for case in cases:
-            outcome = _run_case(case, bundle, engine, output_dir, backend_name, options)
+            outcome = (resumed_outcome(case, output_dir, bundle, qa=qa) if resume else None) \
+                or _run_case(case, bundle, engine, output_dir, backend_name, options)
             outcomes.append(outcome)
             if on_case is not None:
                 on_case(outcome)
+    return finish_batch(outcomes, output_dir, bundle, backend_name, qa=qa)
+
+
+def open_batch(bundle_path: str | Path, inputs: Sequence[str | Path], output_dir: Path) -> tuple[Bundle, list[CaseInput]]:
+    """Load the bundle, refuse an input folder as output, collect the cases and create ``output_dir``."""
+    bundle = load_bundle(bundle_path)
+    guard_outputs(output_dir, [Path(p) for p in inputs])
+    cases = collect_cases(inputs, num_channels=bundle.manifest.num_channels)
+    if not cases:
+        raise SegsentryError("no cases found in the inputs")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    return bundle, cases
+
+
+def finish_batch(outcomes: list[CaseOutcome], output_dir: Path, bundle: Bundle, backend_name: str, *,
+                 qa: bool) -> BatchResult:
+    """Write ``summary.csv`` (one row per outcome, in the order given) and the QA page."""
     result = BatchResult(outcomes=outcomes, output_dir=output_dir, backend=backend_name)
     write_summary(result)
     if qa:
         result.qa_page = write_qa_page(
             [o.qa_view for o in outcomes if o.qa_view is not None],
             {o.case_id: o.error or "" for o in outcomes if o.status != "ok"},
-            qa_dir=output_dir / "qa", page=output_dir / "qa.html", calibration=manifest.calibration,
+            qa_dir=output_dir / "qa", page=output_dir / "qa.html", calibration=bundle.manifest.calibration,
             bundle_name=bundle.path.name, backend=backend_name,
         )
     return result
 
 
 @dataclass(frozen=True)
-class _CaseOptions:
+class CaseOptions:
     """What every case of a batch is run with (besides bundle, engine and output folder)."""
 
     batch_size: int = 1
@@ -180,68 +196,110 @@ class _CaseOptions:
     case_hooks: Sequence[CaseHook] = ()
 
 
+def case_options(bundle: Bundle, *, batch_size: int = 1, qa: bool = True, raise_unexpected: bool = False,
+                 allow_irregular_slices: bool = False, case_hooks: Sequence[CaseHook] = ()) -> CaseOptions:
+    """The options every case of a batch with ``bundle`` (its graph bytes still loaded: they are hashed) runs with."""
+    manifest = bundle.manifest
+    return CaseOptions(
+        batch_size=batch_size, qa=qa, raise_unexpected=raise_unexpected, allow_irregular_slices=allow_irregular_slices,
+        expected_modality=expected_modality(manifest.channels, manifest.preprocessing.normalization_schemes),
+        bundle_sha256=hashlib.sha256(bundle.model_bytes).hexdigest(), case_hooks=tuple(case_hooks))
+
+
+def resumed_outcome(case: CaseInput, output_dir: Path, bundle: Bundle, *, qa: bool) -> CaseOutcome | None:
+    """The outcome an earlier run recorded for ``case`` when its outputs are complete (``--resume``), else None."""
+    done = find_complete(case, output_dir, weights_sha256=bundle.weights_sha256, qa=qa)
+    if done is None:
+        return None
+    report, view = done
+    log.info("case %s: complete in %s, skipped (--resume)", case.case_id, output_dir)
+    return CaseOutcome(case_id=case.case_id, status="ok", report=report, qa_view=view,
+                       seconds=report.total_seconds, resumed=True)
+
+
 def _run_case(case: CaseInput, bundle: Bundle, engine, output_dir: Path, backend_name: str,
-              options: _CaseOptions) -> CaseOutcome:
+              options: CaseOptions) -> CaseOutcome:
     start = time.perf_counter()
     _remove_stale_stages(output_dir, case.case_id)
     try:
-        t0 = time.perf_counter()
-        loaded = read_case(case, num_channels=bundle.manifest.num_channels,
-                           allow_irregular_slices=options.allow_irregular_slices,
-                           expected_modality=options.expected_modality)
-        input_ids = input_fingerprints(case)
-        calibration = bundle.manifest.calibration
-        turned = orientation_warning(loaded, calibration.train_orientation if calibration else None)
-        if turned:
-            loaded.warnings.append(turned)
-        read_s = time.perf_counter() - t0
+        loaded = read_stage(case, bundle.manifest, options)
+        read_s = time.perf_counter() - start
         prediction = predict_case(loaded, engine, bundle.manifest, batch_size=options.batch_size)
-        t0 = time.perf_counter()
-        ending = loaded.output_ending
-        outputs = {"mask": output_dir / f"{case.case_id}{ending}"}
+        return write_case(case, loaded, prediction, bundle, output_dir, backend_name, options=options,
+                          read_s=read_s, start=start)
+    except Exception as exc:  # noqa: BLE001 - sorted out by failed_outcome
+        return failed_outcome(case, output_dir, exc, start, raise_unexpected=options.raise_unexpected)
+
+
+def read_stage(case: CaseInput, manifest: Manifest, options: CaseOptions) -> LoadedCase:
+    """The read stage: the case's images, checked, with an orientation warning when it is stored otherwise than
+    the training images."""
+    loaded = read_case(case, num_channels=manifest.num_channels,
+                       allow_irregular_slices=options.allow_irregular_slices,
+                       expected_modality=options.expected_modality)
+    calibration = manifest.calibration
+    turned = orientation_warning(loaded, calibration.train_orientation if calibration else None)
+    if turned:
+        loaded.warnings.append(turned)
+    return loaded
+
+
+def write_case(case: CaseInput, loaded: LoadedCase, prediction: CasePrediction, bundle: Bundle, output_dir: Path,
+               backend_name: str, *, options: CaseOptions, read_s: float, start: float) -> CaseOutcome:
+    """The write stage: mask, uncertainty map, the hooks' outputs and ``CASE.json``, staged in one hidden
+    folder and moved into place together (``CASE.json`` last), then the QA PNGs; ``start`` is the case's
+    ``time.perf_counter()`` origin (its ``total`` timing)."""
+    t0 = time.perf_counter()
+    calibration = bundle.manifest.calibration
+    ending = loaded.output_ending
+    outputs = {"mask": output_dir / f"{case.case_id}{ending}"}
+    if prediction.uncertainty is not None:
+        outputs["uncertainty_map"] = output_dir / f"{case.case_id}_uncertainty{ending}"
+    with _case_stage(output_dir, case.case_id) as stage:
+        write_image(prediction.mask, loaded.reference, stage / outputs["mask"].name)
         if prediction.uncertainty is not None:
-            outputs["uncertainty_map"] = output_dir / f"{case.case_id}_uncertainty{ending}"
-        with _case_stage(output_dir, case.case_id) as stage:
-            write_image(prediction.mask, loaded.reference, stage / outputs["mask"].name)
-            if prediction.uncertainty is not None:
-                write_image(prediction.uncertainty, loaded.reference, stage / outputs["uncertainty_map"].name)
-            timings = {"read": read_s, **prediction.timings, "write": time.perf_counter() - t0}
-            timings["total"] = time.perf_counter() - start
-            report = CaseReport.from_prediction(
-                prediction, inputs=[str(f) for f in case.files],
-                aggregation=calibration.aggregation if calibration else None, timings=timings, backend=backend_name,
-                model_sha256=bundle.weights_sha256, bundle=str(bundle.path),
-                outputs={k: str(v) for k, v in outputs.items()}, warnings=loaded.warnings,
-                bundle_sha256=options.bundle_sha256, input_ids=input_ids)
-            for hook in options.case_hooks:
-                written = WrittenCase(case=case, mask=prediction.mask, report=report, output_dir=stage,
-                                      manifest=bundle.manifest, bundle_path=bundle.path,
-                                      dicom_files=loaded.dicom_files)
-                extra = {k: str(output_dir / Path(v).name) for k, v in hook(written).items()}
-                report = replace(report, outputs={**report.outputs, **extra})
-            (stage / f"{case.case_id}.json").write_text(report.to_json())
-            _publish(stage, output_dir, case.case_id)
-        view = None
-        if options.qa:
-            view = render_case(case.case_id, loaded.image[0], prediction.mask, prediction.uncertainty,
-                               geometry=loaded.reference, modality=modality_of(bundle.manifest),
-                               qa_dir=output_dir / "qa", report=report, distance_range=_distance_range(bundle))
-        return CaseOutcome(case_id=case.case_id, status="ok", report=report, qa_view=view,
-                           seconds=time.perf_counter() - start)
-    except SegsentryError as exc:
+            write_image(prediction.uncertainty, loaded.reference, stage / outputs["uncertainty_map"].name)
+        timings = {"read": read_s, **prediction.timings, "write": time.perf_counter() - t0}
+        timings["total"] = time.perf_counter() - start
+        report = CaseReport.from_prediction(
+            prediction, inputs=[str(f) for f in case.files],
+            aggregation=calibration.aggregation if calibration else None, timings=timings, backend=backend_name,
+            model_sha256=bundle.weights_sha256, bundle=str(bundle.path),
+            outputs={k: str(v) for k, v in outputs.items()}, warnings=loaded.warnings,
+            bundle_sha256=options.bundle_sha256, input_ids=input_fingerprints(case))
+        for hook in options.case_hooks:
+            written = WrittenCase(case=case, mask=prediction.mask, report=report, output_dir=stage,
+                                  manifest=bundle.manifest, bundle_path=bundle.path, dicom_files=loaded.dicom_files)
+            extra = {k: str(output_dir / Path(v).name) for k, v in hook(written).items()}
+            report = replace(report, outputs={**report.outputs, **extra})
+        (stage / f"{case.case_id}.json").write_text(report.to_json())
+        _publish(stage, output_dir, case.case_id)
+    view = None
+    if options.qa:
+        view = render_case(case.case_id, loaded.image[0], prediction.mask, prediction.uncertainty,
+                           geometry=loaded.reference, modality=modality_of(bundle.manifest),
+                           qa_dir=output_dir / "qa", report=report, distance_range=_distance_range(bundle))
+    return CaseOutcome(case_id=case.case_id, status="ok", report=report, qa_view=view,
+                       seconds=time.perf_counter() - start)
+
+
+def failed_outcome(case: CaseInput, output_dir: Path, exc: Exception, start: float, *,
+                   raise_unexpected: bool = False) -> CaseOutcome:
+    """The failed outcome for an exception raised while processing ``case`` (its earlier outputs removed); an
+    unexpected one (a bug) is re-raised when ``raise_unexpected`` (the CLI's ``--debug``)."""
+    if isinstance(exc, SegsentryError):
         return _failed(case, output_dir, str(exc), start)
-    except (MemoryError, FloatingPointError, OSError) as exc:
+    if isinstance(exc, (MemoryError, FloatingPointError, OSError)):
         return _failed(case, output_dir, f"{type(exc).__name__}: {exc}", start)
-    except Exception as exc:  # noqa: BLE001 - a bug must fail this case, not the batch (and its summary)
-        if options.raise_unexpected:
-            raise
-        log.debug("case %s: unexpected error", case.case_id, exc_info=True)
-        first = str(exc).splitlines()[0] if str(exc) else ""
-        return _failed(case, output_dir, f"internal error: {type(exc).__name__}: {first} (rerun with --debug for "
-                       "the traceback)", start)
+    if raise_unexpected:
+        raise exc
+    log.debug("case %s: unexpected error", case.case_id, exc_info=exc)
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    return _failed(case, output_dir, f"internal error: {type(exc).__name__}: {first} (rerun with --debug for "
+                   "the traceback)", start)
 
 
-_STAGE_MARK = ".case-partial-"
+_STAGE_MARK = f".case{PARTIAL}"  # found by _atomic.leftover_partials too
 _HEADER_ENDINGS = (".hdr", ".mhd")  # multi-file formats: the data file moves first, the header after it
 
 
@@ -278,17 +336,11 @@ def _publish(stage: Path, output_dir: Path, case_id: str) -> None:
     for stale in _case_outputs(output_dir, case_id):
         if stale.name not in new:
             stale.unlink(missing_ok=True)
-    mode = 0o666 & ~_umask()
+    mode = 0o666 & ~current_umask()
     order = sorted(new - {report}, key=lambda n: (n.lower().endswith(_HEADER_ENDINGS), n)) + [report]
     for name in order:
         os.chmod(stage / name, mode)
         os.replace(stage / name, output_dir / name)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def completed_cases(output_dir: str | Path) -> dict[str, dict]:

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import base64
 import html
+import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -286,10 +287,34 @@ def render_case(
             file = f"{case_id}_{view}_{layer}.png"
             _write_png(picture(plane, layer, (lo, hi)), qa_dir / file)
             pngs[f"{view}_{layer}"] = file
-    return CaseView(case_id=case_id, pngs=pngs, uncertainty=report.uncertainty,
+    view = CaseView(case_id=case_id, pngs=pngs, uncertainty=report.uncertainty,
                     threshold=report.threshold, ood=report.ood, score=report.score,
                     focus_zyx=tuple(int(v) for v in focus), window=label,
-                    colour_range=(lo, hi) if uncertainty is not None else None)
+                    colour_range=(float(lo), float(hi)) if uncertainty is not None else None)
+    write_text_atomic(_view_record(qa_dir, case_id), json.dumps(asdict(view)))  # read back by --resume
+    return view
+
+
+def _view_record(qa_dir: Path, case_id: str) -> Path:
+    return qa_dir / f"{case_id}_view.json"
+
+
+def existing_view(report: CaseReport, qa_dir: Path) -> CaseView | None:
+    """The view :func:`render_case` made for ``report`` in an earlier run (``ood-run --resume``), read back from
+    the record it wrote beside the PNGs; None when the record or one of its PNGs is missing or belongs to
+    another result."""
+    try:
+        record = json.loads(_view_record(qa_dir, report.case).read_text())
+        view = CaseView(**{**record, "focus_zyx": tuple(record["focus_zyx"]),
+                           "colour_range": tuple(record["colour_range"]) if record["colour_range"] else None})
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    if (view.uncertainty, view.threshold, view.ood, view.score) != (
+            report.uncertainty, report.threshold, report.ood, report.score):
+        return None
+    if not all((qa_dir / file).is_file() for file in view.pngs.values()):
+        return None
+    return view
 
 
 def _strip_svg(view: CaseView, calibration: Calibration | None) -> str:

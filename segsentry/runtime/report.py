@@ -81,3 +81,11 @@ class CaseReport:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CaseReport:
+        """The inverse of :meth:`to_dict` (a ``CASE.json`` read back); raises KeyError/TypeError on another shape."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        if set(data) != fields:
+            raise KeyError(f"CASE.json fields {sorted(set(data) ^ fields)} differ from a CaseReport's")
+        return cls(**{**data, "top_patches": [TopPatch(**t) for t in data["top_patches"]]})
