@@ -38,6 +38,7 @@ class CaseReport:
     bundle: str
     outputs: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)  # what was accepted about the input with a caveat
+    step_size: float = 0.5  # sliding-window tile step (fraction of the patch); U is calibrated at the bundle's
 
     @classmethod
     def from_prediction(cls, prediction: CasePrediction, *, inputs: list[str], aggregation: str | None,
@@ -61,6 +62,7 @@ class CaseReport:
             bundle=bundle,
             outputs=outputs,
             warnings=list(warnings or []),
+            step_size=prediction.step_size,
         )
 
     @property
