@@ -339,6 +339,40 @@ def bench_command(
     _guarded(debug, body)
 
 
+def quantize_command(
+    bundle: Annotated[Path, typer.Argument(help="A float32 bundle (.ood.onnx or .features.onnx).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output INT8 bundle.")],
+    calibration_images: Annotated[list[Path], typer.Option("--calibration-images", help="In-distribution scans whose patches set the activation ranges (repeatable).")],
+    fidelity_images: Annotated[Optional[list[Path]], typer.Option("--fidelity-images", help="Scans on which the INT8 bundle is compared with the float32 one; recorded in the manifest (repeatable).")] = None,
+    max_patches: Annotated[int, typer.Option("--max-patches", min=1, help="Calibration patches at most, spread over the cases.")] = 64,
+    threads: ThreadsOpt = None,
+    verbose: VerboseOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """INT8 post-training quantisation (onnxruntime static QDQ; head and normalisations stay float32)."""
+    _setup_logging(verbose)
+
+    def body() -> int:
+        from segsentry.calib.quantize import quantize_bundle
+
+        with console.status("quantising…"):
+            result = quantize_bundle(bundle, output, calibration_images=calibration_images,
+                                     fidelity_images=fidelity_images or (), max_patches=max_patches, threads=threads)
+        q = result.quantization
+        console.print(f"[green]wrote[/] {escape(str(result.path))}: int8 {'/'.join(q.op_types)} from "
+                      f"{q.n_calibration_patches} patches of {q.n_calibration_cases} cases; "
+                      f"{len(q.fp32_nodes)} nodes kept float32", highlight=False)
+        f = q.fidelity
+        if f is not None:
+            du = "n/a" if f.max_abs_u_difference is None else f"{f.max_abs_u_difference:.4f}"
+            console.print(f"vs float32 on {f.n_cases} cases: voxel agreement min {f.voxel_agreement_min:.6f}, "
+                          f"Dice min {f.dice_min:.4f}, max |dU| {du}, flags changed {f.flags_changed} "
+                          "(U is not re-calibrated for int8)", highlight=False)
+        return EXIT_OK
+
+    _guarded(debug, body)
+
+
 def phantoms_command(
     output: Annotated[Path, typer.Argument(help="Folder for the nnU-Net raw layout (imagesTr/, labelsTr/, dataset.json).")],
     cohort: Annotated[Cohort, typer.Option("--cohort", help="Which cohort to generate.")] = Cohort.ID,
@@ -448,6 +482,7 @@ app.command("calib")(calib_command)
 app.command("run")(run_command)
 app.command("bench")(bench_command)
 app.command("phantoms")(phantoms_command)
+app.command("quantize")(quantize_command)
 
 
 def _single(command: Callable[..., None]) -> typer.Typer:
