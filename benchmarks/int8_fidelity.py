@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--contended", action="store_true", help="label the timings as measured on a busy machine")
     args = parser.parse_args(argv)
 
-    from segsentry.calib.quantize import calibration_patches, quantize_bundle
+    from segsentry.calib.quantize import calibration_patches, compare_bundles, quantize_bundle, summarise
     from segsentry.phantoms import write_cohort
     from segsentry.runtime import load_bundle
     from segsentry.runtime.backends import BackendOptions, create_backend
@@ -77,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         quantize_s = time.perf_counter() - start
         fp32, int8 = load_bundle(args.bundle), load_bundle(result.path)
         m = fp32.manifest
+        fidelity = {"onnxruntime": (result.quantization.fidelity, result.cases)}
         patches = np.concatenate(list(calibration_patches(m, sets[:1], max_patches=args.patches)))
         engines = {}
         names = ["onnxruntime"]
@@ -84,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
             import openvino  # noqa: F401
 
             names.append("openvino")
+            ov_cases = compare_bundles(fp32.model_bytes, int8.model_bytes, m, sets, threads=args.threads,
+                                       backend="openvino")
+            fidelity["openvino"] = (summarise(ov_cases, source="same phantoms", backend="openvino"), ov_cases)
         except ImportError:
             pass
         options = BackendOptions(threads=args.threads)
@@ -99,35 +103,42 @@ def main(argv: list[str] | None = None) -> int:
             engine.close()
 
     cohort_of = {prefix: cohort for cohort, (prefix, _) in COHORTS.items()}
-    cases = [{"case": c.case_id, "cohort": cohort_of[c.case_id.split("_")[0]], "voxel_agreement": c.voxel_agreement,
-              "dice_vs_fp32": c.dice, "u_fp32": c.u_fp32, "u_int8": c.u_int8, "ood_fp32": c.ood_fp32,
-              "ood_int8": c.ood_int8} for c in result.cases]
+    cases = [{"case": c.case_id, "cohort": cohort_of[c.case_id.split("_")[0]], "backend": engine,
+              "voxel_agreement": c.voxel_agreement, "dice_vs_fp32": c.dice, "u_fp32": c.u_fp32, "u_int8": c.u_int8,
+              "ood_fp32": c.ood_fp32, "ood_int8": c.ood_int8}
+             for engine, (_, engine_cases) in fidelity.items() for c in engine_cases]
     q = result.quantization
     out = {
         "benchmark": "int8_fidelity", "bundle": str(args.bundle.name), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "contended": args.contended, "machine": machine_info(),
         "packages": package_versions(["onnxruntime", "openvino", "onnx", "numpy"]),
-        "quantization": {k: v for k, v in q.__dict__.items() if k != "fidelity"} | {"fidelity": q.fidelity.__dict__},
+        "quantization": {k: v for k, v in q.__dict__.items() if k != "fidelity"},
+        "fidelity": {engine: summary.__dict__ for engine, (summary, _) in fidelity.items()},
         "quantize_seconds": quantize_s, "cases": cases, "latency_per_patch": speed,
         "patch_size": list(m.patch_size),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "int8_demo.json").write_text(json.dumps(out, indent=2) + "\n")
-    f = q.fidelity
     flags = ", ".join(k for k, v in out["machine"]["cpu_flags"].items() if v) or "unknown"
     md = [f"# INT8 vs float32, {args.bundle.name} ({out['date']})", "",
           f"Machine: {out['machine']['cpu']}, {out['machine']['cores']} cores, flags: {flags}."
           + (" **Timings contended** (other jobs shared the cores)." if args.contended else ""), "",
           f"Quantised ({q.method}, {'/'.join(q.op_types)}, weights {q.weights}, activations {q.activations}) from "
           f"{q.n_calibration_patches} patches of {q.n_calibration_cases} ID phantoms in {quantize_s:.1f} s (fidelity "
-          f"runs included); {len(q.fp32_nodes)} nodes kept float32 (Mahalanobis head, InstanceNorms).", "",
-          f"Fidelity on {f.n_cases} fresh phantoms: voxel agreement min {f.voxel_agreement_min:.6f} / mean "
-          f"{f.voxel_agreement_mean:.6f}; foreground Dice vs fp32 min {f.dice_min:.4f} / mean {f.dice_mean:.4f}; "
-          f"max |ΔU| {f.max_abs_u_difference:.4f}; OOD flags changed: {f.flags_changed}.", "",
-          "| case | cohort | voxel agreement | Dice vs fp32 | U fp32 | U int8 | flag fp32 → int8 |", "|---|---|---|---|---|---|---|"]
+          f"runs included); {len(q.fp32_nodes)} nodes kept float32 (Mahalanobis head, InstanceNorms). The int8 "
+          "bundle keeps the float32 calibration (U not re-calibrated).", ""]
+    for engine, (f, _) in fidelity.items():
+        md.append(f"Fidelity on {engine}, {f.n_cases} fresh phantoms: voxel agreement min "
+                  f"{f.voxel_agreement_min:.6f} / mean {f.voxel_agreement_mean:.6f}; foreground Dice vs fp32 min "
+                  f"{f.dice_min:.4f} / mean {f.dice_mean:.4f}; max |ΔU| {f.max_abs_u_difference:.4f}; OOD flags "
+                  f"changed: {f.flags_changed}.")
+        md.append("")
+    md += ["| engine | case | cohort | voxel agreement | Dice vs fp32 | U fp32 | U int8 | flag fp32 → int8 |",
+           "|---|---|---|---|---|---|---|---|"]
     for c in cases:
-        md.append(f"| {c['case']} | {c['cohort']} | {c['voxel_agreement']:.6f} | {c['dice_vs_fp32']:.4f} | "
-                  f"{c['u_fp32']:.4f} | {c['u_int8']:.4f} | {c['ood_fp32']} → {c['ood_int8']} |")
+        md.append(f"| {c['backend']} | {c['case']} | {c['cohort']} | {c['voxel_agreement']:.6f} | "
+                  f"{c['dice_vs_fp32']:.4f} | {c['u_fp32']:.4f} | {c['u_int8']:.4f} | {c['ood_fp32']} → "
+                  f"{c['ood_int8']} |")
     md += ["", f"Per-patch latency (batch 1, patch {m.patch_size}, {args.rounds} alternating rounds of "
            f"{args.patches} patches; median, min-max):", "", "| engine | median ms | min-max ms | vs fp32 |",
            "|---|---|---|---|"]

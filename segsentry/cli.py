@@ -345,6 +345,7 @@ def quantize_command(
     calibration_images: Annotated[list[Path], typer.Option("--calibration-images", help="In-distribution scans whose patches set the activation ranges (repeatable).")],
     fidelity_images: Annotated[Optional[list[Path]], typer.Option("--fidelity-images", help="Scans on which the INT8 bundle is compared with the float32 one; recorded in the manifest (repeatable).")] = None,
     max_patches: Annotated[int, typer.Option("--max-patches", min=1, help="Calibration patches at most, spread over the cases.")] = 64,
+    fidelity_backend: Annotated[str, typer.Option("--fidelity-backend", callback=_backend_name, help="Engine the fidelity comparison runs on (INT8 kernels differ between engines).")] = "onnxruntime",
     threads: ThreadsOpt = None,
     verbose: VerboseOpt = False,
     debug: DebugOpt = False,
@@ -357,7 +358,8 @@ def quantize_command(
 
         with console.status("quantising…"):
             result = quantize_bundle(bundle, output, calibration_images=calibration_images,
-                                     fidelity_images=fidelity_images or (), max_patches=max_patches, threads=threads)
+                                     fidelity_images=fidelity_images or (), max_patches=max_patches, threads=threads,
+                                     fidelity_backend=fidelity_backend)
         q = result.quantization
         console.print(f"[green]wrote[/] {escape(str(result.path))}: int8 {'/'.join(q.op_types)} from "
                       f"{q.n_calibration_patches} patches of {q.n_calibration_cases} cases; "
@@ -365,7 +367,7 @@ def quantize_command(
         f = q.fidelity
         if f is not None:
             du = "n/a" if f.max_abs_u_difference is None else f"{f.max_abs_u_difference:.4f}"
-            console.print(f"vs float32 on {f.n_cases} cases: voxel agreement min {f.voxel_agreement_min:.6f}, "
+            console.print(f"vs float32 on {f.n_cases} cases ({f.backend}): voxel agreement min {f.voxel_agreement_min:.6f}, "
                           f"Dice min {f.dice_min:.4f}, max |dU| {du}, flags changed {f.flags_changed} "
                           "(U is not re-calibrated for int8)", highlight=False)
         return EXIT_OK

@@ -105,7 +105,7 @@ class Calibration:
 @dataclass(frozen=True)
 class QuantizationFidelity:
     """How a reduced-precision bundle agrees with its float32 source on ``n_cases`` cases (both run on
-    onnxruntime CPU, same preprocessing and tiling): voxel agreement of the masks, foreground Dice of the
+    ``backend``, same preprocessing and tiling): voxel agreement of the masks, foreground Dice of the
     reduced-precision mask against the float32 one (every label > 0, per case), the largest |U difference|
     and how many cases changed their OOD flag."""
 
@@ -117,6 +117,7 @@ class QuantizationFidelity:
     max_abs_u_difference: float | None
     flags_changed: int
     cases_source: str  # which folders the fidelity cases came from
+    backend: str = "onnxruntime"  # the engine both bundles ran on (INT8 kernels differ between engines)
 
 
 @dataclass(frozen=True)

@@ -49,7 +49,7 @@ METHOD = "onnxruntime static QDQ"
 
 @dataclass(frozen=True)
 class CaseFidelity:
-    """One case run through the float32 and the int8 bundle (onnxruntime CPU, same preprocessing)."""
+    """One case run through the float32 and the int8 bundle (same backend, same preprocessing)."""
 
     case_id: str
     voxel_agreement: float  # fraction of input voxels with the same label
@@ -132,11 +132,12 @@ def quantize_bundle(
     fidelity_images: Sequence[str | Path] = (),
     max_patches: int = DEFAULT_MAX_PATCHES,
     threads: int | None = None,
+    fidelity_backend: str = "onnxruntime",
 ) -> QuantizeResult:
     """Quantise ``bundle_path``'s network to INT8 (see the module docstring) and write a sealed bundle to
     ``output``. ``calibration_images``: folders or files of in-distribution cases whose patches set the
     activation ranges (``max_patches`` at most); ``fidelity_images``: cases (preferably others) on which the
-    int8 bundle is compared with the float32 one, recorded in the manifest. Raises
+    int8 bundle is compared with the float32 one on ``fidelity_backend``, recorded in the manifest. Raises
     :class:`~segsentry.errors.SegsentryError` subclasses for anything a person must fix."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -177,9 +178,10 @@ def quantize_bundle(
     model_bytes = write_manifest(quantized, manifest.replace(quantization=quantization))
     cases: list[CaseFidelity] = []
     if fidelity_images:
-        cases = compare_bundles(source.model_bytes, model_bytes, manifest, fidelity_images, threads=threads)
+        cases = compare_bundles(source.model_bytes, model_bytes, manifest, fidelity_images, threads=threads,
+                                backend=fidelity_backend)
         quantization = Quantization(**{**quantization.__dict__, "fidelity": summarise(
-            cases, source=", ".join(str(p) for p in fidelity_images))})
+            cases, source=", ".join(str(p) for p in fidelity_images), backend=fidelity_backend)})
         model_bytes = write_manifest(quantized, manifest.replace(quantization=quantization))
     write_bytes_atomic(output, model_bytes)
     load_bundle(output)  # the seal and the graph hash check out
@@ -210,16 +212,15 @@ def _check_quantized(model: onnx.ModelProto, source: onnx.ModelProto, keep: list
 
 
 def compare_bundles(fp32_bytes: bytes, int8_bytes: bytes, manifest: Manifest, images: Sequence[str | Path], *,
-                    threads: int | None = None) -> list[CaseFidelity]:
-    """Run every case in ``images`` through both graphs (onnxruntime CPU, same manifest) and compare."""
+                    threads: int | None = None, backend: str = "onnxruntime") -> list[CaseFidelity]:
+    """Run every case in ``images`` through both graphs (on ``backend``, same manifest) and compare."""
     cases = collect_cases(images, num_channels=manifest.num_channels)
     if not cases:
         raise CalibrationError("no cases found in the fidelity images")
     options = BackendOptions(threads=threads)
     kwargs = {"channels": manifest.num_channels, "patch_size": manifest.patch_size, "options": options}
     out = []
-    with create_backend("onnxruntime", fp32_bytes, **kwargs) as fp32, \
-            create_backend("onnxruntime", int8_bytes, **kwargs) as int8:
+    with create_backend(backend, fp32_bytes, **kwargs) as fp32, create_backend(backend, int8_bytes, **kwargs) as int8:
         for case in cases:
             loaded = read_case(case, num_channels=manifest.num_channels)
             a = predict_case(loaded, fp32, manifest, with_uncertainty_map=False)
@@ -240,7 +241,7 @@ def foreground_dice(pred: np.ndarray, ref: np.ndarray) -> float:
     return 1.0 if total == 0 else 2.0 * int(np.logical_and(p, r).sum()) / total
 
 
-def summarise(cases: list[CaseFidelity], *, source: str) -> QuantizationFidelity:
+def summarise(cases: list[CaseFidelity], *, source: str, backend: str = "onnxruntime") -> QuantizationFidelity:
     """The manifest's summary of :func:`compare_bundles`' cases."""
     agreement = np.array([c.voxel_agreement for c in cases])
     dice = np.array([c.dice for c in cases])
@@ -249,7 +250,7 @@ def summarise(cases: list[CaseFidelity], *, source: str) -> QuantizationFidelity
         n_cases=len(cases), voxel_agreement_min=float(agreement.min()), voxel_agreement_mean=float(agreement.mean()),
         dice_min=float(dice.min()), dice_mean=float(dice.mean()),
         max_abs_u_difference=float(max(du)) if du else None, flags_changed=sum(c.flag_changed for c in cases),
-        cases_source=source)
+        cases_source=source, backend=backend)
 
 
 __all__ = ["CaseFidelity", "QuantizeResult", "calibration_patches", "compare_bundles", "foreground_dice",
