@@ -280,7 +280,8 @@ def finish_case(
     uncertainty = None
     if with_uncertainty_map and inference.distance_map is not None:
         cropped = resample_to_cropped(inference.distance_map[None], geometry, spec)[0]
-        uncertainty = to_input_geometry(cropped.astype(np.float32), geometry, spec)
+        uncertainty = to_input_geometry(cropped.astype(np.float32, copy=False), geometry, spec)  # no extra copy
+        del cropped
     timings["resample_back"] = time.perf_counter() - t0
 
     return CasePrediction(
