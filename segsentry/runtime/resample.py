@@ -243,39 +243,42 @@ def _accumulate_terms(
     additions are done here, vectorised over all output samples, depth first over the taps. ``chunk``
     selects the output samples of the first axis that ``dest`` holds.
     """
-    started = False
     leaf = np.empty(dest.shape, dtype=np.float64)  # reused buffer for the last-level terms
-    stack: list[tuple[int, np.ndarray]] = [(0, src)]
-    while stack:
-        level, arr = stack.pop()
-        axis = axes[level]
-        idx, w = taps[level]
-        if level == 0:
-            idx = idx[:, chunk]
-            w = None if w is None else w[:, chunk]
-        shape = _weights_shape(arr.ndim, axis, idx.shape[1])
-        last = level == len(axes) - 1
-        n_taps = idx.shape[0]
-        for tap in range(n_taps) if last else range(n_taps - 1, -1, -1):  # inner levels: pushed in reverse
-            # indices are already clamped; mode="clip" spares numpy's bounds-checking copy
-            if last and arr.dtype == np.float64:
-                term = np.take(arr, idx[tap], axis=axis, out=leaf, mode="clip")
+    _descend(0, src, dest, leaf, axes, taps, chunk, [False])
+
+
+def _descend(level: int, arr: np.ndarray, dest: np.ndarray, leaf: np.ndarray, axes: Sequence[int],
+             taps: Sequence[tuple[np.ndarray, np.ndarray | None]], chunk: slice, started: list[bool]) -> None:
+    """One level of :func:`_accumulate_terms`: depth first, taps in order, so only one term per level is alive
+    at a time (a module-level function: a recursive closure would keep the buffers alive in a reference cycle)."""
+    axis = axes[level]
+    idx, w = taps[level]
+    if level == 0:
+        idx = idx[:, chunk]
+        w = None if w is None else w[:, chunk]
+    shape = _weights_shape(arr.ndim, axis, idx.shape[1])
+    last = level == len(axes) - 1
+    for tap in range(idx.shape[0]):
+        # indices are already clamped; mode="clip" spares numpy's bounds-checking copy
+        if last and arr.dtype == np.float64:
+            term = np.take(arr, idx[tap], axis=axis, out=leaf, mode="clip")
+        else:
+            term = np.take(arr, idx[tap], axis=axis, mode="clip")
+        if w is not None:
+            weight = w[tap].reshape(shape)
+            if term.dtype == np.float64:
+                term *= weight
             else:
-                term = np.take(arr, idx[tap], axis=axis, mode="clip")
-            if w is not None:
-                weight = w[tap].reshape(shape)
-                if term.dtype == np.float64:
-                    term *= weight
-                else:
-                    term = np.multiply(term, weight, dtype=np.float64)
-            if not last:
-                stack.append((level + 1, term))
-            elif started:
-                dest += term
-            else:
-                dest[...] = term
-                dest += 0.0  # t = 0.0 + first term (turns -0.0 into +0.0, like scipy)
-                started = True
+                term = np.multiply(term, weight, dtype=np.float64)
+        if not last:
+            _descend(level + 1, term, dest, leaf, axes, taps, chunk, started)
+        elif started[0]:
+            dest += term
+        else:
+            dest[...] = term
+            dest += 0.0  # t = 0.0 + first term (turns -0.0 into +0.0, like scipy)
+            started[0] = True
+        del term
 
 
 def _spline_zoom(x: np.ndarray, target: Sequence[int], axes: tuple[int, ...], order: int, *,
