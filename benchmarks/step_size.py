@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(row)
     base = "0.5"
     shifts = {str(s): [r["steps"][str(s)]["u"] - r["steps"][base]["u"] for r in rows] for s in args.steps[1:]}
-    out = {"benchmark": "step_size", "bundle": args.bundle.name, "calibrated_step": m.tiling.step_size,
+    out = {"benchmark": "step_size", "bundle": args.bundle.name, "phantom_inplane": args.inplane, "calibrated_step": m.tiling.step_size,
            "threshold": m.calibration.threshold if m.calibration else None, "cases": rows,
            "u_shift_vs_0.5": {s: {"mean": float(np.mean(v)), "max_abs": float(np.max(np.abs(v)))}
                               for s, v in shifts.items()},
@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     (RESULTS / "step_size_demo.json").write_text(json.dumps(out, indent=2) + "\n")
     md = [f"# Tile step size vs U, {args.bundle.name} ({out['date']})", "",
           f"Calibrated at step {m.tiling.step_size}, threshold U > {out['threshold']:.3f}; onnxruntime; "
-          f"{len(rows)} fresh phantoms. U at another step is not calibrated.", "",
+          f"{len(rows)} fresh phantoms ({args.inplane} x {args.inplane} slices). U at another step is not "
+          "calibrated.", "",
           "| case | cohort | " + " | ".join(f"U @{s} (flag, patches)" for s in args.steps)
           + " | " + " | ".join(f"mask agreement @{s}" for s in args.steps[1:]) + " |",
           "|---|---|" + "---|" * (2 * len(args.steps) - 1)]
