@@ -252,4 +252,19 @@ def machine_info() -> dict:
                 break
     except OSError:
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
+            "cpu_flags": cpu_flags()}
+
+
+SPEED_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+
+
+def cpu_flags() -> dict[str, bool]:
+    """Which of :data:`SPEED_FLAGS` (the instructions INT8 / BF16 / FP32 kernels use) ``/proc/cpuinfo`` lists;
+    empty where there is no ``/proc/cpuinfo``."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {}
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return {f: f in flags for f in SPEED_FLAGS}

@@ -249,6 +249,9 @@ def run_command(
     allow_irregular_slices: Annotated[bool, typer.Option(
         "--allow-irregular-slices", help="Process DICOM series with missing or unevenly spaced slices instead of "
         "refusing them; each such case's report carries the warning.")] = False,
+    step_size: Annotated[Optional[float], typer.Option(
+        "--step-size", help="Tile step as a fraction of the patch (nnU-Net's "
+        "-step_size; default the bundle's, 0.5, which U is calibrated at: another step gives an uncalibrated U).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Skip cases whose outputs an earlier run of the same model "
                                          "left complete in the output folder.")] = False,
     ray: Annotated[Optional[str], typer.Option("--ray", metavar="ADDRESS", help="Run on Ray (segsentry[distributed]): "
@@ -265,6 +268,8 @@ def run_command(
         raise typer.BadParameter("--demo takes no BUNDLE or INPUTS")
     if demo and (ray or resume):
         raise typer.BadParameter("--demo runs here and from scratch: no --ray or --resume")
+    if step_size is not None and not 0 < step_size <= 1:
+        raise typer.BadParameter(f"--step-size must be in (0, 1], got {step_size}")
     if ray_workers is not None and ray is None:
         raise typer.BadParameter("--ray-workers needs --ray ADDRESS")
     if not demo and (bundle is None or not inputs):
@@ -297,11 +302,12 @@ def run_command(
                 result = run_batch_ray(bundle, inputs, output, ray_options=options, backend=backend,
                                        batch_size=batch_size, low_memory=low_memory, qa=qa, resume=resume,
                                        on_case=advance, raise_unexpected=debug,
-                                       allow_irregular_slices=allow_irregular_slices)
+                                       allow_irregular_slices=allow_irregular_slices, step_size=step_size)
             else:
                 result = run_batch(bundle, inputs, output, backend=backend, batch_size=batch_size, threads=threads,
                                    low_memory=low_memory, qa=qa, on_case=advance, raise_unexpected=debug,
-                                   case_hooks=hooks, allow_irregular_slices=allow_irregular_slices, resume=resume)
+                                   case_hooks=hooks, allow_irregular_slices=allow_irregular_slices, resume=resume,
+                                   step_size=step_size)
         if as_json:
             typer.echo(json.dumps({
                 "backend": result.backend,
@@ -507,6 +513,42 @@ def bench_command(
     _guarded(debug, body)
 
 
+def quantize_command(
+    bundle: Annotated[Path, typer.Argument(help="A float32 bundle (.ood.onnx or .features.onnx).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output INT8 bundle.")],
+    calibration_images: Annotated[list[Path], typer.Option("--calibration-images", help="In-distribution scans whose patches set the activation ranges (repeatable).")],
+    fidelity_images: Annotated[Optional[list[Path]], typer.Option("--fidelity-images", help="Scans on which the INT8 bundle is compared with the float32 one; recorded in the manifest (repeatable).")] = None,
+    max_patches: Annotated[int, typer.Option("--max-patches", min=1, help="Calibration patches at most, spread over the cases.")] = 64,
+    fidelity_backend: Annotated[str, typer.Option("--fidelity-backend", callback=_backend_name, help="Engine the fidelity comparison runs on (INT8 kernels differ between engines).")] = "onnxruntime",
+    threads: ThreadsOpt = None,
+    verbose: VerboseOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """INT8 post-training quantisation (onnxruntime static QDQ; head and normalisations stay float32)."""
+    _setup_logging(verbose)
+
+    def body() -> int:
+        from segsentry.calib.quantize import quantize_bundle
+
+        with console.status("quantising…"):
+            result = quantize_bundle(bundle, output, calibration_images=calibration_images,
+                                     fidelity_images=fidelity_images or (), max_patches=max_patches, threads=threads,
+                                     fidelity_backend=fidelity_backend)
+        q = result.quantization
+        console.print(f"[green]wrote[/] {escape(str(result.path))}: int8 {'/'.join(q.op_types)} from "
+                      f"{q.n_calibration_patches} patches of {q.n_calibration_cases} cases; "
+                      f"{len(q.fp32_nodes)} nodes kept float32", highlight=False)
+        f = q.fidelity
+        if f is not None:
+            du = "n/a" if f.max_abs_u_difference is None else f"{f.max_abs_u_difference:.4f}"
+            console.print(f"vs float32 on {f.n_cases} cases ({f.backend}): voxel agreement min {f.voxel_agreement_min:.6f}, "
+                          f"Dice min {f.dice_min:.4f}, max |dU| {du}, flags changed {f.flags_changed} "
+                          "(U is not re-calibrated for int8)", highlight=False)
+        return EXIT_OK
+
+    _guarded(debug, body)
+
+
 def phantoms_command(
     output: Annotated[Path, typer.Argument(help="Folder for the nnU-Net raw layout (imagesTr/, labelsTr/, dataset.json).")],
     cohort: Annotated[Cohort, typer.Option("--cohort", help="Which cohort to generate.")] = Cohort.ID,
@@ -621,6 +663,7 @@ app.command("bench")(bench_command)
 app.command("phantoms")(phantoms_command)
 app.command("monitor")(monitor_command)
 app.command("serve")(serve_command)
+app.command("quantize")(quantize_command)
 
 
 def _single(command: Callable[..., None]) -> typer.Typer:

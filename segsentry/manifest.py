@@ -104,6 +104,43 @@ class Calibration:
 
 
 @dataclass(frozen=True)
+class QuantizationFidelity:
+    """How a reduced-precision bundle agrees with its float32 source on ``n_cases`` cases (both run on
+    ``backend``, same preprocessing and tiling): voxel agreement of the masks, foreground Dice of the
+    reduced-precision mask against the float32 one (every label > 0, per case), the largest |U difference|
+    and how many cases changed their OOD flag."""
+
+    n_cases: int
+    voxel_agreement_min: float
+    voxel_agreement_mean: float
+    dice_min: float
+    dice_mean: float
+    max_abs_u_difference: float | None
+    flags_changed: int
+    cases_source: str  # which folders the fidelity cases came from
+    backend: str = "onnxruntime"  # the engine both bundles ran on (INT8 kernels differ between engines)
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """A reduced-precision bundle (``segsentry.calib.quantize``): what was quantised and how it was checked.
+
+    The calibration (threshold, training scores) is the float32 bundle's: U is not re-calibrated, so its
+    shift is part of ``fidelity``."""
+
+    precision: str  # "int8"
+    method: str  # e.g. "onnxruntime static QDQ"
+    op_types: list[str]  # the operator types quantised; everything else stays float32
+    weights: str
+    activations: str
+    fp32_nodes: list[str]  # nodes kept float32 on purpose (Mahalanobis head, normalisations)
+    n_calibration_patches: int
+    n_calibration_cases: int
+    source_weights_sha256: str  # the float32 bundle's graph hash
+    fidelity: QuantizationFidelity | None = None
+
+
+@dataclass(frozen=True)
 class Manifest:
     """Versioned description of a bundle. ``source`` says where the network came from."""
 
@@ -120,6 +157,7 @@ class Manifest:
     outputs: dict[str, str] = field(default_factory=lambda: {Output.LOGITS.value: "logits",
                                                              Output.FEATURES.value: "features"})  # role -> name
     calibration: Calibration | None = None
+    quantization: Quantization | None = None  # None: the float32 network as exported
     weights_sha256: str = ""
     version: int = MANIFEST_VERSION
 
@@ -151,11 +189,13 @@ class Manifest:
                     f"(expected {MANIFEST_VERSION}); re-export the model with this version"
                 )
             calibration = raw.pop("calibration", None)
+            quantization = raw.pop("quantization", None)
             return cls(
                 preprocessing=Preprocessing(**raw.pop("preprocessing")),
                 tiling=_tiling(raw.pop("tiling")),
                 features=FeatureSpec(**raw.pop("features")),
                 calibration=_calibration(calibration) if calibration else None,
+                quantization=_quantization(quantization) if quantization else None,
                 **raw,
             )
         except BundleError:
@@ -167,6 +207,11 @@ class Manifest:
 def _calibration(raw: dict[str, Any]) -> Calibration:
     content = raw.pop("input_range", None)
     return Calibration(**raw, input_range=InputRange(**content) if content else None)
+
+
+def _quantization(raw: dict[str, Any]) -> Quantization:
+    fidelity = raw.pop("fidelity", None)
+    return Quantization(**raw, fidelity=QuantizationFidelity(**fidelity) if fidelity else None)
 
 
 def _tiling(raw: dict[str, Any]) -> Tiling:

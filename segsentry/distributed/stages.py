@@ -85,7 +85,7 @@ class EngineWorker:
             return os.getpid(), socket.gethostname(), self.busy
 
     def infer(self, case: CaseInput, data: np.ndarray | CaseOutcome, batch_size: int, output_dir: Path,
-              raise_unexpected: bool) -> tuple[float | None, VolumeInference | CaseOutcome]:
+              raise_unexpected: bool, step_size: float | None = None) -> tuple[float | None, VolumeInference | CaseOutcome]:
         """``(inference seconds, sliding-window outputs)``, or ``(None, failed outcome)`` (its seconds: this
         stage's)."""
         if isinstance(data, CaseOutcome):
@@ -94,7 +94,8 @@ class EngineWorker:
         with self._lock:
             self.busy = case.case_id
         try:
-            inference = infer_volume_for_case(data, self.engine, self.manifest, batch_size=batch_size)
+            inference = infer_volume_for_case(data, self.engine, self.manifest, batch_size=batch_size,
+                                              step_size=step_size)
             return time.perf_counter() - start, inference
         except Exception as exc:  # noqa: BLE001 - as in a serial run
             return None, failed_outcome(case, output_dir, exc, start, raise_unexpected=raise_unexpected)

@@ -41,7 +41,7 @@ from segsentry.runtime.io import (
     sha256_file,
     write_image,
 )
-from segsentry.runtime.pipeline import CasePrediction, predict_case
+from segsentry.runtime.pipeline import CasePrediction, check_step_size, predict_case
 from segsentry.runtime.report import CaseReport
 from segsentry.runtime.qa import CaseView, modality_of, render_case, write_qa_page
 from segsentry.runtime.resume import find_complete
@@ -122,6 +122,7 @@ def run_batch(
     qa: bool = True,
     on_case: Callable[[CaseOutcome], None] | None = None,
     raise_unexpected: bool = False,
+    step_size: float | None = None,
     case_hooks: Sequence[CaseHook] = (),
     allow_irregular_slices: bool = False,
     resume: bool = False,
@@ -133,13 +134,15 @@ def run_batch(
     ``raise_unexpected`` (the CLI's ``--debug``); a failing case's outputs from an earlier run are removed.
     ``case_hooks`` run in order after each case's images are written, before its report (in the case's stage folder).
     ``allow_irregular_slices`` processes DICOM series with gaps or uneven steps, with a warning in the report.
+    ``step_size`` tiles like nnU-Net's ``-step_size`` (None: the bundle's, which U is calibrated at).
     ``resume`` skips the cases an earlier run of the same model completed (:func:`find_complete`).
     """
     output_dir = Path(output_dir)
     bundle, cases = open_batch(bundle_path, inputs, output_dir)
     manifest = bundle.manifest
-    options = case_options(bundle, batch_size=batch_size, qa=qa, raise_unexpected=raise_unexpected,
-                           allow_irregular_slices=allow_irregular_slices, case_hooks=case_hooks)
+    options = case_options(bundle, batch_size=batch_size, step_size=step_size, qa=qa,
+                           raise_unexpected=raise_unexpected, allow_irregular_slices=allow_irregular_slices,
+                           case_hooks=case_hooks)
     backend_name = resolve_backend_name(backend)
     outcomes: list[CaseOutcome] = []
     with create_backend(backend_name, bundle.model_bytes, channels=manifest.num_channels,
@@ -188,6 +191,7 @@ class CaseOptions:
     """What every case of a batch is run with (besides bundle, engine and output folder)."""
 
     batch_size: int = 1
+    step_size: float | None = None  # None: the bundle's tiling.step_size (what U is calibrated at)
     qa: bool = True
     raise_unexpected: bool = False
     allow_irregular_slices: bool = False
@@ -196,12 +200,14 @@ class CaseOptions:
     case_hooks: Sequence[CaseHook] = ()
 
 
-def case_options(bundle: Bundle, *, batch_size: int = 1, qa: bool = True, raise_unexpected: bool = False,
-                 allow_irregular_slices: bool = False, case_hooks: Sequence[CaseHook] = ()) -> CaseOptions:
+def case_options(bundle: Bundle, *, batch_size: int = 1, step_size: float | None = None, qa: bool = True,
+                 raise_unexpected: bool = False, allow_irregular_slices: bool = False,
+                 case_hooks: Sequence[CaseHook] = ()) -> CaseOptions:
     """The options every case of a batch with ``bundle`` (its graph bytes still loaded: they are hashed) runs with."""
     manifest = bundle.manifest
     return CaseOptions(
-        batch_size=batch_size, qa=qa, raise_unexpected=raise_unexpected, allow_irregular_slices=allow_irregular_slices,
+        batch_size=batch_size, step_size=None if step_size is None else check_step_size(step_size), qa=qa,
+        raise_unexpected=raise_unexpected, allow_irregular_slices=allow_irregular_slices,
         expected_modality=expected_modality(manifest.channels, manifest.preprocessing.normalization_schemes),
         bundle_sha256=hashlib.sha256(bundle.model_bytes).hexdigest(), case_hooks=tuple(case_hooks))
 
@@ -224,7 +230,8 @@ def _run_case(case: CaseInput, bundle: Bundle, engine, output_dir: Path, backend
     try:
         loaded = read_stage(case, bundle.manifest, options)
         read_s = time.perf_counter() - start
-        prediction = predict_case(loaded, engine, bundle.manifest, batch_size=options.batch_size)
+        prediction = predict_case(loaded, engine, bundle.manifest, batch_size=options.batch_size,
+                                  step_size=options.step_size)
         return write_case(case, loaded, prediction, bundle, output_dir, backend_name, options=options,
                           read_s=read_s, start=start)
     except Exception as exc:  # noqa: BLE001 - sorted out by failed_outcome

@@ -13,7 +13,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from segsentry.contract import Output
-from segsentry.errors import BundleError
+from segsentry.errors import BundleError, SegsentryError
 from segsentry.manifest import Calibration, Manifest
 from segsentry.runtime.backends.base import Backend
 from segsentry.runtime.guard import content_reasons, content_stats
@@ -54,7 +54,8 @@ class VolumeInference:
 
     ``logits`` ``(k, Z, Y, X)`` float16 or None; ``distance_map`` ``(Z, Y, X)`` float32 or None;
     ``boxes`` in padded coordinates with ``pad_box`` locating the volume inside the padding;
-    ``distances`` ``(n_patches,)``; ``features`` ``(n_patches, D)`` when collected.
+    ``distances`` ``(n_patches,)``; ``features`` ``(n_patches, D)`` when collected; ``step_size`` the tile
+    step the boxes were placed with (a fraction of the patch size).
     """
 
     logits: np.ndarray | None
@@ -64,6 +65,16 @@ class VolumeInference:
     padded_shape: tuple[int, ...]
     distances: np.ndarray | None
     features: np.ndarray | None
+    step_size: float = 0.5
+
+
+def check_step_size(step_size: float) -> float:
+    """``step_size`` as a float in (0, 1] (nnU-Net's ``-step_size``), else a :class:`SegsentryError`."""
+    value = float(step_size)
+    if not 0.0 < value <= 1.0:
+        raise SegsentryError(f"the tile step size is a fraction of the patch size in (0, 1] (nnU-Net's default "
+                             f"0.5, TotalSegmentator's fast mode 0.8); got {step_size}")
+    return value
 
 
 def infer_volume(
@@ -75,12 +86,15 @@ def infer_volume(
     accumulate_logits: bool = True,
     aggregation: str | None = None,
     collect_features: bool = False,
+    step_size: float | None = None,
 ) -> VolumeInference:
     """Tile ``data`` ``(c, Z, Y, X)``, run the backend, accumulate what is asked for.
 
     ``aggregation`` (``normalised``/``paper``) turns on the distance map; it needs a ``distance`` output.
-    Outputs are looked up by role (``manifest.outputs``), not by graph name.
+    Outputs are looked up by role (``manifest.outputs``), not by graph name. ``step_size`` (None: the bundle's
+    ``tiling.step_size``, what it was calibrated with) places the tiles as nnU-Net's ``tile_step_size`` does.
     """
+    step_size = check_step_size(manifest.tiling.step_size if step_size is None else step_size)
     logits_name = manifest.output_name(Output.LOGITS) if accumulate_logits else None
     distance_name = manifest.outputs.get(Output.DISTANCE.value)
     features_name = manifest.output_name(Output.FEATURES) if collect_features else None
@@ -89,7 +103,7 @@ def infer_volume(
     patch = manifest.patch_size
     padded, pad_box = pad_to_patch(data, patch)
     shape = padded.shape[1:]
-    boxes = tile_boxes(shape, patch, manifest.tiling.step_size)
+    boxes = tile_boxes(shape, patch, step_size)
     gaussian = importance_for(patch, sigma_scale=manifest.tiling.sigma_scale,
                               value_scaling_factor=manifest.tiling.value_scaling_factor)
     logit_acc = LogitAccumulator(manifest.num_classes, shape, gaussian) if accumulate_logits else None
@@ -115,6 +129,7 @@ def infer_volume(
         padded_shape=tuple(shape),
         distances=np.concatenate(distances) if distances else None,
         features=np.concatenate(features) if features else None,
+        step_size=step_size,
     )
 
 
@@ -137,6 +152,7 @@ class CasePrediction:
     top_patches: list[TopPatch]
     timings: dict[str, float] = field(default_factory=dict)
     ood_reasons: list[str] = field(default_factory=list)  # why the case is flagged, if it is
+    step_size: float = 0.5  # the tile step the sliding window used
 
     @property
     def n_patches(self) -> int:
@@ -188,19 +204,21 @@ def argmax_labels(logits: np.ndarray, dtype: type, *, slab: int = 16) -> np.ndar
 
 
 def predict_case(
-    loaded: LoadedCase, backend: Backend, manifest: Manifest, *, batch_size: int = 1, with_uncertainty_map: bool = True
+    loaded: LoadedCase, backend: Backend, manifest: Manifest, *, batch_size: int = 1, with_uncertainty_map: bool = True,
+    step_size: float | None = None,
 ) -> CasePrediction:
     """Segment one loaded case and, if the bundle is calibrated, score it for OOD.
 
     The three stages are public so that evaluation can keep what it needs in memory (the preprocessed volume
     for TTA and MC dropout, the network-space logits for the output baselines): :func:`preprocess`,
-    :func:`infer_volume`, :func:`finish_case`.
+    :func:`infer_volume`, :func:`finish_case`. ``step_size``: see :func:`infer_volume` (U is calibrated at the
+    bundle's own step size only).
     """
     t0 = time.perf_counter()
     data, geometry = preprocess(loaded.image, loaded.spacing, manifest.preprocessing)
     preprocess_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    inference = infer_volume_for_case(data, backend, manifest, batch_size=batch_size)
+    inference = infer_volume_for_case(data, backend, manifest, batch_size=batch_size, step_size=step_size)
     del data
     inference_s = time.perf_counter() - t0
     return finish_case(loaded, inference, geometry, manifest, with_uncertainty_map=with_uncertainty_map,
@@ -208,11 +226,11 @@ def predict_case(
 
 
 def infer_volume_for_case(data: np.ndarray, backend: Backend, manifest: Manifest, *,
-                          batch_size: int = 1) -> VolumeInference:
+                          batch_size: int = 1, step_size: float | None = None) -> VolumeInference:
     """:func:`infer_volume` with what a deployed case needs: logits, and the distance map if calibrated."""
     calibration = manifest.calibration
     return infer_volume(data, backend, manifest, batch_size=batch_size,
-                        aggregation=calibration.aggregation if calibration else None)
+                        aggregation=calibration.aggregation if calibration else None, step_size=step_size)
 
 
 @dataclass(frozen=True)
@@ -262,7 +280,8 @@ def finish_case(
     uncertainty = None
     if with_uncertainty_map and inference.distance_map is not None:
         cropped = resample_to_cropped(inference.distance_map[None], geometry, spec)[0]
-        uncertainty = to_input_geometry(cropped.astype(np.float32), geometry, spec)
+        uncertainty = to_input_geometry(cropped.astype(np.float32, copy=False), geometry, spec)  # no extra copy
+        del cropped
     timings["resample_back"] = time.perf_counter() - t0
 
     return CasePrediction(
@@ -278,4 +297,5 @@ def finish_case(
         top_patches=_top_patches(inference, geometry, manifest, loaded.reference),
         timings=timings,
         ood_reasons=decision.reasons,
+        step_size=inference.step_size,
     )

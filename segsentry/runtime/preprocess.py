@@ -129,8 +129,12 @@ def resample_to_cropped(maps: np.ndarray, geometry: Geometry, spec: Preprocessin
 def to_input_geometry(cropped: np.ndarray, geometry: Geometry, spec: Preprocessing, *, fill: float = 0) -> np.ndarray:
     """Paste a cropped-grid map ``(z', y', x')`` (transposed order) into the full grid and undo the transpose.
 
-    Returns a ``(z, y, x)`` array in the input image's numpy order.
+    Returns a ``(z, y, x)`` array in the input image's numpy order. When nothing was cropped (a CT's air is
+    not zero) ``cropped`` itself is used, not copied into a second volume: the result may share its memory.
     """
-    full = np.full(geometry.shape_before_cropping, fill, dtype=cropped.dtype)
-    full = insert_crop(full, cropped, [list(b) for b in geometry.bbox])
+    if tuple(cropped.shape) == tuple(geometry.shape_before_cropping):
+        full = cropped
+    else:
+        full = np.full(geometry.shape_before_cropping, fill, dtype=cropped.dtype)
+        full = insert_crop(full, cropped, [list(b) for b in geometry.bbox])
     return np.ascontiguousarray(full.transpose(spec.transpose_backward))

@@ -42,6 +42,7 @@ class CaseReport:
     segsentry_version: str = ""
     bundle_sha256: str = ""  # of the bundle file as loaded (model_sha256 is the graph's, from the manifest)
     input_ids: list[dict[str, str]] = field(default_factory=list)  # per input: path + sha256, or series UID
+    step_size: float = 0.5  # sliding-window tile step (fraction of the patch); U is calibrated at the bundle's
 
     @classmethod
     def from_prediction(cls, prediction: CasePrediction, *, inputs: list[str], aggregation: str | None,
@@ -69,6 +70,7 @@ class CaseReport:
             segsentry_version=__version__,
             bundle_sha256=bundle_sha256,
             input_ids=list(input_ids or []),
+            step_size=prediction.step_size,
         )
 
     @property

@@ -243,52 +243,63 @@ def _accumulate_terms(
     additions are done here, vectorised over all output samples, depth first over the taps. ``chunk``
     selects the output samples of the first axis that ``dest`` holds.
     """
-    started = False
     leaf = np.empty(dest.shape, dtype=np.float64)  # reused buffer for the last-level terms
-    stack: list[tuple[int, np.ndarray]] = [(0, src)]
-    while stack:
-        level, arr = stack.pop()
-        axis = axes[level]
-        idx, w = taps[level]
-        if level == 0:
-            idx = idx[:, chunk]
-            w = None if w is None else w[:, chunk]
-        shape = _weights_shape(arr.ndim, axis, idx.shape[1])
-        last = level == len(axes) - 1
-        n_taps = idx.shape[0]
-        for tap in range(n_taps) if last else range(n_taps - 1, -1, -1):  # inner levels: pushed in reverse
-            # indices are already clamped; mode="clip" spares numpy's bounds-checking copy
-            if last and arr.dtype == np.float64:
-                term = np.take(arr, idx[tap], axis=axis, out=leaf, mode="clip")
-            else:
-                term = np.take(arr, idx[tap], axis=axis, mode="clip")
-            if w is not None:
-                weight = w[tap].reshape(shape)
-                if term.dtype == np.float64:
-                    term *= weight
-                else:
-                    term = np.multiply(term, weight, dtype=np.float64)
-            if not last:
-                stack.append((level + 1, term))
-            elif started:
-                dest += term
-            else:
-                dest[...] = term
-                dest += 0.0  # t = 0.0 + first term (turns -0.0 into +0.0, like scipy)
-                started = True
+    _descend(0, src, dest, leaf, axes, taps, chunk, [False])
 
 
-def _spline_zoom(x: np.ndarray, target: Sequence[int], axes: tuple[int, ...], order: int) -> np.ndarray:
+def _descend(level: int, arr: np.ndarray, dest: np.ndarray, leaf: np.ndarray, axes: Sequence[int],
+             taps: Sequence[tuple[np.ndarray, np.ndarray | None]], chunk: slice, started: list[bool]) -> None:
+    """One level of :func:`_accumulate_terms`: depth first, taps in order, so only one term per level is alive
+    at a time (a module-level function: a recursive closure would keep the buffers alive in a reference cycle)."""
+    axis = axes[level]
+    idx, w = taps[level]
+    if level == 0:
+        idx = idx[:, chunk]
+        w = None if w is None else w[:, chunk]
+    shape = _weights_shape(arr.ndim, axis, idx.shape[1])
+    last = level == len(axes) - 1
+    for tap in range(idx.shape[0]):
+        # indices are already clamped; mode="clip" spares numpy's bounds-checking copy
+        if last and arr.dtype == np.float64:
+            term = np.take(arr, idx[tap], axis=axis, out=leaf, mode="clip")
+        else:
+            term = np.take(arr, idx[tap], axis=axis, mode="clip")
+        if w is not None:
+            weight = w[tap].reshape(shape)
+            if term.dtype == np.float64:
+                term *= weight
+            else:
+                term = np.multiply(term, weight, dtype=np.float64)
+        if not last:
+            _descend(level + 1, term, dest, leaf, axes, taps, chunk, started)
+        elif started[0]:
+            dest += term
+        else:
+            dest[...] = term
+            dest += 0.0  # t = 0.0 + first term (turns -0.0 into +0.0, like scipy)
+            started[0] = True
+        del term
+
+
+def _spline_zoom(x: np.ndarray, target: Sequence[int], axes: tuple[int, ...], order: int, *,
+                 out: np.ndarray | None = None, clip: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """``scipy.ndimage.zoom(mode='nearest', grid_mode=True)`` of ``x`` over ``axes`` (increasing) to ``target``.
 
     ``x`` has any real dtype (read as float64, like nnU-Net's ``astype(float)``); ``target`` gives the output
     length of every axis (entries of axes not in ``axes`` must equal ``x.shape``). Returns a new float64
     array, bit-identical to scipy's.
+
+    With ``out`` (the output shape, any dtype) the float64 samples are computed chunk by chunk along
+    ``axes[0]``, clipped to ``clip = (lo, hi)`` if given (arrays of size 1 along every axis in ``axes``) and
+    cast into ``out``, which is returned: the same values as clipping and casting the whole float64 result,
+    without holding it (the resampling back of a full-size volume in slabs).
     """
     src = _spline_coefficients(x, axes) if order == 3 else x
     taps = [_taps(x.shape[a], target[a], order) for a in axes]
     out_shape = tuple(target[a] if a in axes else s for a, s in enumerate(x.shape))
-    y = np.empty(out_shape, dtype=np.float64)
+    if out is not None and tuple(out.shape) != out_shape:
+        raise ValueError(f"out has shape {out.shape}, expected {out_shape}")
+    y = np.empty(out_shape, dtype=np.float64) if out is None else out
     if y.size == 0:
         return y
     first = axes[0]
@@ -296,7 +307,15 @@ def _spline_zoom(x: np.ndarray, target: Sequence[int], axes: tuple[int, ...], or
     step = max(1, _CHUNK_ELEMENTS // max(per_index, 1))
     for begin in range(0, out_shape[first], step):
         chunk = slice(begin, begin + step)
-        _accumulate_terms(src, y[_index(y.ndim, first, chunk)], axes, taps, chunk)
+        if out is None:
+            _accumulate_terms(src, y[_index(y.ndim, first, chunk)], axes, taps, chunk)
+            continue
+        where = _index(y.ndim, first, chunk)
+        part = np.empty(y[where].shape, dtype=np.float64)
+        _accumulate_terms(src, part, axes, taps, chunk)
+        if clip is not None:
+            np.clip(part, clip[0].astype(np.float64), clip[1].astype(np.float64), out=part)
+        y[where] = part
     return y
 
 
@@ -379,41 +398,56 @@ def resample_to_shape(
     out = np.zeros((data.shape[0], *target), dtype=data.dtype)
     with np.errstate(invalid="ignore", over="ignore"):  # scipy's C code propagates NaN/inf silently
         for c in range(data.shape[0]):
-            out[c] = _resample_channel(
-                data[c], target, do_separate_z=do_separate_z, axis=axis, order=order, order_z=order_z
+            view = out[c]
+            result = _resample_channel(
+                data[c], target, do_separate_z=do_separate_z, axis=axis, order=order, order_z=order_z, out=view
             )
+            if result is not view:  # the input itself (nothing to resample along the remaining axes)
+                view[...] = result
     return out
 
 
 def _resample_channel(
-    channel: np.ndarray, target: tuple[int, ...], *, do_separate_z: bool, axis: int | None, order: int, order_z: int
+    channel: np.ndarray, target: tuple[int, ...], *, do_separate_z: bool, axis: int | None, order: int, order_z: int,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
-    """One channel (a0, a1, a2) of :func:`resample_to_shape`, as float64 (or the input itself, unchanged)."""
+    """One channel (a0, a1, a2) of :func:`resample_to_shape`, as float64 (or the input itself, unchanged).
+
+    With ``out`` (the channel's output view) the last zoom writes into it in slabs and ``out`` is returned
+    (no float64 array of the output size); intermediate steps of the separate-z path stay float64, as in
+    nnU-Net.
+    """
     shape = channel.shape
     if not do_separate_z or axis is None:
-        return _resize(channel, target, (0, 1, 2), order)
+        return _resize(channel, target, (0, 1, 2), order, out=out)
     in_plane = tuple(a for a in range(3) if a != axis)
+    last_step_is_inplane = shape[axis] == target[axis]
     if any(shape[a] != target[a] for a in in_plane):
-        resized = _resize(channel, (*target[:axis], shape[axis], *target[axis + 1 :]), in_plane, order)
+        resized = _resize(channel, (*target[:axis], shape[axis], *target[axis + 1 :]), in_plane, order,
+                          out=out if last_step_is_inplane else None)
     else:
         resized = channel  # zoom factors of 1: skimage/scipy return every slice unchanged
-    if shape[axis] == target[axis]:
+    if last_step_is_inplane:
         return resized
     if order_z == 0:
         # order 0 takes the in-plane sample itself: only the z taps matter
-        return _spline_zoom(resized, target, (axis,), 0)
+        return _spline_zoom(resized, target, (axis,), 0, out=out)
     # map_coordinates on the full grid: the in-plane axes are sampled at integer positions (weights 1 and 0
     # for order 1, which still propagate NaN/inf; prefiltered for order 3)
-    return _spline_zoom(resized, target, (0, 1, 2), order_z)
+    return _spline_zoom(resized, target, (0, 1, 2), order_z, out=out)
 
 
-def _resize(image: np.ndarray, target: Sequence[int], axes: tuple[int, ...], order: int) -> np.ndarray:
-    """skimage ``resize(mode='edge', anti_aliasing=False)`` of every image spanned by ``axes``, float64.
+def _resize(image: np.ndarray, target: Sequence[int], axes: tuple[int, ...], order: int, *,
+            out: np.ndarray | None = None) -> np.ndarray:
+    """skimage ``resize(mode='edge', anti_aliasing=False)`` of every image spanned by ``axes``, float64 (or
+    clipped and cast into ``out`` slab by slab, see :func:`_spline_zoom`).
 
     The spline zoom over ``axes`` is clipped to the value range of each input image (the whole volume, or
     each 2D slice when ``axes`` leaves one axis out).
     """
     lo, hi = _clip_bounds(image, axes)
+    if out is not None:
+        return _spline_zoom(image, target, axes, order, out=out, clip=(lo, hi))
     resized = _spline_zoom(image, target, axes, order)
     np.clip(resized, lo.astype(np.float64), hi.astype(np.float64), out=resized)
     return resized

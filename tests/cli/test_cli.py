@@ -401,3 +401,22 @@ def test_a_case_that_fails_on_a_rerun_leaves_no_stale_outputs(ct_pipeline, test_
     case.write_bytes(b"truncated transfer")
     assert _run("run", ct_pipeline.ood_onnx, case, "-o", out, "--no-qa").exit_code == 1
     assert sorted(p.name for p in out.iterdir()) == ["summary.csv"]
+
+
+def test_run_step_size_reaches_the_report(ct_pipeline, tmp_path):
+    """--step-size tiles like nnU-Net's -step_size and says so in CASE.json; outside (0, 1] it is a usage error."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from segsentry import cli
+
+    case = sorted(ct_pipeline.images.glob("*_0000.nii.gz"))[0]
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli.run_app, [str(ct_pipeline.ood_onnx), str(case), "-o", str(out), "--no-qa",
+                                              "--step-size", "0.8"])
+    assert result.exit_code in (0, 3), result.output
+    report = json.loads(next(out.glob("*.json")).read_text())
+    assert report["step_size"] == 0.8
+    bad = CliRunner().invoke(cli.run_app, [str(ct_pipeline.ood_onnx), str(case), "-o", str(out), "--step-size", "0"])
+    assert bad.exit_code == 2

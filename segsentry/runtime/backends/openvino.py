@@ -3,8 +3,14 @@
 The bundle bytes are read by OpenVINO's ONNX frontend (from memory, or from a temporary file where the
 installed OpenVINO cannot read ONNX bytes), the input is reshaped to ``(?, channels, *patch_size)`` (dynamic
 batch, static patch) and compiled for ``CPU`` with f32 inference precision, so results match onnxruntime
-on CPUs where OpenVINO would otherwise default to bf16 (AMX / AVX512-BF16). One infer request is created at
-construction and reused for every batch.
+on CPUs where OpenVINO would otherwise default to bf16 (AMX / AVX512-BF16).
+
+``performance_hint="latency"`` (default): one infer request, reused for every batch, all threads on one
+inference. ``"throughput"``: OpenVINO sizes its CPU streams to the cores (``NUM_STREAMS`` is read back into
+``streams``) and an ``AsyncInferQueue`` of ``OPTIMAL_NUMBER_OF_INFER_REQUESTS`` requests runs the patches of a
+batch concurrently, one patch per request, results put back in batch order; a batch of one patch runs on one
+request (one stream's threads), so throughput mode pays off only with batches of at least ``requests``
+patches (``preferred_batch``).
 """
 
 from __future__ import annotations
@@ -64,14 +70,19 @@ class OpenvinoBackend(BackendBase):
         input_name: str = "image",
         options: BackendOptions = BackendOptions(),
         performance_hint: PerformanceHint = "latency",
+        streams: int | None = None,
     ) -> None:
         """Uses ``options.threads``; refuses ``precision="fp16"``; ignores the rest. ``performance_hint``
-        (``"latency"`` or ``"throughput"``) is OpenVINO's own setting."""
+        (``"latency"`` or ``"throughput"``) is OpenVINO's own setting; ``streams`` (throughput only; ``None``:
+        OpenVINO sizes them to the cores) fixes ``NUM_STREAMS``."""
         super().__init__(channels=channels, patch_size=patch_size, options=options)
         options.require_fp32(self.name)
         threads = options.threads
         if performance_hint not in ("latency", "throughput"):
             raise BackendError(f"OpenVINO performance hint must be 'latency' or 'throughput', got {performance_hint!r}")
+        if streams is not None and (performance_hint != "throughput" or not isinstance(streams, int) or streams < 1):
+            raise BackendError(f"OpenVINO streams must be a positive number with the throughput hint, got {streams!r} "
+                               f"with the {performance_hint} hint")
         ov = import_optional("openvino", package="openvino", extra="openvino", purpose="The OpenVINO backend")
         try:
             output_names = _onnx_wire.graph_output_names(model)
@@ -96,29 +107,65 @@ class OpenvinoBackend(BackendBase):
         }
         if threads:
             config["INFERENCE_NUM_THREADS"] = str(int(threads))
+        if streams:
+            config["NUM_STREAMS"] = str(int(streams))
         try:
             self.compiled = core.compile_model(network, DEVICE, config)
             self._outputs = [(name, self.compiled.output(name)) for name in output_names]
             self._input = self.compiled.input(input_name)
             self._request = self.compiled.create_infer_request()
+            self.streams = int(self.compiled.get_property("NUM_STREAMS"))
+            self.requests = 1
+            self._queue = None
+            if performance_hint == "throughput":
+                self.requests = max(1, int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
+                if self.requests > 1:
+                    self._queue = ov.AsyncInferQueue(self.compiled, self.requests)
         except Exception as exc:
             raise BackendError(f"OpenVINO cannot compile the bundle for {DEVICE}: {first_line(exc)}") from exc
         self.input_name = input_name
         self.output_names = list(output_names)
         self.performance_hint = performance_hint
-        log.debug("OpenVINO %s: compiled for %s (%s hint, threads=%s)", ov.__version__, DEVICE,
-                  performance_hint, threads or "auto")
+        self.preferred_batch = self.requests
+        log.debug("OpenVINO %s: compiled for %s (%s hint, threads=%s, %d stream(s), %d request(s))", ov.__version__,
+                  DEVICE, performance_hint, threads or "auto", self.streams, self.requests)
 
     def _run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         if self._request is None:
             raise BackendError("the OpenVINO backend was closed")
         try:
+            if self._queue is not None and batch.shape[0] > 1:
+                return self._run_async(batch)
             results = self._request.infer({self._input: batch})
             return {name: np.array(results[port], dtype=np.float32, copy=True) for name, port in self._outputs}
+        except BackendError:
+            raise
         except Exception as exc:
             raise BackendError(f"OpenVINO inference failed: {first_line(exc)}") from exc
 
+    def _run_async(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """One patch per infer request of the queue, all in flight together; outputs stacked in batch order."""
+        parts: list[dict[str, np.ndarray] | None] = [None] * batch.shape[0]
+        errors: list[BaseException] = []
+
+        def done(request: Any, index: int) -> None:
+            try:
+                parts[index] = {name: np.array(request.get_tensor(port).data, dtype=np.float32, copy=True)
+                                for name, port in self._outputs}
+            except Exception as exc:  # noqa: BLE001 - reported below, in the calling thread
+                errors.append(exc)
+
+        self._queue.set_callback(done)
+        for i in range(batch.shape[0]):
+            self._queue.start_async({self._input: batch[i:i + 1]}, i)
+        self._queue.wait_all()
+        if errors or any(p is None for p in parts):
+            raise BackendError(f"OpenVINO asynchronous inference failed: "
+                               f"{first_line(errors[0]) if errors else 'a request returned nothing'}")
+        return {name: np.concatenate([p[name] for p in parts]) for name, _ in self._outputs}
+
     def close(self) -> None:
+        self._queue = None
         self._request = None
         self._outputs = []
         self.compiled = None
