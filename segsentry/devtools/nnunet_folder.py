@@ -179,3 +179,29 @@ def make_model_folder(root: Path, spec: ModelSpec, *, seed: int = 0) -> Path:
     return folder
 
 
+
+def rewrite_as_numpy1(checkpoint: Path) -> None:
+    """Rewrite a ``torch.save`` checkpoint in place so its pickle names numpy's classes as numpy 1.x did.
+
+    numpy 2 pickles ``np.float32`` scalars as ``numpy._core.multiarray.scalar``; checkpoints written under
+    numpy 1 (most published nnU-Net models) carry ``numpy.core.multiarray.scalar``. The pickle's GLOBAL
+    opcodes are text (``c<module>\\n<name>\\n``, protocol 2 as ``torch.save`` writes), so the module name is
+    replaced byte for byte; every other entry of the zip archive is copied unchanged.
+    """
+    import zipfile
+
+    with zipfile.ZipFile(checkpoint) as archive:
+        entries = [(info, archive.read(info)) for info in archive.infolist()]
+    pickles = [info.filename for info, _ in entries if info.filename.endswith("/data.pkl")]
+    if len(pickles) != 1:
+        raise ValueError(f"{checkpoint} is not a torch.save zip archive with one data.pkl")
+    old_name, new_name = b"numpy._core.multiarray\n", b"numpy.core.multiarray\n"
+    tmp = checkpoint.with_name(checkpoint.name + ".tmp")
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as archive:
+        for info, data in entries:
+            if info.filename == pickles[0]:
+                data = data.replace(old_name, new_name)
+                if b"numpy._core" in data:
+                    raise ValueError("the pickle still names numpy._core after the rewrite")
+            archive.writestr(info, data)
+    tmp.replace(checkpoint)

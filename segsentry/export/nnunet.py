@@ -122,15 +122,28 @@ def resolve_configuration(plans: dict[str, Any], name: str) -> dict[str, Any]:
     return resolved
 
 
-def _load_checkpoint(path: Path) -> dict[str, Any]:
-    allowed: list[Any] = [np.dtype]
+# numpy classes an nnU-Net checkpoint may pickle (numpy scalars in its training log), allowlisted for
+# torch.load(weights_only=True): nothing is executed, only these constructors are looked up by name.
+_NUMPY_DTYPE_CLASSES = ("Float16DType", "Float32DType", "Float64DType", "Int32DType", "Int64DType", "BoolDType")
+
+
+def _numpy_safe_globals() -> list[Any]:
+    """``np.dtype``, the scalar constructor under both its numpy 2 and numpy 1 pickle names
+    (``numpy._core.multiarray.scalar`` / ``numpy.core.multiarray.scalar``: checkpoints written before numpy 2,
+    most published nnU-Net models), and the per-dtype classes a dtype's pickled state is applied to."""
     core = getattr(np, "_core", None) or getattr(np, "core")
-    allowed.append(core.multiarray.scalar)
+    scalar = core.multiarray.scalar
+    allowed: list[Any] = [np.dtype, scalar, (scalar, "numpy.core.multiarray.scalar"),
+                          (scalar, "numpy._core.multiarray.scalar")]
     dtypes = getattr(np, "dtypes", None)
     if dtypes is not None:
-        allowed += [getattr(dtypes, n) for n in ("Float32DType", "Float64DType", "Int64DType") if hasattr(dtypes, n)]
+        allowed += [getattr(dtypes, n) for n in _NUMPY_DTYPE_CLASSES if hasattr(dtypes, n)]
+    return allowed
+
+
+def _load_checkpoint(path: Path) -> dict[str, Any]:
     try:
-        with torch.serialization.safe_globals(allowed):
+        with torch.serialization.safe_globals(_numpy_safe_globals()):
             return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError as exc:
         raise ModelFolderError(f"checkpoint {path} not found") from exc

@@ -156,3 +156,43 @@ def test_features_output_equals_pooled_layer(ct_pipeline):
     session = ort.InferenceSession(str(ct_pipeline.features_onnx), providers=["CPUExecutionProvider"])
     _, features = session.run(None, {"image": x})
     np.testing.assert_allclose(features, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_numpy1_checkpoint_loads_weights_only(ct_pipeline, tmp_path):
+    """A checkpoint pickled under numpy 1 (``numpy.core.multiarray.scalar``) exports like a numpy 2 one."""
+    import re
+    import shutil
+    import zipfile
+
+    from segsentry.devtools.nnunet_folder import rewrite_as_numpy1
+    from segsentry.export.nnunet import load_model_folder
+
+    folder = tmp_path / "model"
+    shutil.copytree(ct_pipeline.model_dir, folder)
+    checkpoint = folder / "fold_0" / "checkpoint_final.pth"
+    rewrite_as_numpy1(checkpoint)
+    with zipfile.ZipFile(checkpoint) as archive:
+        pickled = next(archive.read(n) for n in archive.namelist() if n.endswith("/data.pkl"))
+    assert set(re.findall(rb"c(numpy[\w.]*)\n(\w+)\n", pickled)) == {(b"numpy.core.multiarray", b"scalar"),
+                                                                     (b"numpy", b"dtype")}
+    model = load_model_folder(folder)
+    reference = load_model_folder(ct_pipeline.model_dir)
+    for (name, a), b in zip(model.network.state_dict().items(), reference.network.state_dict().values()):
+        assert torch.equal(a, b), name
+    result = export_nnunet(folder, tmp_path / "numpy1.features.onnx", verify=False)
+    assert result.manifest.features == read_manifest(ct_pipeline.features_onnx.read_bytes()).features
+
+
+def test_refused_checkpoint_message_has_no_escape_codes(ct_pipeline, tmp_path):
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(ct_pipeline.model_dir, folder)
+    checkpoint = folder / "fold_0" / "checkpoint_final.pth"
+    state = torch.load(checkpoint, weights_only=False)
+    state["evil"] = _Evil()
+    torch.save(state, checkpoint)
+    with pytest.raises(ModelFolderError) as info:
+        export_nnunet(folder, tmp_path / "out.onnx")
+    assert "Weights only load failed" in str(info.value)  # torch's message, which prints bold text
+    assert "\x1b" not in str(info.value)
