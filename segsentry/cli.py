@@ -224,6 +224,9 @@ def run_command(
     low_memory: Annotated[bool, typer.Option(
         "--low-memory", help="Lower peak memory for some speed (onnxruntime: no CPU memory arena; ~30 % less RSS, "
         "2-8 % slower on a fullres net).")] = False,
+    disable_tta: Annotated[bool, typer.Option(
+        "--disable-tta", help="No test-time mirroring (nnU-Net's flag): faster, but the masks are no longer "
+        "nnU-Net's default predictions. The OOD score does not depend on it.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the case reports as JSON on stdout.")] = False,
     verbose: VerboseOpt = False,
     debug: DebugOpt = False,
@@ -249,7 +252,8 @@ def run_command(
                 result = run_demo(output, backend=backend, threads=threads, on_case=advance)
             else:
                 result = run_batch(bundle, inputs, output, backend=backend, batch_size=batch_size, threads=threads,
-                                   low_memory=low_memory, qa=qa, on_case=advance, raise_unexpected=debug)
+                                   low_memory=low_memory, qa=qa, on_case=advance, raise_unexpected=debug,
+                                   mirroring=not disable_tta)
         if as_json:
             typer.echo(json.dumps({
                 "backend": result.backend,

@@ -51,11 +51,19 @@ class Preprocessing:
 
 @dataclass(frozen=True)
 class Tiling:
-    """Sliding-window parameters (nnU-Net defaults)."""
+    """Sliding-window parameters (nnU-Net defaults).
+
+    ``mirror_axes`` are the checkpoint's ``inference_allowed_mirroring_axes`` (network axis order): ``ood-run``
+    averages the logits over every flip of them, as ``nnUNetv2_predict`` does by default (``--disable-tta``
+    turns it off). ``[]``: the checkpoint allows none. ``None``: the bundle predates this field; it runs without
+    mirroring and says so in the report. The OOD distance always comes from the un-mirrored pass only: the
+    Gaussian was fit on un-mirrored patches, so U does not depend on mirroring.
+    """
 
     step_size: float = 0.5
     sigma_scale: float = 0.125
     value_scaling_factor: float = 10.0
+    mirror_axes: list[int] | None = None
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,10 @@
 """Real oracles for the whole spine: nnU-Net's own predictor for masks, sklearn for distances.
 
 Tolerances:
-- masks: at most max(2, 1e-4 · n_voxels) voxels may differ from ``nnUNetPredictor`` (use_mirroring=False,
-  CPU, step 0.5). Both accumulate logits in float16; onnxruntime's and torch's convolutions differ by ~1e-6,
-  which can flip a voxel whose two best float16 logits tie.
+- masks: at most max(2, 1e-4 · n_voxels) voxels may differ from ``nnUNetPredictor`` (CPU, step 0.5, with
+  nnU-Net's default test-time mirroring over the checkpoint's axes, and with ``--disable-tta``). Both
+  accumulate logits in float16; onnxruntime's and torch's convolutions differ by ~1e-6, which can flip a voxel
+  whose two best float16 logits tie.
 - distances: fused ONNX head (float32) vs sklearn's float64 Mahalanobis on the same features, rtol 1e-3.
 - top patches: boxes exact (integer voxel ranges), centres within 1e-6 mm of SimpleITK's and numpy's
   index-to-physical mapping.
@@ -33,15 +34,16 @@ def _mask_tolerance(n: int) -> int:
     return max(2, int(1e-4 * n))
 
 
-@pytest.mark.parametrize("kind", ["ct", "mr"])
-def test_masks_match_nnunet_predictor(kind, request, test_cases, tmp_path):
+@pytest.mark.parametrize(("kind", "mirroring"), [("ct", True), ("mr", True), ("ct", False)])
+def test_masks_match_nnunet_predictor(kind, mirroring, request, test_cases, tmp_path):
     from segsentry.runtime import run_batch
 
     pipeline = request.getfixturevalue(f"{kind}_pipeline")
     cases = test_cases[kind]
     inputs = [f for files in cases.values() for f in files]
-    result = run_batch(pipeline.ood_onnx, inputs, tmp_path / "out")
+    result = run_batch(pipeline.ood_onnx, inputs, tmp_path / "out", mirroring=mirroring)
     assert [o.status for o in result.outcomes] == ["ok"] * len(cases)
+    assert [o.report.mirror_axes for o in result.outcomes] == [[0, 1, 2] if mirroring else None] * len(cases)
     for case_id, files in cases.items():
         ours_image = sitk.ReadImage(str(tmp_path / "out" / f"{case_id}.nii.gz"))
         reference_image = sitk.ReadImage(str(files[0]))
@@ -51,7 +53,7 @@ def test_masks_match_nnunet_predictor(kind, request, test_cases, tmp_path):
         np.testing.assert_allclose(ours_image.GetOrigin(), reference_image.GetOrigin())
         np.testing.assert_allclose(ours_image.GetDirection(), reference_image.GetDirection())
         ours = sitk.GetArrayFromImage(ours_image)
-        expected = nnunet_predict(pipeline.model_dir, files)
+        expected = nnunet_predict(pipeline.model_dir, files, use_mirroring=mirroring)
         assert ours.shape == expected.shape
         mismatches = int((ours != expected).sum())
         assert mismatches <= _mask_tolerance(ours.size), f"{case_id}: {mismatches} of {ours.size} voxels differ"

@@ -42,12 +42,14 @@ def export_module(
     file_ending: str = ".nii.gz",
     source: Mapping[str, Any] | None = None,
     verify: bool = True,
+    mirror_axes: Sequence[int] | None = None,
 ) -> ExportResult:
     """Export any 3D segmentation network to a two-output ONNX bundle (``logits``, ``features``).
 
     ``network`` maps ``(batch, in_channels, z, y, x)`` to logits ``(batch, classes, z, y, x)``; ``layer`` is the
     dotted module path whose output becomes the features; ``patch_size`` and ``preprocessing`` are in the
-    network's axis order (nnU-Net's transposed order).
+    network's axis order (nnU-Net's transposed order). ``mirror_axes`` (network axes) are the flips ``ood-run``
+    averages the logits over (``None``: not recorded, no mirroring).
     """
     patch = [int(p) for p in patch_size]
     tap, layer_shape, kernels, dim = build_feature_tap(network, layer=layer, in_channels=in_channels, patch_size=patch)
@@ -61,7 +63,7 @@ def export_module(
         num_classes=len(labels),
         patch_size=patch,
         preprocessing=preprocessing,
-        tiling=Tiling(),
+        tiling=Tiling(mirror_axes=None if mirror_axes is None else [int(a) for a in mirror_axes]),
         features=FeatureSpec(layer=tap.layer, layer_shape=layer_shape, pooling=kernels, dim=dim),
         inputs={"image": INPUT_NAME},
         outputs=dict(zip(OUTPUT_NAMES, OUTPUT_NAMES)),
@@ -103,4 +105,5 @@ def export_nnunet(
             "dataset": str(model.plans.get("dataset_name", "")),
         },
         verify=verify,
+        mirror_axes=model.mirror_axes,
     )

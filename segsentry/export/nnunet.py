@@ -38,6 +38,7 @@ class NnunetModel:
     configuration: dict[str, Any]
     checkpoint_path: Path
     trainer_name: str
+    mirror_axes: list[int]  # the checkpoint's inference_allowed_mirroring_axes ([] when it records none)
 
     @property
     def patch_size(self) -> list[int]:
@@ -233,4 +234,20 @@ def load_model_folder(
         configuration=config,
         checkpoint_path=checkpoint_path,
         trainer_name=str(state.get("trainer_name", "unknown")),
+        mirror_axes=_mirror_axes(state.get("inference_allowed_mirroring_axes"), checkpoint_path),
     )
+
+
+def _mirror_axes(value: Any, checkpoint_path: Path) -> list[int]:
+    """The checkpoint's allowed mirroring axes as a list (nnU-Net mirrors over none when the key is absent)."""
+    if value is None:
+        return []
+    try:
+        axes = [int(a) for a in value]
+    except (TypeError, ValueError) as exc:
+        raise ModelFolderError(f"{checkpoint_path}: inference_allowed_mirroring_axes is {value!r}, expected a "
+                               "tuple of axes") from exc
+    if any(not 0 <= a < 3 for a in axes) or len(set(axes)) != len(axes):
+        raise ModelFolderError(f"{checkpoint_path}: inference_allowed_mirroring_axes {axes} are not distinct axes of "
+                               "a 3D patch (0, 1, 2)")
+    return axes

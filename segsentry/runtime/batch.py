@@ -78,12 +78,14 @@ def run_batch(
     qa: bool = True,
     on_case: Callable[[CaseOutcome], None] | None = None,
     raise_unexpected: bool = False,
+    mirroring: bool = True,
 ) -> BatchResult:
     """Run every case found in ``inputs``; write ``CASE<ending>``, ``CASE_uncertainty<ending>``, ``CASE.json``,
     ``summary.csv`` and (unless ``qa=False``) the QA page ``qa.html`` with its PNGs in ``qa/``, into
     ``output_dir``. Raises only for problems that stop the whole batch (bundle, backend, no inputs);
     per-case problems are recorded in the result, unexpected exceptions (bugs) included unless
     ``raise_unexpected`` (the CLI's ``--debug``); a failing case's outputs from an earlier run are removed.
+    ``mirroring=False`` (the CLI's ``--disable-tta``) skips nnU-Net's test-time mirroring of the logits.
     """
     output_dir = Path(output_dir)
     bundle = load_bundle(bundle_path)
@@ -102,7 +104,8 @@ def run_batch(
         # the engine holds its own copy of the graph: drop ours (the weights' size: 123 MB for a fullres net)
         bundle = replace(bundle, model_bytes=b"")
         for case in cases:
-            outcome = _run_case(case, bundle, engine, output_dir, backend_name, batch_size, qa, raise_unexpected)
+            outcome = _run_case(case, bundle, engine, output_dir, backend_name, batch_size, qa, raise_unexpected,
+                                mirroring)
             outcomes.append(outcome)
             if on_case is not None:
                 on_case(outcome)
@@ -119,13 +122,13 @@ def run_batch(
 
 
 def _run_case(case: CaseInput, bundle: Bundle, engine, output_dir: Path, backend_name: str,
-              batch_size: int, qa: bool, raise_unexpected: bool = False) -> CaseOutcome:
+              batch_size: int, qa: bool, raise_unexpected: bool = False, mirroring: bool = True) -> CaseOutcome:
     start = time.perf_counter()
     try:
         t0 = time.perf_counter()
         loaded = read_case(case, num_channels=bundle.manifest.num_channels)
         read_s = time.perf_counter() - t0
-        prediction = predict_case(loaded, engine, bundle.manifest, batch_size=batch_size)
+        prediction = predict_case(loaded, engine, bundle.manifest, batch_size=batch_size, mirroring=mirroring)
         t0 = time.perf_counter()
         ending = loaded.output_ending
         outputs = {"mask": output_dir / f"{case.case_id}{ending}"}

@@ -75,11 +75,14 @@ def infer_volume(
     accumulate_logits: bool = True,
     aggregation: str | None = None,
     collect_features: bool = False,
+    mirror_axes: Sequence[int] | None = None,
 ) -> VolumeInference:
     """Tile ``data`` ``(c, Z, Y, X)``, run the backend, accumulate what is asked for.
 
     ``aggregation`` (``normalised``/``paper``) turns on the distance map; it needs a ``distance`` output.
-    Outputs are looked up by role (``manifest.outputs``), not by graph name.
+    Outputs are looked up by role (``manifest.outputs``), not by graph name. ``mirror_axes`` averages the logits
+    over nnU-Net's flips (:func:`segsentry.runtime.sliding.iterate_patches`); distances and features always
+    come from the un-mirrored pass, so mirroring needs logits and changes nothing else.
     """
     logits_name = manifest.output_name(Output.LOGITS) if accumulate_logits else None
     distance_name = manifest.outputs.get(Output.DISTANCE.value)
@@ -96,7 +99,9 @@ def infer_volume(
     dist_acc = DistanceAccumulator(shape, gaussian, aggregation=aggregation) if aggregation else None
     distances: list[np.ndarray] = []
     features: list[np.ndarray] = []
-    for batch in iterate_patches(padded, backend, boxes, batch_size=batch_size):
+    mirror = list(mirror_axes) if mirror_axes and logits_name is not None else None
+    for batch in iterate_patches(padded, backend, boxes, batch_size=batch_size, mirror_axes=mirror,
+                                 mirrored=[logits_name] if mirror else ()):
         if logit_acc is not None:
             for box, logits in zip(batch.boxes, batch.outputs[logits_name]):
                 logit_acc.add(box, logits)
@@ -137,6 +142,8 @@ class CasePrediction:
     top_patches: list[TopPatch]
     timings: dict[str, float] = field(default_factory=dict)
     ood_reasons: list[str] = field(default_factory=list)  # why the case is flagged, if it is
+    mirror_axes: list[int] | None = None  # the flips the logits were averaged over (None: no mirroring)
+    notes: list[str] = field(default_factory=list)  # how the case was run, where it differs from nnU-Net's default
 
     @property
     def n_patches(self) -> int:
@@ -188,9 +195,13 @@ def argmax_labels(logits: np.ndarray, dtype: type, *, slab: int = 16) -> np.ndar
 
 
 def predict_case(
-    loaded: LoadedCase, backend: Backend, manifest: Manifest, *, batch_size: int = 1, with_uncertainty_map: bool = True
+    loaded: LoadedCase, backend: Backend, manifest: Manifest, *, batch_size: int = 1, with_uncertainty_map: bool = True,
+    mirroring: bool = True,
 ) -> CasePrediction:
     """Segment one loaded case and, if the bundle is calibrated, score it for OOD.
+
+    ``mirroring`` (nnU-Net's default; ``--disable-tta`` turns it off) averages the logits over the bundle's
+    allowed mirroring axes; the OOD score never depends on it.
 
     The three stages are public so that evaluation can keep what it needs in memory (the preprocessed volume
     for TTA and MC dropout, the network-space logits for the output baselines): :func:`preprocess`,
@@ -200,19 +211,36 @@ def predict_case(
     data, geometry = preprocess(loaded.image, loaded.spacing, manifest.preprocessing)
     preprocess_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    inference = infer_volume_for_case(data, backend, manifest, batch_size=batch_size)
+    inference = infer_volume_for_case(data, backend, manifest, batch_size=batch_size, mirroring=mirroring)
     del data
     inference_s = time.perf_counter() - t0
-    return finish_case(loaded, inference, geometry, manifest, with_uncertainty_map=with_uncertainty_map,
-                       timings={"preprocess": preprocess_s, "inference": inference_s})
+    prediction = finish_case(loaded, inference, geometry, manifest, with_uncertainty_map=with_uncertainty_map,
+                             timings={"preprocess": preprocess_s, "inference": inference_s})
+    axes, notes = mirroring_plan(manifest, mirroring=mirroring)
+    prediction.mirror_axes = axes
+    prediction.notes.extend(notes)
+    return prediction
+
+
+def mirroring_plan(manifest: Manifest, *, mirroring: bool = True) -> tuple[list[int] | None, list[str]]:
+    """The axes a deployed case is mirrored over (``None``: none) and a note where that is not nnU-Net's default."""
+    axes = manifest.tiling.mirror_axes
+    if not mirroring:
+        return None, ["test-time mirroring switched off (--disable-tta); nnU-Net mirrors by default"] if axes else []
+    if axes is None:
+        return None, ["no test-time mirroring: the bundle records no allowed mirroring axes (exported before "
+                      "segsentry supported mirroring; re-export it to mirror as nnU-Net does)"]
+    return (list(axes) if axes else None), []
 
 
 def infer_volume_for_case(data: np.ndarray, backend: Backend, manifest: Manifest, *,
-                          batch_size: int = 1) -> VolumeInference:
-    """:func:`infer_volume` with what a deployed case needs: logits, and the distance map if calibrated."""
+                          batch_size: int = 1, mirroring: bool = True) -> VolumeInference:
+    """:func:`infer_volume` with what a deployed case needs: logits (mirrored over the bundle's allowed axes
+    unless ``mirroring=False``), and the distance map if calibrated."""
     calibration = manifest.calibration
+    axes, _ = mirroring_plan(manifest, mirroring=mirroring)
     return infer_volume(data, backend, manifest, batch_size=batch_size,
-                        aggregation=calibration.aggregation if calibration else None)
+                        aggregation=calibration.aggregation if calibration else None, mirror_axes=axes)
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,8 @@ class CaseReport:
     bundle: str
     outputs: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)  # what was accepted about the input with a caveat
+    mirror_axes: list[int] | None = None  # test-time mirroring: the flipped axes (network order); None: none
+    notes: list[str] = field(default_factory=list)  # how the case was run, where it differs from nnU-Net's default
 
     @classmethod
     def from_prediction(cls, prediction: CasePrediction, *, inputs: list[str], aggregation: str | None,
@@ -61,6 +63,8 @@ class CaseReport:
             bundle=bundle,
             outputs=outputs,
             warnings=list(warnings or []),
+            mirror_axes=None if prediction.mirror_axes is None else list(prediction.mirror_axes),
+            notes=list(prediction.notes),
         )
 
     @property

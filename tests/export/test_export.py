@@ -105,6 +105,23 @@ def test_nnunet_export_manifest_and_parity(ct_pipeline):
     assert manifest.preprocessing.intensity_properties["0"]["percentile_99_5"] == 900.0
     assert manifest.features.layer == "encoder.stages.3"
     assert manifest.labels == {"background": 0, "lesion": 1, "vessel": 2}
+    assert manifest.tiling.mirror_axes == [0, 1, 2]  # the checkpoint's inference_allowed_mirroring_axes
+
+
+def test_mirroring_plan_for_new_old_and_disabled_bundles(ct_pipeline):
+    from dataclasses import replace
+
+    from segsentry.runtime.pipeline import mirroring_plan
+
+    manifest = read_manifest(ct_pipeline.ood_onnx.read_bytes())
+    assert mirroring_plan(manifest) == ([0, 1, 2], [])
+    axes, notes = mirroring_plan(manifest, mirroring=False)
+    assert axes is None and "--disable-tta" in notes[0]
+    old = manifest.replace(tiling=replace(manifest.tiling, mirror_axes=None))  # a bundle from before mirroring
+    axes, notes = mirroring_plan(old)
+    assert axes is None and "records no allowed mirroring axes" in notes[0]
+    none_allowed = manifest.replace(tiling=replace(manifest.tiling, mirror_axes=[]))
+    assert mirroring_plan(none_allowed) == (None, [])
 
 
 def test_nnunet_export_selectable_layer_and_torch_parity(ct_pipeline, tmp_path):
