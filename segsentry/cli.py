@@ -122,7 +122,9 @@ def _guarded(debug: bool, body: Callable[[], int]) -> None:
 def export_command(
     model_dir: Annotated[Path, typer.Argument(help="nnU-Net v2 trained-model folder (plans.json, dataset.json, fold_N/).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Output .features.onnx file.")],
-    fold: Annotated[str, typer.Option("--fold", "-f", help="Fold to export (a number or 'all').")] = "0",
+    folds: Annotated[Optional[list[str]], typer.Option("--folds", help="Folds to ensemble in one bundle, as nnU-Net's -f: --folds 0 1 2 (default: every fold_N with the checkpoint).")] = None,
+    more_folds: Annotated[Optional[list[str]], typer.Argument(hidden=True, help="The values after --folds' first.")] = None,
+    fold: Annotated[Optional[str], typer.Option("--fold", "-f", help="Export this one fold (a number or 'all').")] = None,
     checkpoint: Annotated[str, typer.Option("--checkpoint", help="Checkpoint file name in fold_N/.")] = "checkpoint_final.pth",
     configuration: Annotated[Optional[str], typer.Option("--configuration", "-c", help="Plans configuration (default: from the checkpoint).")] = None,
     layer: Annotated[str, typer.Option("--layer", help="Feature layer, a dotted module path.")] = "encoder.stages.-1",
@@ -130,19 +132,31 @@ def export_command(
     verbose: VerboseOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Export an nnU-Net v2 model to ONNX with two outputs: logits and pooled bottleneck features."""
+    """Export an nnU-Net v2 model to ONNX with two outputs: logits and pooled bottleneck features.
+
+    Several folds make one ensemble bundle (per-fold logits and features behind one input)."""
     _setup_logging(verbose)
+    # click options take one value each: "--folds 0 1 2" leaves "1 2" as extra positionals, gathered here
+    if more_folds and folds is None:
+        raise typer.BadParameter(f"unexpected arguments {' '.join(more_folds)} (folds go after --folds)")
+    if fold is not None and folds is not None:
+        raise typer.BadParameter("give --fold N or --folds N [N ...], not both")
+    chosen = None if folds is None else [*folds, *(more_folds or [])]
+    for value in chosen or []:
+        if not (value.isdigit() or value == "all"):
+            raise typer.BadParameter(f"fold {value!r} is not a number or 'all'")
 
     def body() -> int:
         from segsentry.export import export_nnunet
 
         with console.status("exporting to ONNX…"):
-            result = export_nnunet(model_dir, output, fold=fold, checkpoint=checkpoint,
+            result = export_nnunet(model_dir, output, folds=chosen, fold=fold, checkpoint=checkpoint,
                                    configuration=configuration, layer=layer, verify=verify)
         m = result.manifest
         console.print(f"[green]wrote[/] {escape(str(result.path))}  patch {m.patch_size}, {m.num_channels} channel(s), "
                       f"{m.num_classes} classes, features '{escape(m.features.layer)}' {m.features.layer_shape} "
-                      f"-> pool {m.features.pooling} -> D={m.features.dim}", highlight=False)
+                      f"-> pool {m.features.pooling} -> D={m.features.dim}; folds "
+                      f"{', '.join(f.fold for f in m.folds) or '-'}", highlight=False)
         if result.verification:
             v = result.verification
             console.print(f"ONNX vs torch on {v.n_patches} random patches: logits max |diff| "

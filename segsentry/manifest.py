@@ -77,6 +77,15 @@ class FeatureSpec:
 
 
 @dataclass(frozen=True)
+class FoldSource:
+    """One trained network of the bundle: nnU-Net's fold name, its checkpoint file and that file's sha256."""
+
+    fold: str
+    checkpoint: str
+    sha256: str
+
+
+@dataclass(frozen=True)
 class InputRange:
     """Plain statistics of the training cases (``segsentry.runtime.guard``): per-channel minimum intensity
     standard deviation, and the minimum physical extent in mm of the sides sorted ascending."""
@@ -108,6 +117,10 @@ class Calibration:
     calibration_scores: list[float] = field(default_factory=list)  # their raw subject scores u
     input_range: InputRange | None = None  # the training cases' content range (None: bundles before 0.2)
     feature_norm: str = "none"  # FeatureNorm: "none" (the paper) or "l2" (Mahalanobis++), fit and head alike
+    # A fold ensemble: one Gaussian per fold (shrinkage and rank above are fold 0's; every fold's here). The
+    # patch distance is the mean of the folds' squared distances; scores, range and threshold are on that mean.
+    fold_shrinkage: list[float] = field(default_factory=list)
+    fold_rank: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -129,10 +142,19 @@ class Manifest:
     calibration: Calibration | None = None
     weights_sha256: str = ""
     version: int = MANIFEST_VERSION
+    # The networks in the bundle, in ensemble order. With two or more (a fold ensemble) every output gains a fold
+    # axis after the batch axis -- logits (batch, folds, classes, z, y, x), features (batch, folds, D) -- except
+    # ``distance`` (batch,), the mean of the folds' squared distances. [] (any torch module) or one: no fold axis.
+    folds: list[FoldSource] = field(default_factory=list)
 
     @property
     def num_channels(self) -> int:
         return len(self.channels)
+
+    @property
+    def n_folds(self) -> int:
+        """Networks in the bundle (1 unless it is a fold ensemble)."""
+        return max(1, len(self.folds))
 
     def output_name(self, role: Output | str) -> str:
         """The graph output name that plays ``role``; raise :class:`BundleError` if the bundle has none."""
@@ -158,7 +180,9 @@ class Manifest:
                     f"(expected {MANIFEST_VERSION}); re-export the model with this version"
                 )
             calibration = raw.pop("calibration", None)
+            folds = [FoldSource(**f) for f in raw.pop("folds", [])]
             return cls(
+                folds=folds,
                 preprocessing=Preprocessing(**raw.pop("preprocessing")),
                 tiling=_tiling(raw.pop("tiling")),
                 features=FeatureSpec(**raw.pop("features")),

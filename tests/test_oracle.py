@@ -173,3 +173,61 @@ def test_top_patches_match_an_independent_geometry(kind, request, test_cases, tm
         by_numpy = origin + direction @ (spacing * np.array(centre_xyz))
         np.testing.assert_allclose(t["centre_mm"], by_sitk, rtol=0, atol=1e-6)
         np.testing.assert_allclose(t["centre_mm"], by_numpy, rtol=0, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fold ensembles: one bundle, several folds with different weights, against nnUNetPredictor(use_folds=...,
+# use_mirroring=True). Small volumes (2-4 patches) keep nnU-Net's 8 flips x folds passes cheap.
+
+
+def _ensemble_case(spec, root, seed):
+    from factory import CT_SPEC, mr_volumes
+
+    rng = np.random.default_rng(seed)
+    if spec is CT_SPEC:
+        volumes, spacing = [ct_volume(rng, shape_zyx=(8, 48, 40))], (0.8, 0.75, 4.0)
+    else:
+        volumes, spacing = mr_volumes(rng, shape_zyx=(18, 30, 26)), (1.0, 1.1, 1.3)
+    return [write_volume(root / f"ens{seed}_{c:04d}.nii.gz", v, spacing_xyz=spacing) for c, v in enumerate(volumes)]
+
+
+def _ensemble_parity(tmp_path, spec, folds, exported):
+    from segsentry.calib import calibrate
+    from segsentry.export import export_nnunet
+    from segsentry.runtime import run_batch
+    from factory import make_model_folder
+
+    model_dir = make_model_folder(tmp_path / "results", spec, folds=range(5 if len(folds) < 5 else len(folds)))
+    images = tmp_path / "imagesTr"
+    cases = [_ensemble_case(spec, images, seed) for seed in range(3)]
+    features = export_nnunet(model_dir, tmp_path / "m.features.onnx", folds=exported)
+    assert [f.fold for f in features.manifest.folds] == [str(f) for f in folds]
+    ood = calibrate(features.path, [images], tmp_path / "m.ood.onnx", score_folds=1, threshold_rule="paper").path
+    result = run_batch(ood, cases[0], tmp_path / "out", qa=False)
+    assert result.outcomes[0].status == "ok", result.outcomes[0].error
+    ours = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / "ens0.nii.gz")))
+    expected = nnunet_predict(model_dir, cases[0], folds=folds, use_mirroring=True)
+    mismatches = int((ours != expected).sum())
+    assert mismatches <= _mask_tolerance(ours.size), f"{mismatches} of {ours.size} voxels differ"
+    assert len(np.unique(expected)) > 1, "test network should predict more than one class"
+    if len(folds) > 1:  # the ensemble is not one of its folds
+        fold0 = nnunet_predict(model_dir, cases[0], folds=folds[:1], use_mirroring=True)
+        assert int((fold0 != expected).sum()) > 10 * _mask_tolerance(ours.size)
+    return result.outcomes[0].report
+
+
+@pytest.mark.parametrize(("folds", "exported"), [((0, 1, 2), [0, 1, 2]), ((3,), [3])])
+def test_ct_fold_ensemble_matches_nnunet(folds, exported, tmp_path):
+    """Three folds (multi-class, transposed axes (0, 2, 1)) and one fold picked out of a five-fold folder."""
+    from factory import CT_SPEC
+
+    report = _ensemble_parity(tmp_path, CT_SPEC, folds, exported)
+    assert report.mirror_axes == [0, 1, 2]
+
+
+@pytest.mark.slow
+def test_mr_five_fold_ensemble_matches_nnunet(tmp_path):
+    """Every fold of a five-fold folder (the default: folds=None), two channels."""
+    from factory import MR_SPEC
+
+    _ensemble_parity(tmp_path, MR_SPEC, (0, 1, 2, 3, 4), None)

@@ -8,6 +8,7 @@ them. They segment nothing meaningful: they exist to compare two inference pipel
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -138,8 +139,13 @@ def _plans(spec: ModelSpec) -> dict:
     }
 
 
-def make_model_folder(root: Path, spec: ModelSpec, *, seed: int = 0) -> Path:
-    """Write ``root/<Dataset>/nnUNetTrainer__nnUNetPlans__3d_fullres`` with random (He-initialised) weights."""
+def make_model_folder(root: Path, spec: ModelSpec, *, seed: int = 0, folds: Sequence[int] = (0,),
+                      mirror_axes: tuple[int, ...] | None = (0, 1, 2)) -> Path:
+    """Write ``root/<Dataset>/nnUNetTrainer__nnUNetPlans__3d_fullres`` with random (He-initialised) weights.
+
+    Each of ``folds`` gets ``fold_N/checkpoint_final.pth`` with its own weights (seed ``seed + 1000 * N``);
+    ``mirror_axes`` is what the checkpoints record as ``inference_allowed_mirroring_axes`` (``None``: no key).
+    """
     import torch
     from dynamic_network_architectures.architectures.unet import PlainConvUNet
     from dynamic_network_architectures.initialization.weight_init import InitWeights_He
@@ -147,37 +153,40 @@ def make_model_folder(root: Path, spec: ModelSpec, *, seed: int = 0) -> Path:
     plans = _plans(spec)
     dataset = {"channel_names": spec.channels, "labels": spec.labels, "numTraining": 4, "file_ending": ".nii.gz"}
     folder = root / spec.name / "nnUNetTrainer__nnUNetPlans__3d_fullres"
-    (folder / "fold_0").mkdir(parents=True)
+    folder.mkdir(parents=True)
     (folder / "plans.json").write_text(json.dumps(plans, indent=2))
     (folder / "dataset.json").write_text(json.dumps(dataset, indent=2))
-    torch.manual_seed(seed)
     n = len(spec.features)
-    network = PlainConvUNet(
-        len(spec.channels), n, list(spec.features), torch.nn.Conv3d, 3, [list(s) for s in spec.strides], [2] * n,
-        len(spec.labels), [2] * (n - 1), conv_bias=True, norm_op=torch.nn.InstanceNorm3d,
-        norm_op_kwargs={"eps": 1e-5, "affine": True}, nonlin=torch.nn.LeakyReLU, nonlin_kwargs={"inplace": True},
-        deep_supervision=True,
-    )
-    network.apply(InitWeights_He(1e-2))
-    with torch.no_grad():  # random affine norm parameters so the logits are not dominated by one class
-        for module in network.modules():
-            if isinstance(module, torch.nn.InstanceNorm3d):
-                module.weight.uniform_(0.5, 1.5)
-                module.bias.uniform_(-0.3, 0.3)
-    torch.save({
-        "network_weights": network.state_dict(),
-        "optimizer_state": None,
-        "grad_scaler_state": None,
-        "logging": {"ema_fg_dice": [np.float32(0.5)], "mean_fg_dice": [np.float32(0.4)]},
-        "_best_ema": np.float32(0.5),
-        "current_epoch": 1,
-        "init_args": {"plans": plans, "configuration": "3d_fullres", "fold": 0, "dataset_json": dataset,
-                      "device": "cpu"},
-        "trainer_name": "nnUNetTrainer",
-        "inference_allowed_mirroring_axes": (0, 1, 2),
-    }, folder / "fold_0" / "checkpoint_final.pth")
+    for fold in folds:
+        torch.manual_seed(seed + 1000 * int(fold))
+        network = PlainConvUNet(
+            len(spec.channels), n, list(spec.features), torch.nn.Conv3d, 3, [list(s) for s in spec.strides], [2] * n,
+            len(spec.labels), [2] * (n - 1), conv_bias=True, norm_op=torch.nn.InstanceNorm3d,
+            norm_op_kwargs={"eps": 1e-5, "affine": True}, nonlin=torch.nn.LeakyReLU, nonlin_kwargs={"inplace": True},
+            deep_supervision=True,
+        )
+        network.apply(InitWeights_He(1e-2))
+        with torch.no_grad():  # random affine norm parameters so the logits are not dominated by one class
+            for module in network.modules():
+                if isinstance(module, torch.nn.InstanceNorm3d):
+                    module.weight.uniform_(0.5, 1.5)
+                    module.bias.uniform_(-0.3, 0.3)
+        state = {
+            "network_weights": network.state_dict(),
+            "optimizer_state": None,
+            "grad_scaler_state": None,
+            "logging": {"ema_fg_dice": [np.float32(0.5)], "mean_fg_dice": [np.float32(0.4)]},
+            "_best_ema": np.float32(0.5),
+            "current_epoch": 1,
+            "init_args": {"plans": plans, "configuration": "3d_fullres", "fold": int(fold), "dataset_json": dataset,
+                          "device": "cpu"},
+            "trainer_name": "nnUNetTrainer",
+        }
+        if mirror_axes is not None:
+            state["inference_allowed_mirroring_axes"] = tuple(mirror_axes)
+        (folder / f"fold_{fold}").mkdir()
+        torch.save(state, folder / f"fold_{fold}" / "checkpoint_final.pth")
     return folder
-
 
 
 def rewrite_as_numpy1(checkpoint: Path) -> None:

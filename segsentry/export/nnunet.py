@@ -10,8 +10,11 @@ in its training log), so no arbitrary code is unpickled.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import pydoc
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +41,7 @@ class NnunetModel:
     configuration: dict[str, Any]
     checkpoint_path: Path
     trainer_name: str
+    fold: str
     mirror_axes: list[int]  # the checkpoint's inference_allowed_mirroring_axes ([] when it records none)
 
     @property
@@ -183,6 +187,56 @@ def build_network(plans: dict[str, Any], configuration: dict[str, Any], *, in_ch
     return network
 
 
+def available_folds(model_dir: str | Path, *, checkpoint: str = "checkpoint_final.pth") -> list[str]:
+    """Every ``fold_N`` of ``model_dir`` holding ``checkpoint``, by number (``fold_all`` excluded), as
+    ``nnUNetPredictor.auto_detect_available_folds`` finds them."""
+    model_dir = Path(model_dir)
+    found = [int(m.group(1)) for p in (model_dir.iterdir() if model_dir.is_dir() else [])
+             if (m := re.fullmatch(r"fold_(\d+)", p.name)) and (p / checkpoint).is_file()]
+    return [str(f) for f in sorted(found)]
+
+
+def load_folds(
+    model_dir: str | Path,
+    folds: Sequence[int | str] | None = None,
+    *,
+    checkpoint: str = "checkpoint_final.pth",
+    configuration: str | None = None,
+) -> list[NnunetModel]:
+    """Load the networks of ``folds`` (default: :func:`available_folds`), in that order, for one ensemble.
+
+    Every fold must share the configuration and the network shape; mirroring axes, like nnU-Net's, come from
+    the first fold (the others are checked equal).
+    """
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise ModelFolderError(f"model folder {model_dir} does not exist or is not a directory")
+    _read_json(model_dir / "plans.json")  # says what is wrong with a folder that is no model folder at all
+    names = [str(f) for f in folds] if folds is not None else available_folds(model_dir, checkpoint=checkpoint)
+    if not names:
+        raise ModelFolderError(f"no fold_N/{checkpoint} in {model_dir}; give the folds to export with --folds")
+    if len(set(names)) != len(names):
+        raise ModelFolderError(f"folds {names} name a fold twice")
+    models = [load_model_folder(model_dir, fold=f, checkpoint=checkpoint, configuration=configuration) for f in names]
+    first = models[0]
+    for name, model in zip(names[1:], models[1:]):
+        if model.configuration_name != first.configuration_name:
+            raise ModelFolderError(f"fold {name} was trained with configuration '{model.configuration_name}', fold "
+                                   f"{names[0]} with '{first.configuration_name}'; an ensemble needs one configuration")
+        if model.mirror_axes != first.mirror_axes:
+            raise ModelFolderError(f"fold {name} allows mirroring axes {model.mirror_axes}, fold {names[0]} "
+                                   f"{first.mirror_axes}; nnU-Net would use the first fold's for all")
+    return models
+
+
+def checkpoint_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def load_model_folder(
     model_dir: str | Path,
     *,
@@ -234,6 +288,7 @@ def load_model_folder(
         configuration=config,
         checkpoint_path=checkpoint_path,
         trainer_name=str(state.get("trainer_name", "unknown")),
+        fold=str(fold),
         mirror_axes=_mirror_axes(state.get("inference_allowed_mirroring_axes"), checkpoint_path),
     )
 

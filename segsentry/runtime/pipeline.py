@@ -24,6 +24,7 @@ from segsentry.runtime.sliding import (
     Box,
     DistanceAccumulator,
     LogitAccumulator,
+    average_folds,
     crop_box,
     importance_for,
     iterate_patches,
@@ -54,7 +55,9 @@ class VolumeInference:
 
     ``logits`` ``(k, Z, Y, X)`` float16 or None; ``distance_map`` ``(Z, Y, X)`` float32 or None;
     ``boxes`` in padded coordinates with ``pad_box`` locating the volume inside the padding;
-    ``distances`` ``(n_patches,)``; ``features`` ``(n_patches, D)`` when collected.
+    ``distances`` ``(n_patches,)``; ``features`` ``(n_patches, D)`` when collected (``(n_patches, folds, D)``
+    for a fold ensemble). For an ensemble ``logits`` is the fold average and ``fold_labels`` ``(folds, Z, Y, X)``
+    uint8/uint16 holds each fold's own argmax label.
     """
 
     logits: np.ndarray | None
@@ -64,6 +67,11 @@ class VolumeInference:
     padded_shape: tuple[int, ...]
     distances: np.ndarray | None
     features: np.ndarray | None
+    fold_labels: np.ndarray | None = None
+
+
+def label_dtype(manifest: Manifest) -> type:
+    return np.uint8 if max(manifest.labels.values()) < 255 else np.uint16
 
 
 def infer_volume(
@@ -95,16 +103,22 @@ def infer_volume(
     boxes = tile_boxes(shape, patch, manifest.tiling.step_size)
     gaussian = importance_for(patch, sigma_scale=manifest.tiling.sigma_scale,
                               value_scaling_factor=manifest.tiling.value_scaling_factor)
-    logit_acc = LogitAccumulator(manifest.num_classes, shape, gaussian) if accumulate_logits else None
+    n_folds = manifest.n_folds
+    logit_accs = [LogitAccumulator(manifest.num_classes, shape, gaussian)
+                  for _ in range(n_folds)] if accumulate_logits else []
     dist_acc = DistanceAccumulator(shape, gaussian, aggregation=aggregation) if aggregation else None
     distances: list[np.ndarray] = []
     features: list[np.ndarray] = []
     mirror = list(mirror_axes) if mirror_axes and logits_name is not None else None
     for batch in iterate_patches(padded, backend, boxes, batch_size=batch_size, mirror_axes=mirror,
                                  mirrored=[logits_name] if mirror else ()):
-        if logit_acc is not None:
+        if logit_accs:
             for box, logits in zip(batch.boxes, batch.outputs[logits_name]):
-                logit_acc.add(box, logits)
+                if n_folds == 1:
+                    logit_accs[0].add(box, logits)
+                    continue
+                for acc, fold_logits in zip(logit_accs, logits):  # (folds, k, z, y, x)
+                    acc.add(box, fold_logits)
         if distance_name is not None and distance_name in batch.outputs:
             distances.append(np.asarray(batch.outputs[distance_name], dtype=np.float64).reshape(-1))
             if dist_acc is not None:
@@ -112,8 +126,16 @@ def infer_volume(
                     dist_acc.add(box, float(d))
         if collect_features:
             features.append(np.asarray(batch.outputs[features_name], dtype=np.float32))
+    logits, fold_labels = None, None
+    if logit_accs:
+        per_fold = [crop_box(acc.result(), pad_box) for acc in logit_accs]
+        if n_folds > 1:
+            fold_labels = np.stack([argmax_labels(f, label_dtype(manifest)) for f in per_fold])
+        logits = average_folds(per_fold)
+        del per_fold, logit_accs
     return VolumeInference(
-        logits=crop_box(logit_acc.result(), pad_box) if logit_acc is not None else None,
+        logits=logits,
+        fold_labels=fold_labels,
         distance_map=crop_box(dist_acc.result(), pad_box) if dist_acc is not None else None,
         boxes=boxes,
         pad_box=pad_box,
@@ -284,8 +306,7 @@ def finish_case(
     t0 = time.perf_counter()
     spec = manifest.preprocessing
     logits = resample_to_cropped(inference.logits, geometry, spec)
-    dtype = np.uint8 if max(manifest.labels.values()) < 255 else np.uint16
-    mask = to_input_geometry(argmax_labels(logits, dtype), geometry, spec)
+    mask = to_input_geometry(argmax_labels(logits, label_dtype(manifest)), geometry, spec)
     del logits
     uncertainty = None
     if with_uncertainty_map and inference.distance_map is not None:

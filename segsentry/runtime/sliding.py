@@ -150,6 +150,18 @@ class LogitAccumulator:
         return out
 
 
+def average_folds(fold_logits: Sequence[np.ndarray]) -> np.ndarray:
+    """The ensemble's logits as ``predict_logits_from_preprocessed_data``: each fold's float16 sliding-window
+    logits summed in fold order into the first, divided by the number of folds, in float16 throughout.
+    Overwrites and returns the first array."""
+    prediction = fold_logits[0]
+    for other in fold_logits[1:]:
+        prediction += other
+    if len(fold_logits) > 1:
+        prediction /= np.float16(len(fold_logits))
+    return prediction
+
+
 class DistanceAccumulator:
     """Spread each patch's distance over its patch with the Gaussian weights (float32).
 
