@@ -13,6 +13,8 @@ Tolerances:
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -191,13 +193,30 @@ def _ensemble_case(spec, root, seed):
     return [write_volume(root / f"ens{seed}_{c:04d}.nii.gz", v, spacing_xyz=spacing) for c, v in enumerate(volumes)]
 
 
-def _ensemble_parity(tmp_path, spec, folds, exported):
+@dataclass(frozen=True)
+class _Ensemble:
+    model_dir: Path
+    folds: tuple[int, ...]
+    case: list[Path]
+    report: object  # CaseReport
+    out: Path
+    references: dict = field(default_factory=dict)  # folds -> nnU-Net's mask, computed once
+
+    def nnunet(self, folds: tuple[int, ...]) -> np.ndarray:
+        if folds not in self.references:
+            self.references[folds] = nnunet_predict(self.model_dir, self.case, folds=folds, use_mirroring=True)
+        return self.references[folds]
+
+
+def _ensemble_run(tmp_path, spec, folds, exported, *, n_folders=5) -> _Ensemble:
+    """A folder of ``n_folders`` folds with different weights; ``exported`` (None: all) as one calibrated
+    bundle; one case through ``ood-run`` (mirroring on, nnU-Net's default)."""
     from segsentry.calib import calibrate
     from segsentry.export import export_nnunet
     from segsentry.runtime import run_batch
     from factory import make_model_folder
 
-    model_dir = make_model_folder(tmp_path / "results", spec, folds=range(5 if len(folds) < 5 else len(folds)))
+    model_dir = make_model_folder(tmp_path / "results", spec, folds=range(n_folders))
     images = tmp_path / "imagesTr"
     cases = [_ensemble_case(spec, images, seed) for seed in range(3)]
     features = export_nnunet(model_dir, tmp_path / "m.features.onnx", folds=exported)
@@ -205,24 +224,64 @@ def _ensemble_parity(tmp_path, spec, folds, exported):
     ood = calibrate(features.path, [images], tmp_path / "m.ood.onnx", score_folds=1, threshold_rule="paper").path
     result = run_batch(ood, cases[0], tmp_path / "out", qa=False)
     assert result.outcomes[0].status == "ok", result.outcomes[0].error
-    ours = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / "ens0.nii.gz")))
-    expected = nnunet_predict(model_dir, cases[0], folds=folds, use_mirroring=True)
+    return _Ensemble(model_dir, tuple(folds), cases[0], result.outcomes[0].report, tmp_path / "out")
+
+
+def _check_parity(run: _Ensemble) -> np.ndarray:
+    ours = sitk.GetArrayFromImage(sitk.ReadImage(str(run.out / "ens0.nii.gz")))
+    expected = run.nnunet(run.folds)
     mismatches = int((ours != expected).sum())
     assert mismatches <= _mask_tolerance(ours.size), f"{mismatches} of {ours.size} voxels differ"
     assert len(np.unique(expected)) > 1, "test network should predict more than one class"
-    if len(folds) > 1:  # the ensemble is not one of its folds
-        fold0 = nnunet_predict(model_dir, cases[0], folds=folds[:1], use_mirroring=True)
-        assert int((fold0 != expected).sum()) > 10 * _mask_tolerance(ours.size)
-    return result.outcomes[0].report
+    return expected
 
 
-@pytest.mark.parametrize(("folds", "exported"), [((0, 1, 2), [0, 1, 2]), ((3,), [3])])
-def test_ct_fold_ensemble_matches_nnunet(folds, exported, tmp_path):
-    """Three folds (multi-class, transposed axes (0, 2, 1)) and one fold picked out of a five-fold folder."""
+@pytest.fixture(scope="module")
+def ct_ensemble(tmp_path_factory):
     from factory import CT_SPEC
 
-    report = _ensemble_parity(tmp_path, CT_SPEC, folds, exported)
-    assert report.mirror_axes == [0, 1, 2]
+    return _ensemble_run(tmp_path_factory.mktemp("ct_ensemble"), CT_SPEC, (0, 1, 2), [0, 1, 2])
+
+
+def test_ct_fold_ensemble_matches_nnunet(ct_ensemble):
+    """Three folds (multi-class, transposed axes (0, 2, 1)), mirrored, vs nnUNetPredictor(use_folds=(0, 1, 2))."""
+    expected = _check_parity(ct_ensemble)
+    assert ct_ensemble.report.mirror_axes == [0, 1, 2]
+    fold0 = ct_ensemble.nnunet((0,))
+    assert int((fold0 != expected).sum()) > 10 * _mask_tolerance(expected.size)  # the ensemble is not fold 0
+
+
+def test_ct_fold_agreement_matches_nnunet_fold_masks(ct_ensemble):
+    """``fold_agreement`` (computed on our per-fold masks in network space) vs the mean pairwise Dice of
+    nnU-Net's own per-fold masks in the input geometry: within 0.05 (the spaces differ by a resampling); the
+    disagreement map is written in the input geometry, in [0, 1], and 0 wherever nnU-Net's folds all agree
+    with its ensemble, except near a boundary (a voxel's neighbourhood of one)."""
+    from scipy import ndimage
+
+    from segsentry.runtime.agreement import mean_pairwise_dice
+
+    folds = np.stack([ct_ensemble.nnunet((f,)) for f in ct_ensemble.folds])
+    expected = mean_pairwise_dice(folds, [1, 2])
+    assert 0.0 < expected < 0.99, "folds with different weights should disagree somewhat"
+    assert ct_ensemble.report.fold_agreement == pytest.approx(expected, abs=0.05)
+    image = sitk.ReadImage(str(ct_ensemble.report.outputs["disagreement_map"]))
+    reference = sitk.ReadImage(str(ct_ensemble.case[0]))
+    assert image.GetSize() == reference.GetSize() and image.GetPixelID() == sitk.sitkFloat32
+    np.testing.assert_allclose(image.GetDirection(), reference.GetDirection())
+    disagreement = sitk.GetArrayFromImage(image)
+    assert disagreement.min() >= 0 and disagreement.max() <= 1 and disagreement.max() > 0
+    ensemble = ct_ensemble.nnunet(ct_ensemble.folds)
+    unanimous = ndimage.binary_erosion((folds == ensemble).all(0), iterations=1)
+    assert float(np.abs(disagreement[unanimous]).max(initial=0)) < 0.5
+    assert float(disagreement[unanimous].mean()) < 0.05
+
+
+def test_single_fold_of_a_five_fold_folder_matches_nnunet(tmp_path):
+    from factory import CT_SPEC
+
+    run = _ensemble_run(tmp_path, CT_SPEC, (3,), [3])
+    _check_parity(run)
+    assert run.report.fold_agreement is None and "disagreement_map" not in run.report.outputs
 
 
 @pytest.mark.slow
@@ -230,4 +289,4 @@ def test_mr_five_fold_ensemble_matches_nnunet(tmp_path):
     """Every fold of a five-fold folder (the default: folds=None), two channels."""
     from factory import MR_SPEC
 
-    _ensemble_parity(tmp_path, MR_SPEC, (0, 1, 2, 3, 4), None)
+    _check_parity(_ensemble_run(tmp_path, MR_SPEC, (0, 1, 2, 3, 4), None))

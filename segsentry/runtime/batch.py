@@ -136,6 +136,9 @@ def _run_case(case: CaseInput, bundle: Bundle, engine, output_dir: Path, backend
         if prediction.uncertainty is not None:
             outputs["uncertainty_map"] = output_dir / f"{case.case_id}_uncertainty{ending}"
             write_image(prediction.uncertainty, loaded.reference, outputs["uncertainty_map"])
+        if prediction.disagreement is not None:
+            outputs["disagreement_map"] = output_dir / f"{case.case_id}_disagreement{ending}"
+            write_image(prediction.disagreement, loaded.reference, outputs["disagreement_map"])
         timings = {"read": read_s, **prediction.timings, "write": time.perf_counter() - t0}
         timings["total"] = time.perf_counter() - start
         calibration = bundle.manifest.calibration
@@ -178,7 +181,7 @@ def _case_outputs(output_dir: Path, case_id: str) -> list[Path]:
     """The files ``ood-run`` writes for ``case_id`` (any image ending, multi-file companions, the report)."""
     names = {f"{case_id}.json"}
     for ending in (*IMAGE_ENDINGS, ".hdr", ".img", ".raw", ".zraw"):
-        names |= {f"{case_id}{ending}", f"{case_id}_uncertainty{ending}"}
+        names |= {f"{case_id}{ending}", f"{case_id}_uncertainty{ending}", f"{case_id}_disagreement{ending}"}
     return [output_dir / n for n in sorted(names) if (output_dir / n).is_file()]
 
 

@@ -15,6 +15,7 @@ import SimpleITK as sitk
 from segsentry.contract import Output
 from segsentry.errors import BundleError
 from segsentry.manifest import Calibration, Manifest
+from segsentry.runtime.agreement import disagreement_map, mean_pairwise_dice
 from segsentry.runtime.backends.base import Backend
 from segsentry.runtime.guard import content_reasons, content_stats
 from segsentry.runtime.io import LoadedCase
@@ -165,6 +166,10 @@ class CasePrediction:
     timings: dict[str, float] = field(default_factory=dict)
     ood_reasons: list[str] = field(default_factory=list)  # why the case is flagged, if it is
     mirror_axes: list[int] | None = None  # the flips the logits were averaged over (None: no mirroring)
+    # A fold ensemble: mean pairwise Dice between the folds' masks (network space, foreground labels), and per
+    # voxel the fraction of folds disagreeing with the ensemble's label (input geometry, float32). None otherwise.
+    fold_agreement: float | None = None
+    disagreement: np.ndarray | None = None
     notes: list[str] = field(default_factory=list)  # how the case was run, where it differs from nnU-Net's default
 
     @property
@@ -313,6 +318,16 @@ def finish_case(
         cropped = resample_to_cropped(inference.distance_map[None], geometry, spec)[0]
         uncertainty = to_input_geometry(cropped.astype(np.float32), geometry, spec)
     timings["resample_back"] = time.perf_counter() - t0
+    fold_agreement, disagreement = None, None
+    if inference.fold_labels is not None:
+        t0 = time.perf_counter()
+        foreground = sorted(v for v in manifest.labels.values() if v > 0)
+        fold_agreement = mean_pairwise_dice(inference.fold_labels, foreground)
+        ensemble = argmax_labels(inference.logits, label_dtype(manifest))
+        net_map = disagreement_map(inference.fold_labels, ensemble)
+        cropped = resample_to_cropped(net_map[None], geometry, spec)[0]
+        disagreement = np.clip(to_input_geometry(cropped.astype(np.float32), geometry, spec), 0, 1)
+        timings["fold_agreement"] = time.perf_counter() - t0
 
     return CasePrediction(
         case_id=loaded.case_id,
@@ -327,4 +342,6 @@ def finish_case(
         top_patches=_top_patches(inference, geometry, manifest, loaded.reference),
         timings=timings,
         ood_reasons=decision.reasons,
+        fold_agreement=fold_agreement,
+        disagreement=disagreement,
     )

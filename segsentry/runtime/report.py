@@ -40,6 +40,9 @@ class CaseReport:
     warnings: list[str] = field(default_factory=list)  # what was accepted about the input with a caveat
     mirror_axes: list[int] | None = None  # test-time mirroring: the flipped axes (network order); None: none
     notes: list[str] = field(default_factory=list)  # how the case was run, where it differs from nnU-Net's default
+    # fold ensembles: mean pairwise Dice between the folds' masks (1 = the folds agree); the voxel map of the
+    # fraction of folds disagreeing with the ensemble is outputs["disagreement_map"]. None for one network.
+    fold_agreement: float | None = None
 
     @classmethod
     def from_prediction(cls, prediction: CasePrediction, *, inputs: list[str], aggregation: str | None,
@@ -65,6 +68,7 @@ class CaseReport:
             warnings=list(warnings or []),
             mirror_axes=None if prediction.mirror_axes is None else list(prediction.mirror_axes),
             notes=list(prediction.notes),
+            fold_agreement=prediction.fold_agreement,
         )
 
     @property
