@@ -213,3 +213,65 @@ def test_refused_checkpoint_message_has_no_escape_codes(ct_pipeline, tmp_path):
         export_nnunet(folder, tmp_path / "out.onnx")
     assert "Weights only load failed" in str(info.value)  # torch's message, which prints bold text
     assert "\x1b" not in str(info.value)
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["--folds", "0", "1", "2"], {"folds": ["0", "1", "2"], "fold": None}),  # nnU-Net's "-f 0 1 2" form
+    (["--folds", "0", "--folds", "3"], {"folds": ["0", "3"], "fold": None}),
+    (["--fold", "2"], {"folds": None, "fold": "2"}),
+    ([], {"folds": None, "fold": None}),  # every fold_N with the checkpoint
+])
+def test_export_cli_fold_selection(args, expected, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import segsentry.export
+    from segsentry.cli import export_app
+
+    seen = {}
+
+    def fake_export(model_dir, output, **kwargs):
+        seen.update(kwargs)
+        raise ModelFolderError("stop here")
+
+    monkeypatch.setattr(segsentry.export, "export_nnunet", fake_export)
+    result = CliRunner().invoke(export_app, [str(tmp_path), *args, "-o", str(tmp_path / "o.onnx")])
+    assert result.exit_code == 1 and "stop here" in result.output, result.output
+    assert {k: seen[k] for k in expected} == expected
+
+
+@pytest.mark.parametrize("args", [["--fold", "1", "--folds", "0"], ["--folds", "0", "x"], ["1", "2"]])
+def test_export_cli_rejects_bad_fold_selection(args, tmp_path):
+    from typer.testing import CliRunner
+
+    from segsentry.cli import export_app
+
+    result = CliRunner().invoke(export_app, [str(tmp_path), *args, "-o", str(tmp_path / "o.onnx")])
+    assert result.exit_code == 2, result.output
+
+
+def test_ensemble_export_size_and_manifest(tmp_path):
+    """Three folds in one bundle: the weights are three folds' (initializer bytes exactly 3x, no shared or
+    duplicated constants beyond a few bytes), the manifest lists each fold with its checkpoint's sha256."""
+    import hashlib
+
+    from segsentry.devtools.nnunet_folder import CT_SPEC, make_model_folder
+
+    model_dir = make_model_folder(tmp_path / "results", CT_SPEC, folds=(0, 1, 2))
+    one = export_nnunet(model_dir, tmp_path / "one.onnx", fold=1, verify=False)
+    three = export_nnunet(model_dir, tmp_path / "three.onnx", verify=False)
+    assert [f.fold for f in one.manifest.folds] == ["1"] and one.manifest.n_folds == 1
+    assert [f.fold for f in three.manifest.folds] == ["0", "1", "2"]
+    for f in three.manifest.folds:
+        digest = hashlib.sha256((model_dir / f"fold_{f.fold}" / "checkpoint_final.pth").read_bytes()).hexdigest()
+        assert f.sha256 == digest
+    assert len({f.sha256 for f in three.manifest.folds}) == 3
+
+    def weight_bytes(path):
+        return sum(len(i.raw_data) for i in onnx.load(str(path)).graph.initializer)
+
+    assert abs(weight_bytes(tmp_path / "three.onnx") - 3 * weight_bytes(tmp_path / "one.onnx")) < 1024
+    model = onnx.load(str(three.path))
+    shapes = {o.name: [d.dim_value or d.dim_param for d in o.type.tensor_type.shape.dim] for o in model.graph.output}
+    assert shapes["logits"][1:] == [3, 3, *CT_SPEC.patch_size] and shapes["features"][1:] == [3, three.manifest.features.dim]
+    with pytest.raises(ModelFolderError, match="fold_7"):
+        export_nnunet(model_dir, tmp_path / "x.onnx", folds=[0, 7])
