@@ -42,6 +42,8 @@ def test_masks_match_nnunet_predictor(kind, mirroring, request, test_cases, tmp_
 
     pipeline = request.getfixturevalue(f"{kind}_pipeline")
     cases = test_cases[kind]
+    if mirroring:  # nnU-Net's 8 flips per patch: one case is enough (and costs 8x)
+        cases = dict(list(cases.items())[:1])
     inputs = [f for files in cases.values() for f in files]
     result = run_batch(pipeline.ood_onnx, inputs, tmp_path / "out", mirroring=mirroring)
     assert [o.status for o in result.outcomes] == ["ok"] * len(cases)
