@@ -146,6 +146,10 @@ class Manifest:
     # axis after the batch axis -- logits (batch, folds, classes, z, y, x), features (batch, folds, D) -- except
     # ``distance`` (batch,), the mean of the folds' squared distances. [] (any torch module) or one: no fold axis.
     folds: list[FoldSource] = field(default_factory=list)
+    # Region-based models (BraTS-style): output channel i is a sigmoid over the labels regions[i]; the mask gets
+    # regions_class_order[i] where its probability exceeds 0.5, in order. None: softmax over labels, argmax.
+    regions: list[list[int]] | None = None
+    regions_class_order: list[int] | None = None
 
     @property
     def num_channels(self) -> int:

@@ -292,3 +292,15 @@ def test_mr_five_fold_ensemble_matches_nnunet(tmp_path):
     from factory import MR_SPEC
 
     _check_parity(_ensemble_run(tmp_path, MR_SPEC, (0, 1, 2, 3, 4), None))
+
+
+def test_region_based_ensemble_matches_nnunet(tmp_path):
+    """A BraTS-style region model (sigmoid outputs "whole" = {1, 2}, "core" = {2}, regions_class_order (1, 2)),
+    two folds, two channels, mirrored: nnU-Net's region -> label conversion; the folds' agreement is computed on
+    the converted labels."""
+    from factory import REGION_SPEC
+
+    run = _ensemble_run(tmp_path, REGION_SPEC, (0, 1), None, n_folders=2)
+    expected = _check_parity(run)
+    assert set(np.unique(expected)) <= {0, 1, 2} and 2 in expected  # the later region overwrites
+    assert run.report.fold_agreement is not None and 0 <= run.report.fold_agreement <= 1

@@ -18,7 +18,7 @@ import numpy as np
 class ModelSpec:
     name: str
     channels: dict[str, str]
-    labels: dict[str, int]
+    labels: dict[str, int | list[int]]  # a list: a region (BraTS-style), then regions_class_order is needed
     patch_size: tuple[int, int, int]
     spacing: tuple[float, float, float]  # configuration spacing, transposed order
     normalization: tuple[str, ...]
@@ -26,6 +26,12 @@ class ModelSpec:
     transpose_forward: tuple[int, int, int] = (0, 1, 2)
     features: tuple[int, ...] = (4, 8, 16, 32)
     strides: tuple[tuple[int, int, int], ...] = ((1, 1, 1), (2, 2, 2), (2, 2, 2), (2, 2, 2))
+    regions_class_order: tuple[int, ...] | None = None
+
+    @property
+    def num_heads(self) -> int:
+        """Network outputs: one per foreground region of a region-based spec, else one per label."""
+        return len(self.labels) - 1 if self.regions_class_order is not None else len(self.labels)
 
 
 CT_SPEC = ModelSpec(
@@ -48,6 +54,18 @@ MR_SPEC = ModelSpec(
     normalization=("ZScoreNormalization", "ZScoreNormalization"),
     use_mask_for_norm=(True, False),
     strides=((1, 1, 1), (2, 2, 2), (2, 2, 2), (2, 2, 2)),
+)
+
+# Region-based (BraTS-style): two sigmoid outputs, "whole" = labels {1, 2}, "core" = {2}; written 1 then 2.
+REGION_SPEC = ModelSpec(
+    name="Dataset903_TinyRegions",
+    channels={"0": "T1", "1": "FLAIR"},
+    labels={"background": 0, "whole": [1, 2], "core": [2]},
+    patch_size=(16, 24, 24),
+    spacing=(1.0, 1.0, 1.0),
+    normalization=("ZScoreNormalization", "ZScoreNormalization"),
+    use_mask_for_norm=(True, False),
+    regions_class_order=(1, 2),
 )
 
 # Benchmark presets. SMALL: the reduced plan used for the demo model (features 8..128, patch 32x64x64).
@@ -152,6 +170,8 @@ def make_model_folder(root: Path, spec: ModelSpec, *, seed: int = 0, folds: Sequ
 
     plans = _plans(spec)
     dataset = {"channel_names": spec.channels, "labels": spec.labels, "numTraining": 4, "file_ending": ".nii.gz"}
+    if spec.regions_class_order is not None:
+        dataset["regions_class_order"] = list(spec.regions_class_order)
     folder = root / spec.name / "nnUNetTrainer__nnUNetPlans__3d_fullres"
     folder.mkdir(parents=True)
     (folder / "plans.json").write_text(json.dumps(plans, indent=2))
@@ -161,7 +181,7 @@ def make_model_folder(root: Path, spec: ModelSpec, *, seed: int = 0, folds: Sequ
         torch.manual_seed(seed + 1000 * int(fold))
         network = PlainConvUNet(
             len(spec.channels), n, list(spec.features), torch.nn.Conv3d, 3, [list(s) for s in spec.strides], [2] * n,
-            len(spec.labels), [2] * (n - 1), conv_bias=True, norm_op=torch.nn.InstanceNorm3d,
+            spec.num_heads, [2] * (n - 1), conv_bias=True, norm_op=torch.nn.InstanceNorm3d,
             norm_op_kwargs={"eps": 1e-5, "affine": True}, nonlin=torch.nn.LeakyReLU, nonlin_kwargs={"inplace": True},
             deep_supervision=True,
         )

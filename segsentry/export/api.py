@@ -46,6 +46,8 @@ def export_module(
     verify: bool = True,
     mirror_axes: Sequence[int] | None = None,
     folds: Sequence[FoldSource] = (),
+    regions: Sequence[Sequence[int]] | None = None,
+    regions_class_order: Sequence[int] | None = None,
 ) -> ExportResult:
     """Export any 3D segmentation network to a two-output ONNX bundle (``logits``, ``features``).
 
@@ -77,7 +79,7 @@ def export_module(
         labels={str(k): int(v) for k, v in labels.items()},
         channels={str(k): str(v) for k, v in (channels or {str(i): f"channel{i}" for i in range(in_channels)}).items()},
         file_ending=file_ending,
-        num_classes=len(labels),
+        num_classes=len(labels) if regions is None else len(regions),
         patch_size=patch,
         preprocessing=preprocessing,
         tiling=Tiling(mirror_axes=None if mirror_axes is None else [int(a) for a in mirror_axes]),
@@ -85,6 +87,8 @@ def export_module(
         inputs={"image": INPUT_NAME},
         outputs=dict(zip(OUTPUT_NAMES, OUTPUT_NAMES)),
         folds=list(folds),
+        regions=None if regions is None else [[int(v) for v in r] for r in regions],
+        regions_class_order=None if regions_class_order is None else [int(c) for c in regions_class_order],
     )
     path = save_bundle(model, manifest, output)
     return ExportResult(path=path, manifest=manifest, verification=verification)
@@ -136,4 +140,6 @@ def export_nnunet(
         verify=verify,
         mirror_axes=model.mirror_axes,
         folds=fold_sources,
+        regions=model.regions,
+        regions_class_order=model.regions_class_order,
     )

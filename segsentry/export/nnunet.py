@@ -54,8 +54,29 @@ class NnunetModel:
         return {str(k): str(v) for k, v in names.items()}
 
     @property
+    def regions(self) -> list[list[int]] | None:
+        """Region-based training (BraTS-style): the labels each output channel covers, else None."""
+        return dataset_regions(self.dataset)[0]
+
+    @property
+    def regions_class_order(self) -> list[int] | None:
+        return dataset_regions(self.dataset)[1]
+
+    @property
     def labels(self) -> dict[str, int]:
-        return {str(k): int(v) for k, v in self.dataset["labels"].items()}
+        """Label name -> the value written in the mask (a region model writes ``regions_class_order``)."""
+        regions, order = dataset_regions(self.dataset)
+        if regions is None:
+            return {str(k): int(v) for k, v in self.dataset["labels"].items()}
+        names = [k for k, v in self.dataset["labels"].items() if k != "ignore" and not _is_background(v)]
+        background = [k for k, v in self.dataset["labels"].items() if _is_background(v)]
+        return {**{str(k): 0 for k in background[:1]}, **{str(k): int(c) for k, c in zip(names, order)}}
+
+    @property
+    def num_heads(self) -> int:
+        """Output channels of the network: one per region, else one per label (nnU-Net's segmentation heads)."""
+        regions = self.regions
+        return len(self.dataset["labels"]) if regions is None else len(regions)
 
     def preprocessing(self) -> Preprocessing:
         config = self.configuration
@@ -74,6 +95,31 @@ class NnunetModel:
             resampling_data=_resampling_kwargs(config, "data"),
             resampling_probabilities=_resampling_kwargs(config, "probabilities"),
         )
+
+
+def _is_background(value: Any) -> bool:
+    return (isinstance(value, (list, tuple)) and set(int(v) for v in value) == {0}) or value == 0
+
+
+def dataset_regions(dataset: dict[str, Any]) -> tuple[list[list[int]] | None, list[int] | None]:
+    """``(regions, regions_class_order)`` as nnU-Net's LabelManager reads them, or ``(None, None)``.
+
+    A model is region-based when a label maps to a list of more than one value; each non-background label
+    (``ignore`` excluded) is then one sigmoid output covering those values, and ``regions_class_order`` gives
+    the value written where that output's probability exceeds 0.5, in order (later regions overwrite).
+    """
+    labels = dataset.get("labels", {})
+    if not any(isinstance(v, (list, tuple)) and len(v) > 1 for v in labels.values()):
+        return None, None
+    regions = [[int(x) for x in (v if isinstance(v, (list, tuple)) else [v])]
+               for k, v in labels.items() if k != "ignore" and not _is_background(v)]
+    order = dataset.get("regions_class_order")
+    if order is None or len(order) != len(regions):
+        raise ModelFolderError(f"region-based labels in dataset.json need 'regions_class_order' with one value per "
+                               f"region ({len(regions)}); found {order!r}")
+    if "ignore" in labels:
+        raise ModelFolderError("region-based models with an 'ignore' label are not supported")
+    return regions, [int(c) for c in order]
 
 
 def _resampling_kwargs(config: dict[str, Any], kind: str) -> dict[str, Any]:
@@ -264,15 +310,13 @@ def load_model_folder(
                                "segsentry supports 3D configurations only")
     if config.get("previous_stage") is not None:
         raise ModelFolderError(f"configuration '{config_name}' is a cascade stage; cascades are not supported")
-    if dataset.get("regions_class_order") is not None:
-        raise ModelFolderError("region-based models (regions_class_order in dataset.json) are not supported")
     labels = dataset.get("labels", {})
-    if any(isinstance(v, (list, tuple)) for v in labels.values()):
-        raise ModelFolderError("region-based labels in dataset.json are not supported")
+    regions, _ = dataset_regions(dataset)
     channel_names = dataset.get("channel_names", dataset.get("modality"))
     if not channel_names or not labels:
         raise ModelFolderError("dataset.json needs 'channel_names' and 'labels'")
-    network = build_network(plans, config, in_channels=len(channel_names), num_classes=len(labels))
+    network = build_network(plans, config, in_channels=len(channel_names),
+                            num_classes=len(labels) if regions is None else len(regions))
     weights = state["network_weights"]
     weights = {k[len("_orig_mod."):] if k.startswith("_orig_mod.") else k: v for k, v in weights.items()}
     try:

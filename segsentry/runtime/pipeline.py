@@ -75,6 +75,22 @@ def label_dtype(manifest: Manifest) -> type:
     return np.uint8 if max(manifest.labels.values()) < 255 else np.uint16
 
 
+def logits_to_labels(logits: np.ndarray, manifest: Manifest, *, slab: int = 16) -> np.ndarray:
+    """The label volume of ``(k, Z, Y, X)`` logits as nnU-Net's LabelManager converts them: argmax, or for a
+    region-based bundle ``sigmoid(logits[i]) > 0.5`` (float32) writing ``regions_class_order[i]`` in order."""
+    dtype = label_dtype(manifest)
+    if manifest.regions_class_order is None:
+        return argmax_labels(logits, dtype, slab=slab)
+    out = np.zeros(logits.shape[1:], dtype=dtype)
+    for z in range(0, logits.shape[1], slab):
+        chunk = logits[:, z:z + slab].astype(np.float32)
+        with np.errstate(over="ignore"):  # exp(-x) -> inf for very negative logits: probability 0, as torch
+            probabilities = np.float32(1) / (np.float32(1) + np.exp(-chunk))
+        for i, value in enumerate(manifest.regions_class_order):
+            out[z:z + slab][probabilities[i] > 0.5] = value
+    return out
+
+
 def infer_volume(
     data: np.ndarray,
     backend: Backend,
@@ -131,7 +147,7 @@ def infer_volume(
     if logit_accs:
         per_fold = [crop_box(acc.result(), pad_box) for acc in logit_accs]
         if n_folds > 1:
-            fold_labels = np.stack([argmax_labels(f, label_dtype(manifest)) for f in per_fold])
+            fold_labels = np.stack([logits_to_labels(f, manifest) for f in per_fold])
         logits = average_folds(per_fold)
         del per_fold, logit_accs
     return VolumeInference(
@@ -311,7 +327,7 @@ def finish_case(
     t0 = time.perf_counter()
     spec = manifest.preprocessing
     logits = resample_to_cropped(inference.logits, geometry, spec)
-    mask = to_input_geometry(argmax_labels(logits, label_dtype(manifest)), geometry, spec)
+    mask = to_input_geometry(logits_to_labels(logits, manifest), geometry, spec)
     del logits
     uncertainty = None
     if with_uncertainty_map and inference.distance_map is not None:
@@ -323,7 +339,7 @@ def finish_case(
         t0 = time.perf_counter()
         foreground = sorted(v for v in manifest.labels.values() if v > 0)
         fold_agreement = mean_pairwise_dice(inference.fold_labels, foreground)
-        ensemble = argmax_labels(inference.logits, label_dtype(manifest))
+        ensemble = logits_to_labels(inference.logits, manifest)
         net_map = disagreement_map(inference.fold_labels, ensemble)
         cropped = resample_to_cropped(net_map[None], geometry, spec)[0]
         disagreement = np.clip(to_input_geometry(cropped.astype(np.float32), geometry, spec), 0, 1)
