@@ -2,9 +2,11 @@
 
     python benchmarks/e2e_cpu.py --preset small            # 1.4 M-parameter plan, ~1 minute
     python benchmarks/e2e_cpu.py --preset fullres          # 3d_fullres-sized (30.8 M), long
+    python benchmarks/e2e_cpu.py --folds 5 --tta           # nnU-Net's default: 5-fold ensemble, mirrored
 
 Each measured run is a fresh child process (so peak RSS is per pipeline): nnU-Net = build predictor from the
-model folder, read the image with its SimpleITKIO, predict (no mirroring, step 0.5, CPU), write the mask;
+model folder, read the image with its SimpleITKIO, predict (step 0.5, CPU; ``--folds N`` ensembles folds
+0..N-1 with different weights, ``--tta`` turns on mirroring in both pipelines), write the mask;
 segsentry = ``run_batch`` (load bundle, read, preprocess, sliding window with the fused OOD head, scores,
 write mask + uncertainty map + report). Repeats alternate between the two; medians and ratios are written
 to ``benchmarks/results/e2e_cpu_<preset>.json`` and ``.md``, with machine and package versions.
@@ -44,7 +46,7 @@ def _child(args: argparse.Namespace) -> None:
         from segsentry.devtools.nnunet_reference import make_predictor
 
         start = time.perf_counter()
-        predictor = make_predictor(Path(args.model_dir))
+        predictor = make_predictor(Path(args.model_dir), folds=list(range(args.folds)), use_mirroring=args.tta)
         img, props = SimpleITKIO().read_images([str(image)])
         mask = predictor.predict_single_npy_array(img, props)
         SimpleITKIO().write_seg(mask, str(out / "mask.nii.gz"), props)
@@ -54,7 +56,7 @@ def _child(args: argparse.Namespace) -> None:
 
         start = time.perf_counter()
         result = run_batch(args.bundle, [image], out, backend=args.backend, threads=args.threads, qa=False,
-                           low_memory=bool(args.low_memory))
+                           low_memory=bool(args.low_memory), mirroring=args.tta)
         seconds = time.perf_counter() - start
         assert result.outcomes[0].status == "ok", result.outcomes[0].error
         timings = result.outcomes[0].report.timings_s
@@ -63,10 +65,10 @@ def _child(args: argparse.Namespace) -> None:
     print("RESULT " + json.dumps({"seconds": seconds, "peak_rss_mb": peak_mb}))
 
 
-def _measure(variant: str, workdir: Path, run: int, tag: str = "", **paths: str) -> dict:
+def _measure(variant: str, workdir: Path, run: int, flags: list[str], tag: str = "", **paths: str) -> dict:
     out = workdir / f"{variant}{tag}_{run}"
     out.mkdir()
-    cmd = [sys.executable, __file__, "child", "--variant", variant, "--out", str(out)]
+    cmd = [sys.executable, __file__, "child", "--variant", variant, "--out", str(out), *flags]
     for key, value in paths.items():
         cmd += [f"--{key.replace('_', '-')}", str(value)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -91,6 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     child.add_argument("--threads", type=int, default=None)
     child.add_argument("--backend", default="onnxruntime")
     child.add_argument("--low-memory", default=None)
+    for p in (parser, child):
+        p.add_argument("--folds", type=int, default=1, help="ensemble folds 0..N-1 (default 1: one network)")
+        p.add_argument("--tta", action="store_true", help="test-time mirroring in both pipelines")
+    parser.add_argument("--shape", type=int, nargs=3, default=None, help="override the preset's volume (z y x)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="small")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="backend threads (default: all cores)")
@@ -109,10 +115,14 @@ def main(argv: list[str] | None = None) -> int:
     from segsentry.phantoms import make_chest_ct
 
     spec_name, shape = PRESETS[args.preset]
+    shape = tuple(args.shape) if args.shape else shape
     spec = getattr(nnunet_folder, spec_name)
+    setting = {"folds": args.folds, "tta": args.tta}
+    tag = "" if (args.folds, args.tta, args.shape) == (1, False, None) else (
+        f"_f{args.folds}" + ("_tta" if args.tta else "") + ("_" + "x".join(map(str, shape)) if args.shape else ""))
     with tempfile.TemporaryDirectory(prefix="segsentry-bench-") as tmp:
         work = Path(tmp)
-        model_dir = nnunet_folder.make_model_folder(work / "results", spec)
+        model_dir = nnunet_folder.make_model_folder(work / "results", spec, folds=range(args.folds))
         train = work / "imagesTr"
         train.mkdir()
         for seed in (101, 102):  # calibration only needs a working bundle: default-size phantoms
@@ -130,12 +140,13 @@ def main(argv: list[str] | None = None) -> int:
 
         runs: dict[str, list[dict]] = {"nnunet": [], **{f"segsentry_{b}": [] for b in args.backends}}
         extra = {"threads": args.threads} if args.threads else {}
+        flags = ["--folds", str(args.folds)] + (["--tta"] if args.tta else [])
         for r in range(args.repeats):
-            runs["nnunet"].append(_measure("nnunet", work, r, image=case, model_dir=model_dir))
+            runs["nnunet"].append(_measure("nnunet", work, r, flags, image=case, model_dir=model_dir))
             for b in args.backends:
                 name, _, option = b.partition(":")
                 low = {"low_memory": "1"} if option == "low-memory" else {}
-                runs[f"segsentry_{b}"].append(_measure("segsentry", work, r, image=case, bundle=bundle,
+                runs[f"segsentry_{b}"].append(_measure("segsentry", work, r, flags, image=case, bundle=bundle,
                                                        backend=name, tag=b.replace(":", "_"), **low, **extra))
         ref = sitk.GetArrayFromImage(sitk.ReadImage(str(runs["nnunet"][0]["out"] / "mask.nii.gz")))
         agreement, stages = {}, {}
@@ -153,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         "preset": args.preset,
         "model": {"spec": spec.name, "patch_size": list(spec.patch_size), "features": list(spec.features)},
         "volume_shape_zyx": list(shape),
+        "setting": setting,
         "n_patches": report["n_patches"],
         "repeats": args.repeats,
         "seconds": {k: [round(r["seconds"], 3) for r in v] for k, v in runs.items()},
@@ -172,16 +184,17 @@ def main(argv: list[str] | None = None) -> int:
                  "includes loading the bundle and writing mask, uncertainty map and report (QA page off).",
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"e2e_cpu_{args.preset}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / f"e2e_cpu_{args.preset}{tag}.json").write_text(json.dumps(result, indent=2) + "\n")
     md = [
-        f"# End-to-end CPU, preset `{args.preset}` ({result['date']})",
+        f"# End-to-end CPU, preset `{args.preset}`, {args.folds} fold(s), mirroring {'on' if args.tta else 'off'} "
+        f"({result['date']})",
         "",
         f"{result['machine']['cpu']}, {result['machine']['cores']} cores; volume {list(shape)} (z, y, x), "
         f"{result['n_patches']} patches of {list(spec.patch_size)}; {args.repeats} run(s) each, medians.",
         "",
         "| pipeline | median s | speed-up vs nnU-Net | peak RSS MB | RSS vs nnU-Net | mask agreement |",
         "|---|---|---|---|---|---|",
-        f"| nnUNetPredictor (torch, no mirroring) | {med['nnunet']:.2f} | 1.00x | {rss['nnunet']:.0f} | 1.00x | – |",
+        f"| nnUNetPredictor (torch, {args.folds} fold(s), {'mirroring' if args.tta else 'no mirroring'}) | {med['nnunet']:.2f} | 1.00x | {rss['nnunet']:.0f} | 1.00x | – |",
     ]
     for b in args.backends:
         k = f"segsentry_{b}"
@@ -192,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"({agreement[b]['mismatched_voxels']} voxels differ) |")
     md += ["", "ood-run stages (s, first run): " + "; ".join(
         f"{b}: " + ", ".join(f"{k} {v:.2f}" for k, v in stages[b].items()) for b in args.backends), ""]
-    (RESULTS / f"e2e_cpu_{args.preset}.md").write_text("\n".join(md))
+    (RESULTS / f"e2e_cpu_{args.preset}{tag}.md").write_text("\n".join(md))
     print("\n".join(md))
     return 0
 

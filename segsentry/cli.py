@@ -138,7 +138,9 @@ def _guarded(debug: bool, body: Callable[[], int]) -> None:
 def export_command(
     model_dir: Annotated[Path, typer.Argument(help="nnU-Net v2 trained-model folder (plans.json, dataset.json, fold_N/).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Output .features.onnx file.")],
-    fold: Annotated[str, typer.Option("--fold", "-f", help="Fold to export (a number or 'all').")] = "0",
+    folds: Annotated[Optional[list[str]], typer.Option("--folds", help="Folds to ensemble in one bundle, as nnU-Net's -f: --folds 0 1 2 (default: every fold_N with the checkpoint).")] = None,
+    more_folds: Annotated[Optional[list[str]], typer.Argument(hidden=True, help="The values after --folds' first.")] = None,
+    fold: Annotated[Optional[str], typer.Option("--fold", "-f", help="Export this one fold (a number or 'all').")] = None,
     checkpoint: Annotated[str, typer.Option("--checkpoint", help="Checkpoint file name in fold_N/.")] = "checkpoint_final.pth",
     configuration: Annotated[Optional[str], typer.Option("--configuration", "-c", help="Plans configuration (default: from the checkpoint).")] = None,
     layer: Annotated[str, typer.Option("--layer", help="Feature layer, a dotted module path.")] = "encoder.stages.-1",
@@ -147,19 +149,31 @@ def export_command(
     debug: DebugOpt = False,
     version: VersionOpt = False,
 ) -> None:
-    """Export an nnU-Net v2 model to ONNX with two outputs: logits and pooled bottleneck features."""
+    """Export an nnU-Net v2 model to ONNX with two outputs: logits and pooled bottleneck features.
+
+    Several folds make one ensemble bundle (per-fold logits and features behind one input)."""
     _setup_logging(verbose)
+    # click options take one value each: "--folds 0 1 2" leaves "1 2" as extra positionals, gathered here
+    if more_folds and folds is None:
+        raise typer.BadParameter(f"unexpected arguments {' '.join(more_folds)} (folds go after --folds)")
+    if fold is not None and folds is not None:
+        raise typer.BadParameter("give --fold N or --folds N [N ...], not both")
+    chosen = None if folds is None else [*folds, *(more_folds or [])]
+    for value in chosen or []:
+        if not (value.isdigit() or value == "all"):
+            raise typer.BadParameter(f"fold {value!r} is not a number or 'all'")
 
     def body() -> int:
         from segsentry.export import export_nnunet
 
         with console.status("exporting to ONNX…"):
-            result = export_nnunet(model_dir, output, fold=fold, checkpoint=checkpoint,
+            result = export_nnunet(model_dir, output, folds=chosen, fold=fold, checkpoint=checkpoint,
                                    configuration=configuration, layer=layer, verify=verify)
         m = result.manifest
         console.print(f"[green]wrote[/] {escape(str(result.path))}  patch {m.patch_size}, {m.num_channels} channel(s), "
                       f"{m.num_classes} classes, features '{escape(m.features.layer)}' {m.features.layer_shape} "
-                      f"-> pool {m.features.pooling} -> D={m.features.dim}", highlight=False)
+                      f"-> pool {m.features.pooling} -> D={m.features.dim}; folds "
+                      f"{', '.join(f.fold for f in m.folds) or '-'}", highlight=False)
         if result.verification:
             v = result.verification
             console.print(f"ONNX vs torch on {v.n_patches} random patches: logits max |diff| "
@@ -242,6 +256,9 @@ def run_command(
     low_memory: Annotated[bool, typer.Option(
         "--low-memory", help="Lower peak memory for some speed (onnxruntime: no CPU memory arena; ~30 % less RSS, "
         "2-8 % slower on a fullres net).")] = False,
+    disable_tta: Annotated[bool, typer.Option(
+        "--disable-tta", help="No test-time mirroring (nnU-Net's flag): faster, but the masks are no longer "
+        "nnU-Net's default predictions. The OOD score does not depend on it.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the case reports as JSON on stdout.")] = False,
     dicom_seg: Annotated[bool, typer.Option("--dicom-seg", help="Also write CASE.seg.dcm (DICOM SEG) and CASE.sr.dcm "
                                             "(SR with the OOD verdict) for DICOM series inputs (segsentry[dicom]).")] = False,
@@ -302,12 +319,14 @@ def run_command(
                 result = run_batch_ray(bundle, inputs, output, ray_options=options, backend=backend,
                                        batch_size=batch_size, low_memory=low_memory, qa=qa, resume=resume,
                                        on_case=advance, raise_unexpected=debug,
-                                       allow_irregular_slices=allow_irregular_slices, step_size=step_size)
+                                       allow_irregular_slices=allow_irregular_slices, step_size=step_size,
+                                       mirroring=not disable_tta)
             else:
                 result = run_batch(bundle, inputs, output, backend=backend, batch_size=batch_size, threads=threads,
                                    low_memory=low_memory, qa=qa, on_case=advance, raise_unexpected=debug,
                                    case_hooks=hooks, allow_irregular_slices=allow_irregular_slices, resume=resume,
-                                   step_size=step_size)
+                                   step_size=step_size,
+                                   mirroring=not disable_tta)
         if as_json:
             typer.echo(json.dumps({
                 "backend": result.backend,

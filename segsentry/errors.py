@@ -6,6 +6,10 @@ a non-zero exit code. Messages say what was expected, what was found and what to
 
 from __future__ import annotations
 
+import re
+
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[@-Z\\-_]")
+
 
 class SegsentryError(Exception):
     """Base class of all errors meant for the user."""
@@ -48,6 +52,9 @@ class MissingDependencyError(SegsentryError):
 
 
 def first_line(exc: BaseException) -> str:
-    """The first line of an exception's message (engines raise pages of it), or its type name when empty."""
-    text = str(exc).strip()
+    """The first line of an exception's message (engines raise pages of it), or its type name when empty.
+
+    Terminal escape codes (torch's weights-only error prints bold text) are removed: messages are for people
+    and log files, not terminals."""
+    text = _ANSI_ESCAPE.sub("", str(exc)).strip()
     return text.splitlines()[0] if text else type(exc).__name__

@@ -51,11 +51,19 @@ class Preprocessing:
 
 @dataclass(frozen=True)
 class Tiling:
-    """Sliding-window parameters (nnU-Net defaults)."""
+    """Sliding-window parameters (nnU-Net defaults).
+
+    ``mirror_axes`` are the checkpoint's ``inference_allowed_mirroring_axes`` (network axis order): ``ood-run``
+    averages the logits over every flip of them, as ``nnUNetv2_predict`` does by default (``--disable-tta``
+    turns it off). ``[]``: the checkpoint allows none. ``None``: the bundle predates this field; it runs without
+    mirroring and says so in the report. The OOD distance always comes from the un-mirrored pass only: the
+    Gaussian was fit on un-mirrored patches, so U does not depend on mirroring.
+    """
 
     step_size: float = 0.5
     sigma_scale: float = 0.125
     value_scaling_factor: float = 10.0
+    mirror_axes: list[int] | None = None
 
 
 @dataclass(frozen=True)
@@ -66,6 +74,15 @@ class FeatureSpec:
     layer_shape: list[int]  # (C, z, y, x) per sample at the layer output
     pooling: list[list[int]]  # one avg_pool3d kernel (= stride) per pooling step
     dim: int
+
+
+@dataclass(frozen=True)
+class FoldSource:
+    """One trained network of the bundle: nnU-Net's fold name, its checkpoint file and that file's sha256."""
+
+    fold: str
+    checkpoint: str
+    sha256: str
 
 
 @dataclass(frozen=True)
@@ -101,6 +118,10 @@ class Calibration:
     input_range: InputRange | None = None  # the training cases' content range (None: bundles before 0.2)
     feature_norm: str = "none"  # FeatureNorm: "none" (the paper) or "l2" (Mahalanobis++), fit and head alike
     train_orientation: str | None = None  # dominant orientation code of the training images ("LPS"...), if known
+    # A fold ensemble: one Gaussian per fold (shrinkage and rank above are fold 0's; every fold's here). The
+    # patch distance is the mean of the folds' squared distances; scores, range and threshold are on that mean.
+    fold_shrinkage: list[float] = field(default_factory=list)
+    fold_rank: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -160,10 +181,23 @@ class Manifest:
     quantization: Quantization | None = None  # None: the float32 network as exported
     weights_sha256: str = ""
     version: int = MANIFEST_VERSION
+    # The networks in the bundle, in ensemble order. With two or more (a fold ensemble) every output gains a fold
+    # axis after the batch axis -- logits (batch, folds, classes, z, y, x), features (batch, folds, D) -- except
+    # ``distance`` (batch,), the mean of the folds' squared distances. [] (any torch module) or one: no fold axis.
+    folds: list[FoldSource] = field(default_factory=list)
+    # Region-based models (BraTS-style): output channel i is a sigmoid over the labels regions[i]; the mask gets
+    # regions_class_order[i] where its probability exceeds 0.5, in order. None: softmax over labels, argmax.
+    regions: list[list[int]] | None = None
+    regions_class_order: list[int] | None = None
 
     @property
     def num_channels(self) -> int:
         return len(self.channels)
+
+    @property
+    def n_folds(self) -> int:
+        """Networks in the bundle (1 unless it is a fold ensemble)."""
+        return max(1, len(self.folds))
 
     def output_name(self, role: Output | str) -> str:
         """The graph output name that plays ``role``; raise :class:`BundleError` if the bundle has none."""
@@ -190,7 +224,9 @@ class Manifest:
                 )
             calibration = raw.pop("calibration", None)
             quantization = raw.pop("quantization", None)
+            folds = [FoldSource(**f) for f in raw.pop("folds", [])]
             return cls(
+                folds=folds,
                 preprocessing=Preprocessing(**raw.pop("preprocessing")),
                 tiling=_tiling(raw.pop("tiling")),
                 features=FeatureSpec(**raw.pop("features")),

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from segsentry.devtools.nnunet_folder import CT_SPEC, MR_SPEC, ModelSpec, make_model_folder  # noqa: F401
+from segsentry.devtools.nnunet_folder import CT_SPEC, MR_SPEC, REGION_SPEC, ModelSpec, make_model_folder  # noqa: F401
 from segsentry.devtools.nnunet_reference import nnunet_predict  # noqa: F401
 
 ROTATED_DIRECTION = (0.0, -1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0)  # 90° about z

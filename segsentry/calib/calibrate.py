@@ -4,6 +4,13 @@ The training cases go through the runtime's own preprocessing and sliding-window
 feature vector per patch (no mirroring), streamed to disk. After the fit, every training patch's squared
 distance is spread over its patch exactly as at inference, giving each case's raw subject score; these fix
 the min / 2·max normalisation and the 95 % TPR threshold recorded in the manifest.
+
+A fold ensemble gets one Gaussian per fold, fitted on that fold's features, each folded into the graph; the
+patch distance is the mean of the folds' squared distances (a ``Mean`` node in the graph). Everything
+downstream is the single-network procedure on that distance: the voxel map, the subject score
+``u = mean over folds of u_fold`` (the map is linear in the distance), one min / 2·max normalisation, and the
+threshold rule on the combined calibration scores. The folds' squared distances share their scale (same
+``D``, each whitened by its own fit), so the raw mean weighs them alike.
 """
 
 from __future__ import annotations
@@ -11,7 +18,8 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from contextlib import ExitStack
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +34,7 @@ from segsentry.calib.gaussian import (
     normalise_features,
     squared_mahalanobis,
 )
-from segsentry.calib.head import fold_mahalanobis_head
+from segsentry.calib.head import fold_ensemble_head, fold_mahalanobis_head
 from segsentry.contract import FeatureNorm, Output, ThresholdRule, choice
 from segsentry.errors import BundleError, CalibrationError, SegsentryError
 from segsentry.manifest import Calibration, Manifest, write_manifest
@@ -69,6 +77,7 @@ class CalibrationResult:
     case_ids: list[str]
     failed: dict[str, str]
     head_check_max_rel_error: float
+    fits: list[GaussianFit] = field(default_factory=list)  # one per fold of an ensemble ([fit] otherwise)
 
 
 def calibrate(
@@ -144,36 +153,44 @@ def calibrate(
 
     failed: dict[str, str] = {}
     patches: list[_CasePatches] = []
-    with FeatureStore(directory=workdir) as store, create_backend(
-        backend, bundle.model_bytes, channels=manifest.num_channels,
-        patch_size=manifest.patch_size, options=BackendOptions(threads=threads), manifest=manifest,
-    ) as engine:
+    n_folds = manifest.n_folds
+    with ExitStack() as stack:
+        stores = [stack.enter_context(FeatureStore(directory=workdir)) for _ in range(n_folds)]
+        engine = stack.enter_context(create_backend(
+            backend, bundle.model_bytes, channels=manifest.num_channels,
+            patch_size=manifest.patch_size, options=BackendOptions(threads=threads), manifest=manifest,
+        ))
         content: list[ContentStats] = []
         for case, inference in _features_per_case(cases, engine, manifest, batch_size, failed, on_case, "training",
                                                   content):
-            start = store.n_samples
-            store.append(normalise_features(inference.features, feature_norm).astype(np.float32))
-            patches.append(_CasePatches(case.case_id, slice(start, store.n_samples), inference.boxes,
+            start = stores[0].n_samples
+            for store, z in zip(stores, _fold_features(inference.features, n_folds)):
+                store.append(normalise_features(z, feature_norm).astype(np.float32))
+            patches.append(_CasePatches(case.case_id, slice(start, stores[0].n_samples), inference.boxes,
                                         inference.pad_box, inference.padded_shape))
         if not patches:
             raise CalibrationError("every training case failed; nothing to calibrate on")
-        features = store.array()
-        fit = fit_gaussian(features, estimator=estimator)
+        features = [store.array() for store in stores]
+        fits = [fit_gaussian(z, estimator=estimator) for z in features]
         gaussian = importance_for(manifest.patch_size, sigma_scale=manifest.tiling.sigma_scale,
                                   value_scaling_factor=manifest.tiling.value_scaling_factor)
-        case_fits = _score_fits(features, patches, fit, estimator=estimator, folds=score_folds)
+        case_fits = [_score_fits(z, patches, fit, estimator=estimator, folds=score_folds)
+                     for z, fit in zip(features, fits)]  # [fold][case]
         scores = []
-        for case, case_fit in zip(patches, case_fits):
-            d = squared_mahalanobis(case_fit, np.asarray(features[case.rows], dtype=np.float64))
+        for c, case in enumerate(patches):
+            d = np.mean([squared_mahalanobis(case_fits[f][c], np.asarray(features[f][case.rows], dtype=np.float64))
+                         for f in range(n_folds)], axis=0)
             voxel_map = distance_map(case.padded_shape, case.boxes, d, gaussian, aggregation=aggregation)
             scores.append(subject_score(crop_box(voxel_map, case.pad_box)))
-        n_patches = store.n_samples
+        n_patches = stores[0].n_samples
         held_out: list[float] = []
         for case, inference in _features_per_case(calibration_cases, engine, manifest, batch_size, failed,
                                                   on_case, "calibration"):
-            d = squared_mahalanobis(fit, normalise_features(inference.features, feature_norm))
+            d = np.mean([squared_mahalanobis(fit, normalise_features(z, feature_norm))
+                         for fit, z in zip(fits, _fold_features(inference.features, n_folds))], axis=0)
             voxel_map = distance_map(inference.padded_shape, inference.boxes, d, gaussian, aggregation=aggregation)
             held_out.append(subject_score(crop_box(voxel_map, inference.pad_box)))
+    fit = fits[0]
 
     train_min, train_max = float(min(scores)), float(max(scores))
     if not 2 * train_max > train_min:
@@ -207,20 +224,37 @@ def calibrate(
         input_range=input_range(content),
         feature_norm=feature_norm.value,
         train_orientation=train_orientation,
+        fold_shrinkage=[float(f.shrinkage) for f in fits] if n_folds > 1 else [],
+        fold_rank=[int(f.rank) for f in fits] if n_folds > 1 else [],
     )
     model = onnx.load_model_from_string(bundle.model_bytes)
-    fused = fold_mahalanobis_head(model, fit, keep_features=keep_features, feature_norm=feature_norm)
+    if n_folds > 1:
+        fused = fold_ensemble_head(model, fits, features_output=manifest.output_name(Output.FEATURES),
+                                   keep_features=keep_features, feature_norm=feature_norm)
+    else:
+        fused = fold_mahalanobis_head(model, fit, keep_features=keep_features, feature_norm=feature_norm)
     outputs = {Output.LOGITS.value: manifest.output_name(Output.LOGITS), Output.DISTANCE.value: "distance"}
     if keep_features:
         outputs[Output.FEATURES.value] = manifest.output_name(Output.FEATURES)
     data = write_manifest(fused, manifest.replace(calibration=calibration, outputs=outputs))
-    check = _check_fused_head(data, bundle.model_bytes, fit, manifest.num_channels, manifest.patch_size,
+    check = _check_fused_head(data, bundle.model_bytes, fits, manifest.num_channels, manifest.patch_size,
                               feature_norm=feature_norm)
     write_bytes_atomic(output, data)
     log.info("calibrated on %d patches from %d cases (%s); threshold U > %.4f (%s, from %s)", n_patches,
              len(patches), estimator, calibration.threshold, threshold_rule.value, source)
     return CalibrationResult(path=Path(output), calibration=calibration, fit=fit,
-                             case_ids=[p.case_id for p in patches], failed=failed, head_check_max_rel_error=check)
+                             case_ids=[p.case_id for p in patches], failed=failed, head_check_max_rel_error=check,
+                             fits=fits)
+
+
+def _fold_features(features: np.ndarray, n_folds: int) -> list[np.ndarray]:
+    """Per-fold ``(n, D)`` features of a bundle's ``(n, D)`` (one network) or ``(n, folds, D)`` output."""
+    if n_folds == 1:
+        return [features]
+    if features.ndim != 3 or features.shape[1] != n_folds:
+        raise CalibrationError(f"an ensemble of {n_folds} folds should output features (n, {n_folds}, D); got "
+                               f"{features.shape}")
+    return [features[:, f] for f in range(n_folds)]
 
 
 LABEL_MAP_PROBES = 3  # training cases read up front to catch a folder of label maps
@@ -318,15 +352,17 @@ def _score_fits(features: np.ndarray, patches: Sequence[_CasePatches], full: Gau
     return [fits[g] for g in fold_of]
 
 
-def _check_fused_head(fused: bytes, features_model: bytes, fit: GaussianFit, channels: int,
+def _check_fused_head(fused: bytes, features_model: bytes, fits: Sequence[GaussianFit], channels: int,
                       patch_size: Sequence[int], *, feature_norm: FeatureNorm = FeatureNorm.NONE,
                       rtol: float = 1e-3) -> float:
-    """Run two random patches through both graphs: the fused distance must equal numpy's on the features."""
+    """Run two random patches through both graphs: the fused distance must equal numpy's on the features
+    (for an ensemble, the mean over folds of each fold's distance)."""
     rng = np.random.default_rng(0)
     batch = rng.standard_normal((2, channels, *patch_size)).astype(np.float32)
     with create_backend("onnxruntime", features_model, channels=channels, patch_size=patch_size) as a, \
             create_backend("onnxruntime", fused, channels=channels, patch_size=patch_size) as b:
-        expected = squared_mahalanobis(fit, normalise_features(a.run(batch)["features"], feature_norm))
+        expected = np.mean([squared_mahalanobis(fit, normalise_features(z, feature_norm)) for fit, z in
+                            zip(fits, _fold_features(a.run(batch)["features"], len(fits)))], axis=0)
         got = b.run(batch)["distance"].astype(np.float64)
     error = float(np.max(np.abs(got - expected) / np.maximum(np.abs(expected), 1e-12)))
     if not error <= rtol:

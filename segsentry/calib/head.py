@@ -28,7 +28,7 @@ from segsentry.graph import GraphIndex, check_model, has_head, require_opset
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["fold_mahalanobis_head", "head_initializer_bytes", "head_initializers"]
+__all__ = ["fold_ensemble_head", "fold_mahalanobis_head", "head_initializer_bytes", "head_initializers"]
 
 _FLOAT_TYPES = {TensorProto.FLOAT: "float32", TensorProto.FLOAT16: "float16"}
 
@@ -67,8 +67,12 @@ def fold_mahalanobis_head(
     distance_output: str = Output.DISTANCE.value,
     keep_features: bool = False,
     feature_norm: FeatureNorm | str = FeatureNorm.NONE,
+    scope: str = HEAD_SCOPE,
 ) -> onnx.ModelProto:
     """Return a copy of ``model`` whose ``features`` output feeds a squared-Mahalanobis head.
+
+    ``scope`` (default ``ood_head/``; ``ood_head/f<i>/`` for a fold ensemble's heads, see
+    :func:`fold_ensemble_head`) prefixes every node and initializer name of the head.
 
     With ``feature_norm="l2"`` (Mahalanobis++) the head first divides each feature row by
     ``max(ReduceL2(row), L2_EPS)``, as :func:`segsentry.calib.gaussian.normalise_features` does before the fit.
@@ -123,11 +127,13 @@ def fold_mahalanobis_head(
 
     if distance_output in index.names():
         raise CalibrationError(f"The ONNX model already has a value named {distance_output!r}.")
-    if has_head(graph):
-        raise CalibrationError(f"The ONNX model already contains an OOD head (names starting with {HEAD_SCOPE!r}).")
+    if not scope.startswith(HEAD_SCOPE):
+        raise CalibrationError(f"head scope {scope!r} must lie inside {HEAD_SCOPE!r}")
+    if has_head(graph) if scope == HEAD_SCOPE else any(name.startswith(scope) for name in index.names()):
+        raise CalibrationError(f"The ONNX model already contains an OOD head (names starting with {scope!r}).")
 
     def n(name: str) -> str:
-        return HEAD_SCOPE + name
+        return scope + name
 
     inits: list[onnx.TensorProto] = []
     nodes: list[onnx.NodeProto] = []
@@ -147,7 +153,7 @@ def fold_mahalanobis_head(
         return node("ReduceSumSquare", [x], out, axes=[1], keepdims=0)
 
     axes_name = const(n("axes"), np.array([1], dtype=np.int64)) if opset >= 18 else ""
-    values = {role: const(role.tensor_name, array) for role, array in head_initializers(fit).items()}
+    values = {role: const(scope + role.value, array) for role, array in head_initializers(fit).items()}
 
     z = features_output
     if elem != TensorProto.FLOAT:
@@ -204,4 +210,68 @@ def fold_mahalanobis_head(
         features_output,
         distance_output,
     )
+    return out_model
+
+
+def fold_ensemble_head(
+    model: onnx.ModelProto,
+    fits: list[GaussianFit],
+    *,
+    features_output: str = Output.FEATURES.value,
+    distance_output: str = Output.DISTANCE.value,
+    keep_features: bool = False,
+    feature_norm: FeatureNorm | str = FeatureNorm.NONE,
+) -> onnx.ModelProto:
+    """One Mahalanobis head per fold of an ensemble bundle, and their mean as ``distance``.
+
+    ``features_output`` is ``[batch, folds, D]``; fold ``i``'s features (``Gather`` on axis 1) feed the head of
+    :func:`fold_mahalanobis_head` fitted on them (``fits[i]``, scope ``ood_head/f<i>/``), and ``distance``
+    ``[batch]`` float32 is ``Mean`` of the folds' squared distances. Each fold's head holds only its own
+    Gaussian, so the head constants grow with the folds and are never duplicated.
+    """
+    out_model = copy.deepcopy(model)
+    graph = out_model.graph
+    index = GraphIndex(graph)
+    if features_output not in index.outputs:
+        raise CalibrationError(f"The ONNX model has no graph output named {features_output!r} "
+                               f"(outputs: {sorted(index.outputs)}).")
+    if has_head(graph):
+        raise CalibrationError(f"The ONNX model already contains an OOD head (names starting with {HEAD_SCOPE!r}).")
+    feat_vi = index.value_info(features_output)
+    assert feat_vi is not None  # a graph output is declared
+    ttype = feat_vi.type.tensor_type
+    dims = ttype.shape.dim if ttype.HasField("shape") else []
+    if len(dims) != 3 or not dims[1].HasField("dim_value") or dims[1].dim_value != len(fits):
+        raise CalibrationError(f"Graph output {features_output!r} must be [batch, {len(fits)} folds, D] for "
+                               f"{len(fits)} fitted Gaussians; it is {[d.dim_value or d.dim_param for d in dims]}.")
+    ensemble = HEAD_SCOPE + "ensemble/"
+    distances: list[str] = []
+    for i, fit in enumerate(fits):
+        index_name = f"{ensemble}fold{i}_index"
+        graph.initializer.append(numpy_helper.from_array(np.array(i, dtype=np.int64), name=index_name))
+        member = f"{ensemble}features_f{i}"
+        graph.node.append(helper.make_node("Gather", [features_output, index_name], [member], axis=1,
+                                           name=f"{ensemble}select_f{i}"))
+        member_vi = helper.make_tensor_value_info(member, ttype.elem_type, [None, None])
+        member_vi.type.tensor_type.shape.dim[0].CopyFrom(dims[0])
+        member_vi.type.tensor_type.shape.dim[1].CopyFrom(dims[2])
+        graph.output.append(member_vi)
+        distances.append(f"{HEAD_SCOPE}f{i}/distance")
+        out_model = fold_mahalanobis_head(out_model, fit, features_output=member, distance_output=distances[-1],
+                                          keep_features=False, feature_norm=feature_norm, scope=f"{HEAD_SCOPE}f{i}/")
+        graph = out_model.graph
+    graph.node.append(helper.make_node("Mean", distances, [distance_output], name=f"{ensemble}mean_distance"))
+    kept = [o for o in graph.output if o.name not in distances and (keep_features or o.name != features_output)]
+    dist_vi = copy.deepcopy(next(o for o in graph.output if o.name == distances[0]))
+    dist_vi.name = distance_output
+    graph_inputs = {i.name for i in graph.input}
+    if not keep_features and features_output not in graph_inputs \
+            and all(v.name != features_output for v in graph.value_info):
+        graph.value_info.append(copy.deepcopy(feat_vi))
+    del graph.output[:]
+    graph.output.extend([*kept, dist_vi])
+    check_model(out_model, message="The ONNX model with the ensemble's OOD heads does not validate",
+                error=CalibrationError)
+    logger.info("Folded %d Mahalanobis heads (one per fold) onto %r -> Mean -> %r.", len(fits), features_output,
+                distance_output)
     return out_model

@@ -8,6 +8,7 @@ them. They segment nothing meaningful: they exist to compare two inference pipel
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import numpy as np
 class ModelSpec:
     name: str
     channels: dict[str, str]
-    labels: dict[str, int]
+    labels: dict[str, int | list[int]]  # a list: a region (BraTS-style), then regions_class_order is needed
     patch_size: tuple[int, int, int]
     spacing: tuple[float, float, float]  # configuration spacing, transposed order
     normalization: tuple[str, ...]
@@ -25,6 +26,12 @@ class ModelSpec:
     transpose_forward: tuple[int, int, int] = (0, 1, 2)
     features: tuple[int, ...] = (4, 8, 16, 32)
     strides: tuple[tuple[int, int, int], ...] = ((1, 1, 1), (2, 2, 2), (2, 2, 2), (2, 2, 2))
+    regions_class_order: tuple[int, ...] | None = None
+
+    @property
+    def num_heads(self) -> int:
+        """Network outputs: one per foreground region of a region-based spec, else one per label."""
+        return len(self.labels) - 1 if self.regions_class_order is not None else len(self.labels)
 
 
 CT_SPEC = ModelSpec(
@@ -47,6 +54,18 @@ MR_SPEC = ModelSpec(
     normalization=("ZScoreNormalization", "ZScoreNormalization"),
     use_mask_for_norm=(True, False),
     strides=((1, 1, 1), (2, 2, 2), (2, 2, 2), (2, 2, 2)),
+)
+
+# Region-based (BraTS-style): two sigmoid outputs, "whole" = labels {1, 2}, "core" = {2}; written 1 then 2.
+REGION_SPEC = ModelSpec(
+    name="Dataset903_TinyRegions",
+    channels={"0": "T1", "1": "FLAIR"},
+    labels={"background": 0, "whole": [1, 2], "core": [2]},
+    patch_size=(16, 24, 24),
+    spacing=(1.0, 1.0, 1.0),
+    normalization=("ZScoreNormalization", "ZScoreNormalization"),
+    use_mask_for_norm=(True, False),
+    regions_class_order=(1, 2),
 )
 
 # Benchmark presets. SMALL: the reduced plan used for the demo model (features 8..128, patch 32x64x64).
@@ -138,44 +157,80 @@ def _plans(spec: ModelSpec) -> dict:
     }
 
 
-def make_model_folder(root: Path, spec: ModelSpec, *, seed: int = 0) -> Path:
-    """Write ``root/<Dataset>/nnUNetTrainer__nnUNetPlans__3d_fullres`` with random (He-initialised) weights."""
+def make_model_folder(root: Path, spec: ModelSpec, *, seed: int = 0, folds: Sequence[int] = (0,),
+                      mirror_axes: tuple[int, ...] | None = (0, 1, 2)) -> Path:
+    """Write ``root/<Dataset>/nnUNetTrainer__nnUNetPlans__3d_fullres`` with random (He-initialised) weights.
+
+    Each of ``folds`` gets ``fold_N/checkpoint_final.pth`` with its own weights (seed ``seed + 1000 * N``);
+    ``mirror_axes`` is what the checkpoints record as ``inference_allowed_mirroring_axes`` (``None``: no key).
+    """
     import torch
     from dynamic_network_architectures.architectures.unet import PlainConvUNet
     from dynamic_network_architectures.initialization.weight_init import InitWeights_He
 
     plans = _plans(spec)
     dataset = {"channel_names": spec.channels, "labels": spec.labels, "numTraining": 4, "file_ending": ".nii.gz"}
+    if spec.regions_class_order is not None:
+        dataset["regions_class_order"] = list(spec.regions_class_order)
     folder = root / spec.name / "nnUNetTrainer__nnUNetPlans__3d_fullres"
-    (folder / "fold_0").mkdir(parents=True)
+    folder.mkdir(parents=True)
     (folder / "plans.json").write_text(json.dumps(plans, indent=2))
     (folder / "dataset.json").write_text(json.dumps(dataset, indent=2))
-    torch.manual_seed(seed)
     n = len(spec.features)
-    network = PlainConvUNet(
-        len(spec.channels), n, list(spec.features), torch.nn.Conv3d, 3, [list(s) for s in spec.strides], [2] * n,
-        len(spec.labels), [2] * (n - 1), conv_bias=True, norm_op=torch.nn.InstanceNorm3d,
-        norm_op_kwargs={"eps": 1e-5, "affine": True}, nonlin=torch.nn.LeakyReLU, nonlin_kwargs={"inplace": True},
-        deep_supervision=True,
-    )
-    network.apply(InitWeights_He(1e-2))
-    with torch.no_grad():  # random affine norm parameters so the logits are not dominated by one class
-        for module in network.modules():
-            if isinstance(module, torch.nn.InstanceNorm3d):
-                module.weight.uniform_(0.5, 1.5)
-                module.bias.uniform_(-0.3, 0.3)
-    torch.save({
-        "network_weights": network.state_dict(),
-        "optimizer_state": None,
-        "grad_scaler_state": None,
-        "logging": {"ema_fg_dice": [np.float32(0.5)], "mean_fg_dice": [np.float32(0.4)]},
-        "_best_ema": np.float32(0.5),
-        "current_epoch": 1,
-        "init_args": {"plans": plans, "configuration": "3d_fullres", "fold": 0, "dataset_json": dataset,
-                      "device": "cpu"},
-        "trainer_name": "nnUNetTrainer",
-        "inference_allowed_mirroring_axes": (0, 1, 2),
-    }, folder / "fold_0" / "checkpoint_final.pth")
+    for fold in folds:
+        torch.manual_seed(seed + 1000 * int(fold))
+        network = PlainConvUNet(
+            len(spec.channels), n, list(spec.features), torch.nn.Conv3d, 3, [list(s) for s in spec.strides], [2] * n,
+            spec.num_heads, [2] * (n - 1), conv_bias=True, norm_op=torch.nn.InstanceNorm3d,
+            norm_op_kwargs={"eps": 1e-5, "affine": True}, nonlin=torch.nn.LeakyReLU, nonlin_kwargs={"inplace": True},
+            deep_supervision=True,
+        )
+        network.apply(InitWeights_He(1e-2))
+        with torch.no_grad():  # random affine norm parameters so the logits are not dominated by one class
+            for module in network.modules():
+                if isinstance(module, torch.nn.InstanceNorm3d):
+                    module.weight.uniform_(0.5, 1.5)
+                    module.bias.uniform_(-0.3, 0.3)
+        state = {
+            "network_weights": network.state_dict(),
+            "optimizer_state": None,
+            "grad_scaler_state": None,
+            "logging": {"ema_fg_dice": [np.float32(0.5)], "mean_fg_dice": [np.float32(0.4)]},
+            "_best_ema": np.float32(0.5),
+            "current_epoch": 1,
+            "init_args": {"plans": plans, "configuration": "3d_fullres", "fold": int(fold), "dataset_json": dataset,
+                          "device": "cpu"},
+            "trainer_name": "nnUNetTrainer",
+        }
+        if mirror_axes is not None:
+            state["inference_allowed_mirroring_axes"] = tuple(mirror_axes)
+        (folder / f"fold_{fold}").mkdir()
+        torch.save(state, folder / f"fold_{fold}" / "checkpoint_final.pth")
     return folder
 
 
+def rewrite_as_numpy1(checkpoint: Path) -> None:
+    """Rewrite a ``torch.save`` checkpoint in place so its pickle names numpy's classes as numpy 1.x did.
+
+    numpy 2 pickles ``np.float32`` scalars as ``numpy._core.multiarray.scalar``; checkpoints written under
+    numpy 1 (most published nnU-Net models) carry ``numpy.core.multiarray.scalar``. The pickle's GLOBAL
+    opcodes are text (``c<module>\\n<name>\\n``, protocol 2 as ``torch.save`` writes), so the module name is
+    replaced byte for byte; every other entry of the zip archive is copied unchanged.
+    """
+    import zipfile
+
+    with zipfile.ZipFile(checkpoint) as archive:
+        entries = [(info, archive.read(info)) for info in archive.infolist()]
+    pickles = [info.filename for info, _ in entries if info.filename.endswith("/data.pkl")]
+    if len(pickles) != 1:
+        raise ValueError(f"{checkpoint} is not a torch.save zip archive with one data.pkl")
+    old_name, new_name = b"numpy._core.multiarray\n", b"numpy.core.multiarray\n"
+    tmp = checkpoint.with_name(checkpoint.name + ".tmp")
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as archive:
+        for info, data in entries:
+            if info.filename == pickles[0]:
+                data = data.replace(old_name, new_name)
+                if b"numpy._core" in data:
+                    raise ValueError("the pickle still names numpy._core after the rewrite")
+            archive.writestr(info, data)
+    tmp.replace(checkpoint)

@@ -87,6 +87,7 @@ def run_batch_ray(
     raise_unexpected: bool = False,
     allow_irregular_slices: bool = False,
     step_size: float | None = None,
+    mirroring: bool = True,
 ) -> BatchResult:
     """:func:`segsentry.runtime.run_batch` on Ray: the same files per case, the same ``CASE.json`` except the
     timings, one ``summary.csv`` and QA page. ``output_dir`` and the inputs must be on storage every node sees
@@ -94,7 +95,7 @@ def run_batch_ray(
     built); per-case problems are in the result."""
     output_dir = Path(output_dir)
     bundle, cases = open_batch(bundle_path, inputs, output_dir)
-    case_opts = case_options(bundle, batch_size=batch_size, step_size=step_size, qa=qa,
+    case_opts = case_options(bundle, batch_size=batch_size, step_size=step_size, mirroring=mirroring, qa=qa,
                              raise_unexpected=raise_unexpected, allow_irregular_slices=allow_irregular_slices)
     outcomes: dict[str, CaseOutcome] = {}
     todo: list[CaseInput] = []
@@ -146,7 +147,7 @@ class _Run:
 
         self.ray, self.cases, self.output_dir, self.options = ray, cases, output_dir, options
         self.backend_name, self.batch_size, self.raise_unexpected = backend_name, case_opts.batch_size, case_opts.raise_unexpected
-        self.step_size = case_opts.step_size
+        self.step_size, self.mirroring = case_opts.step_size, case_opts.mirroring
         self.on_case, self.outcomes = on_case, outcomes
         self.manifest = bundle.manifest
         gpu = BACKENDS[backend_name].gpu
@@ -220,7 +221,8 @@ class _Run:
                 case, data, context = read.popleft()
                 actor = free.popleft()
                 seconds, inference = actor.infer.options(num_returns=2).remote(
-                    case, data, self.batch_size, self.output_dir, self.raise_unexpected, self.step_size)
+                    case, data, self.batch_size, self.output_dir, self.raise_unexpected, self.step_size,
+                    self.mirroring)
                 inferring[seconds] = actor
                 outcome = self.write.remote(case, context, seconds, inference, self.bundle_ref, self.output_dir,
                                             self.backend_name, options=self.case_opts_ref)

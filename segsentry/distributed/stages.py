@@ -85,7 +85,8 @@ class EngineWorker:
             return os.getpid(), socket.gethostname(), self.busy
 
     def infer(self, case: CaseInput, data: np.ndarray | CaseOutcome, batch_size: int, output_dir: Path,
-              raise_unexpected: bool, step_size: float | None = None) -> tuple[float | None, VolumeInference | CaseOutcome]:
+              raise_unexpected: bool, step_size: float | None = None,
+              mirroring: bool = True) -> tuple[float | None, VolumeInference | CaseOutcome]:
         """``(inference seconds, sliding-window outputs)``, or ``(None, failed outcome)`` (its seconds: this
         stage's)."""
         if isinstance(data, CaseOutcome):
@@ -95,7 +96,7 @@ class EngineWorker:
             self.busy = case.case_id
         try:
             inference = infer_volume_for_case(data, self.engine, self.manifest, batch_size=batch_size,
-                                              step_size=step_size)
+                                              step_size=step_size, mirroring=mirroring)
             return time.perf_counter() - start, inference
         except Exception as exc:  # noqa: BLE001 - as in a serial run
             return None, failed_outcome(case, output_dir, exc, start, raise_unexpected=raise_unexpected)
@@ -120,7 +121,8 @@ def write(case: CaseInput, context: CaseContext | CaseOutcome, inference_s: floa
     start = time.perf_counter() - spent
     try:
         prediction = finish_case(context.loaded, inference, context.geometry, bundle.manifest,
-                                 timings={"preprocess": context.preprocess_s, "inference": float(inference_s or 0.0)})
+                                 timings={"preprocess": context.preprocess_s, "inference": float(inference_s or 0.0)},
+                                 mirroring=options.mirroring)
         return write_case(case, context.loaded, prediction, bundle, output_dir, backend_name, options=options,
                           read_s=context.read_s, start=start)
     except Exception as exc:  # noqa: BLE001 - as in a serial run

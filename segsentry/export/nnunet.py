@@ -10,8 +10,11 @@ in its training log), so no arbitrary code is unpickled.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import pydoc
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +41,8 @@ class NnunetModel:
     configuration: dict[str, Any]
     checkpoint_path: Path
     trainer_name: str
+    fold: str
+    mirror_axes: list[int]  # the checkpoint's inference_allowed_mirroring_axes ([] when it records none)
 
     @property
     def patch_size(self) -> list[int]:
@@ -49,8 +54,29 @@ class NnunetModel:
         return {str(k): str(v) for k, v in names.items()}
 
     @property
+    def regions(self) -> list[list[int]] | None:
+        """Region-based training (BraTS-style): the labels each output channel covers, else None."""
+        return dataset_regions(self.dataset)[0]
+
+    @property
+    def regions_class_order(self) -> list[int] | None:
+        return dataset_regions(self.dataset)[1]
+
+    @property
     def labels(self) -> dict[str, int]:
-        return {str(k): int(v) for k, v in self.dataset["labels"].items()}
+        """Label name -> the value written in the mask (a region model writes ``regions_class_order``)."""
+        regions, order = dataset_regions(self.dataset)
+        if regions is None:
+            return {str(k): int(v) for k, v in self.dataset["labels"].items()}
+        names = [k for k, v in self.dataset["labels"].items() if k != "ignore" and not _is_background(v)]
+        background = [k for k, v in self.dataset["labels"].items() if _is_background(v)]
+        return {**{str(k): 0 for k in background[:1]}, **{str(k): int(c) for k, c in zip(names, order)}}
+
+    @property
+    def num_heads(self) -> int:
+        """Output channels of the network: one per region, else one per label (nnU-Net's segmentation heads)."""
+        regions = self.regions
+        return len(self.dataset["labels"]) if regions is None else len(regions)
 
     def preprocessing(self) -> Preprocessing:
         config = self.configuration
@@ -69,6 +95,31 @@ class NnunetModel:
             resampling_data=_resampling_kwargs(config, "data"),
             resampling_probabilities=_resampling_kwargs(config, "probabilities"),
         )
+
+
+def _is_background(value: Any) -> bool:
+    return (isinstance(value, (list, tuple)) and set(int(v) for v in value) == {0}) or value == 0
+
+
+def dataset_regions(dataset: dict[str, Any]) -> tuple[list[list[int]] | None, list[int] | None]:
+    """``(regions, regions_class_order)`` as nnU-Net's LabelManager reads them, or ``(None, None)``.
+
+    A model is region-based when a label maps to a list of more than one value; each non-background label
+    (``ignore`` excluded) is then one sigmoid output covering those values, and ``regions_class_order`` gives
+    the value written where that output's probability exceeds 0.5, in order (later regions overwrite).
+    """
+    labels = dataset.get("labels", {})
+    if not any(isinstance(v, (list, tuple)) and len(v) > 1 for v in labels.values()):
+        return None, None
+    regions = [[int(x) for x in (v if isinstance(v, (list, tuple)) else [v])]
+               for k, v in labels.items() if k != "ignore" and not _is_background(v)]
+    order = dataset.get("regions_class_order")
+    if order is None or len(order) != len(regions):
+        raise ModelFolderError(f"region-based labels in dataset.json need 'regions_class_order' with one value per "
+                               f"region ({len(regions)}); found {order!r}")
+    if "ignore" in labels:
+        raise ModelFolderError("region-based models with an 'ignore' label are not supported")
+    return regions, [int(c) for c in order]
 
 
 def _resampling_kwargs(config: dict[str, Any], kind: str) -> dict[str, Any]:
@@ -122,15 +173,28 @@ def resolve_configuration(plans: dict[str, Any], name: str) -> dict[str, Any]:
     return resolved
 
 
-def _load_checkpoint(path: Path) -> dict[str, Any]:
-    allowed: list[Any] = [np.dtype]
+# numpy classes an nnU-Net checkpoint may pickle (numpy scalars in its training log), allowlisted for
+# torch.load(weights_only=True): nothing is executed, only these constructors are looked up by name.
+_NUMPY_DTYPE_CLASSES = ("Float16DType", "Float32DType", "Float64DType", "Int32DType", "Int64DType", "BoolDType")
+
+
+def _numpy_safe_globals() -> list[Any]:
+    """``np.dtype``, the scalar constructor under both its numpy 2 and numpy 1 pickle names
+    (``numpy._core.multiarray.scalar`` / ``numpy.core.multiarray.scalar``: checkpoints written before numpy 2,
+    most published nnU-Net models), and the per-dtype classes a dtype's pickled state is applied to."""
     core = getattr(np, "_core", None) or getattr(np, "core")
-    allowed.append(core.multiarray.scalar)
+    scalar = core.multiarray.scalar
+    allowed: list[Any] = [np.dtype, scalar, (scalar, "numpy.core.multiarray.scalar"),
+                          (scalar, "numpy._core.multiarray.scalar")]
     dtypes = getattr(np, "dtypes", None)
     if dtypes is not None:
-        allowed += [getattr(dtypes, n) for n in ("Float32DType", "Float64DType", "Int64DType") if hasattr(dtypes, n)]
+        allowed += [getattr(dtypes, n) for n in _NUMPY_DTYPE_CLASSES if hasattr(dtypes, n)]
+    return allowed
+
+
+def _load_checkpoint(path: Path) -> dict[str, Any]:
     try:
-        with torch.serialization.safe_globals(allowed):
+        with torch.serialization.safe_globals(_numpy_safe_globals()):
             return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError as exc:
         raise ModelFolderError(f"checkpoint {path} not found") from exc
@@ -169,6 +233,56 @@ def build_network(plans: dict[str, Any], configuration: dict[str, Any], *, in_ch
     return network
 
 
+def available_folds(model_dir: str | Path, *, checkpoint: str = "checkpoint_final.pth") -> list[str]:
+    """Every ``fold_N`` of ``model_dir`` holding ``checkpoint``, by number (``fold_all`` excluded), as
+    ``nnUNetPredictor.auto_detect_available_folds`` finds them."""
+    model_dir = Path(model_dir)
+    found = [int(m.group(1)) for p in (model_dir.iterdir() if model_dir.is_dir() else [])
+             if (m := re.fullmatch(r"fold_(\d+)", p.name)) and (p / checkpoint).is_file()]
+    return [str(f) for f in sorted(found)]
+
+
+def load_folds(
+    model_dir: str | Path,
+    folds: Sequence[int | str] | None = None,
+    *,
+    checkpoint: str = "checkpoint_final.pth",
+    configuration: str | None = None,
+) -> list[NnunetModel]:
+    """Load the networks of ``folds`` (default: :func:`available_folds`), in that order, for one ensemble.
+
+    Every fold must share the configuration and the network shape; mirroring axes, like nnU-Net's, come from
+    the first fold (the others are checked equal).
+    """
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise ModelFolderError(f"model folder {model_dir} does not exist or is not a directory")
+    _read_json(model_dir / "plans.json")  # says what is wrong with a folder that is no model folder at all
+    names = [str(f) for f in folds] if folds is not None else available_folds(model_dir, checkpoint=checkpoint)
+    if not names:
+        raise ModelFolderError(f"no fold_N/{checkpoint} in {model_dir}; give the folds to export with --folds")
+    if len(set(names)) != len(names):
+        raise ModelFolderError(f"folds {names} name a fold twice")
+    models = [load_model_folder(model_dir, fold=f, checkpoint=checkpoint, configuration=configuration) for f in names]
+    first = models[0]
+    for name, model in zip(names[1:], models[1:]):
+        if model.configuration_name != first.configuration_name:
+            raise ModelFolderError(f"fold {name} was trained with configuration '{model.configuration_name}', fold "
+                                   f"{names[0]} with '{first.configuration_name}'; an ensemble needs one configuration")
+        if model.mirror_axes != first.mirror_axes:
+            raise ModelFolderError(f"fold {name} allows mirroring axes {model.mirror_axes}, fold {names[0]} "
+                                   f"{first.mirror_axes}; nnU-Net would use the first fold's for all")
+    return models
+
+
+def checkpoint_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def load_model_folder(
     model_dir: str | Path,
     *,
@@ -196,15 +310,13 @@ def load_model_folder(
                                "segsentry supports 3D configurations only")
     if config.get("previous_stage") is not None:
         raise ModelFolderError(f"configuration '{config_name}' is a cascade stage; cascades are not supported")
-    if dataset.get("regions_class_order") is not None:
-        raise ModelFolderError("region-based models (regions_class_order in dataset.json) are not supported")
     labels = dataset.get("labels", {})
-    if any(isinstance(v, (list, tuple)) for v in labels.values()):
-        raise ModelFolderError("region-based labels in dataset.json are not supported")
+    regions, _ = dataset_regions(dataset)
     channel_names = dataset.get("channel_names", dataset.get("modality"))
     if not channel_names or not labels:
         raise ModelFolderError("dataset.json needs 'channel_names' and 'labels'")
-    network = build_network(plans, config, in_channels=len(channel_names), num_classes=len(labels))
+    network = build_network(plans, config, in_channels=len(channel_names),
+                            num_classes=len(labels) if regions is None else len(regions))
     weights = state["network_weights"]
     weights = {k[len("_orig_mod."):] if k.startswith("_orig_mod.") else k: v for k, v in weights.items()}
     try:
@@ -220,4 +332,21 @@ def load_model_folder(
         configuration=config,
         checkpoint_path=checkpoint_path,
         trainer_name=str(state.get("trainer_name", "unknown")),
+        fold=str(fold),
+        mirror_axes=_mirror_axes(state.get("inference_allowed_mirroring_axes"), checkpoint_path),
     )
+
+
+def _mirror_axes(value: Any, checkpoint_path: Path) -> list[int]:
+    """The checkpoint's allowed mirroring axes as a list (nnU-Net mirrors over none when the key is absent)."""
+    if value is None:
+        return []
+    try:
+        axes = [int(a) for a in value]
+    except (TypeError, ValueError) as exc:
+        raise ModelFolderError(f"{checkpoint_path}: inference_allowed_mirroring_axes is {value!r}, expected a "
+                               "tuple of axes") from exc
+    if any(not 0 <= a < 3 for a in axes) or len(set(axes)) != len(axes):
+        raise ModelFolderError(f"{checkpoint_path}: inference_allowed_mirroring_axes {axes} are not distinct axes of "
+                               "a 3D patch (0, 1, 2)")
+    return axes

@@ -107,6 +107,9 @@ class TorchBackend(BackendBase):
         device = f"cuda:{options.device}" if cuda else "cpu"
         if manifest is None:
             raise BackendError("the torch backend needs the bundle manifest (create_backend(..., manifest=...))")
+        if manifest.n_folds > 1:
+            raise BackendError(f"the torch backend runs one network; this bundle is an ensemble of {manifest.n_folds} "
+                               "folds (not implemented for torch): use --backend onnxruntime or openvino")
         model_dir = _source_folder(manifest)
         torch = import_optional("torch", package="torch", extra="export", purpose=PURPOSE)
         import_optional("dynamic_network_architectures", package="dynamic-network-architectures", extra="export",

@@ -70,6 +70,22 @@ class FeatureTap(nn.Module):
         return logits, features.flatten(1)
 
 
+class EnsembleTap(nn.Module):
+    """Several :class:`FeatureTap` (one per fold) behind one input: ``forward(x) -> (logits, features)`` with
+    ``logits`` ``(batch, folds, classes, z, y, x)`` and ``features`` ``(batch, folds, D)``, folds in order."""
+
+    def __init__(self, taps: Sequence[FeatureTap]) -> None:
+        super().__init__()
+        if len(taps) < 2:
+            raise ExportError("an ensemble needs at least two networks; export one fold with a FeatureTap")
+        self.taps = nn.ModuleList(taps)
+        self.layer = taps[0].layer
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        outputs = [tap(x) for tap in self.taps]
+        return torch.stack([o[0] for o in outputs], 1), torch.stack([o[1] for o in outputs], 1)
+
+
 def probe_layer_shape(network: nn.Module, *, layer: str, in_channels: int, patch_size: Sequence[int]) -> list[int]:
     """Run one zero patch and return the per-sample output shape ``(C, z, y, x)`` of ``layer``."""
     _, module = resolve_module(network, layer)

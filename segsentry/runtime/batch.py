@@ -126,6 +126,7 @@ def run_batch(
     case_hooks: Sequence[CaseHook] = (),
     allow_irregular_slices: bool = False,
     resume: bool = False,
+    mirroring: bool = True,
 ) -> BatchResult:
     """Run every case found in ``inputs``; write ``CASE<ending>``, ``CASE_uncertainty<ending>``, ``CASE.json``,
     ``summary.csv`` and (unless ``qa=False``) the QA page ``qa.html`` with its PNGs in ``qa/``, into
@@ -136,11 +137,12 @@ def run_batch(
     ``allow_irregular_slices`` processes DICOM series with gaps or uneven steps, with a warning in the report.
     ``step_size`` tiles like nnU-Net's ``-step_size`` (None: the bundle's, which U is calibrated at).
     ``resume`` skips the cases an earlier run of the same model completed (:func:`find_complete`).
+    ``mirroring=False`` (the CLI's ``--disable-tta``) skips nnU-Net's test-time mirroring of the logits.
     """
     output_dir = Path(output_dir)
     bundle, cases = open_batch(bundle_path, inputs, output_dir)
     manifest = bundle.manifest
-    options = case_options(bundle, batch_size=batch_size, step_size=step_size, qa=qa,
+    options = case_options(bundle, batch_size=batch_size, step_size=step_size, mirroring=mirroring, qa=qa,
                            raise_unexpected=raise_unexpected, allow_irregular_slices=allow_irregular_slices,
                            case_hooks=case_hooks)
     backend_name = resolve_backend_name(backend)
@@ -192,6 +194,7 @@ class CaseOptions:
 
     batch_size: int = 1
     step_size: float | None = None  # None: the bundle's tiling.step_size (what U is calibrated at)
+    mirroring: bool = True  # nnU-Net's test-time mirroring over the bundle's allowed axes (--disable-tta: False)
     qa: bool = True
     raise_unexpected: bool = False
     allow_irregular_slices: bool = False
@@ -200,13 +203,14 @@ class CaseOptions:
     case_hooks: Sequence[CaseHook] = ()
 
 
-def case_options(bundle: Bundle, *, batch_size: int = 1, step_size: float | None = None, qa: bool = True,
-                 raise_unexpected: bool = False, allow_irregular_slices: bool = False,
+def case_options(bundle: Bundle, *, batch_size: int = 1, step_size: float | None = None, mirroring: bool = True,
+                 qa: bool = True, raise_unexpected: bool = False, allow_irregular_slices: bool = False,
                  case_hooks: Sequence[CaseHook] = ()) -> CaseOptions:
     """The options every case of a batch with ``bundle`` (its graph bytes still loaded: they are hashed) runs with."""
     manifest = bundle.manifest
     return CaseOptions(
-        batch_size=batch_size, step_size=None if step_size is None else check_step_size(step_size), qa=qa,
+        batch_size=batch_size, step_size=None if step_size is None else check_step_size(step_size),
+        mirroring=mirroring, qa=qa,
         raise_unexpected=raise_unexpected, allow_irregular_slices=allow_irregular_slices,
         expected_modality=expected_modality(manifest.channels, manifest.preprocessing.normalization_schemes),
         bundle_sha256=hashlib.sha256(bundle.model_bytes).hexdigest(), case_hooks=tuple(case_hooks))
@@ -231,7 +235,7 @@ def _run_case(case: CaseInput, bundle: Bundle, engine, output_dir: Path, backend
         loaded = read_stage(case, bundle.manifest, options)
         read_s = time.perf_counter() - start
         prediction = predict_case(loaded, engine, bundle.manifest, batch_size=options.batch_size,
-                                  step_size=options.step_size)
+                                  step_size=options.step_size, mirroring=options.mirroring)
         return write_case(case, loaded, prediction, bundle, output_dir, backend_name, options=options,
                           read_s=read_s, start=start)
     except Exception as exc:  # noqa: BLE001 - sorted out by failed_outcome
@@ -266,6 +270,9 @@ def write_case(case: CaseInput, loaded: LoadedCase, prediction: CasePrediction, 
         write_image(prediction.mask, loaded.reference, stage / outputs["mask"].name)
         if prediction.uncertainty is not None:
             write_image(prediction.uncertainty, loaded.reference, stage / outputs["uncertainty_map"].name)
+        if prediction.disagreement is not None:
+            outputs["disagreement_map"] = output_dir / f"{case.case_id}_disagreement{ending}"
+            write_image(prediction.disagreement, loaded.reference, stage / outputs["disagreement_map"].name)
         timings = {"read": read_s, **prediction.timings, "write": time.perf_counter() - t0}
         timings["total"] = time.perf_counter() - start
         report = CaseReport.from_prediction(
@@ -380,7 +387,7 @@ def _case_outputs(output_dir: Path, case_id: str) -> list[Path]:
     """The files ``ood-run`` writes for ``case_id`` (any image ending, multi-file companions, the report)."""
     names = {f"{case_id}.json", f"{case_id}.seg.dcm", f"{case_id}.sr.dcm"}
     for ending in (*IMAGE_ENDINGS, ".hdr", ".img", ".raw", ".zraw"):
-        names |= {f"{case_id}{ending}", f"{case_id}_uncertainty{ending}"}
+        names |= {f"{case_id}{ending}", f"{case_id}_uncertainty{ending}", f"{case_id}_disagreement{ending}"}
     return [output_dir / n for n in sorted(names) if (output_dir / n).is_file()]
 
 

@@ -15,6 +15,7 @@ import SimpleITK as sitk
 from segsentry.contract import Output
 from segsentry.errors import BundleError, SegsentryError
 from segsentry.manifest import Calibration, Manifest
+from segsentry.runtime.agreement import disagreement_map, mean_pairwise_dice
 from segsentry.runtime.backends.base import Backend
 from segsentry.runtime.guard import content_reasons, content_stats
 from segsentry.runtime.io import LoadedCase
@@ -24,6 +25,7 @@ from segsentry.runtime.sliding import (
     Box,
     DistanceAccumulator,
     LogitAccumulator,
+    average_folds,
     crop_box,
     importance_for,
     iterate_patches,
@@ -54,7 +56,9 @@ class VolumeInference:
 
     ``logits`` ``(k, Z, Y, X)`` float16 or None; ``distance_map`` ``(Z, Y, X)`` float32 or None;
     ``boxes`` in padded coordinates with ``pad_box`` locating the volume inside the padding;
-    ``distances`` ``(n_patches,)``; ``features`` ``(n_patches, D)`` when collected; ``step_size`` the tile
+    ``distances`` ``(n_patches,)``; ``features`` ``(n_patches, D)`` when collected (``(n_patches, folds, D)``
+    for a fold ensemble). For an ensemble ``logits`` is the fold average and ``fold_labels`` ``(folds, Z, Y, X)``
+    uint8/uint16 holds each fold's own argmax label. ``step_size`` the tile
     step the boxes were placed with (a fraction of the patch size).
     """
 
@@ -66,6 +70,7 @@ class VolumeInference:
     distances: np.ndarray | None
     features: np.ndarray | None
     step_size: float = 0.5
+    fold_labels: np.ndarray | None = None
 
 
 def check_step_size(step_size: float) -> float:
@@ -75,6 +80,26 @@ def check_step_size(step_size: float) -> float:
         raise SegsentryError(f"the tile step size is a fraction of the patch size in (0, 1] (nnU-Net's default "
                              f"0.5, TotalSegmentator's fast mode 0.8); got {step_size}")
     return value
+
+
+def label_dtype(manifest: Manifest) -> type:
+    return np.uint8 if max(manifest.labels.values()) < 255 else np.uint16
+
+
+def logits_to_labels(logits: np.ndarray, manifest: Manifest, *, slab: int = 16) -> np.ndarray:
+    """The label volume of ``(k, Z, Y, X)`` logits as nnU-Net's LabelManager converts them: argmax, or for a
+    region-based bundle ``sigmoid(logits[i]) > 0.5`` (float32) writing ``regions_class_order[i]`` in order."""
+    dtype = label_dtype(manifest)
+    if manifest.regions_class_order is None:
+        return argmax_labels(logits, dtype, slab=slab)
+    out = np.zeros(logits.shape[1:], dtype=dtype)
+    for z in range(0, logits.shape[1], slab):
+        chunk = logits[:, z:z + slab].astype(np.float32)
+        with np.errstate(over="ignore"):  # exp(-x) -> inf for very negative logits: probability 0, as torch
+            probabilities = np.float32(1) / (np.float32(1) + np.exp(-chunk))
+        for i, value in enumerate(manifest.regions_class_order):
+            out[z:z + slab][probabilities[i] > 0.5] = value
+    return out
 
 
 def infer_volume(
@@ -87,12 +112,15 @@ def infer_volume(
     aggregation: str | None = None,
     collect_features: bool = False,
     step_size: float | None = None,
+    mirror_axes: Sequence[int] | None = None,
 ) -> VolumeInference:
     """Tile ``data`` ``(c, Z, Y, X)``, run the backend, accumulate what is asked for.
 
     ``aggregation`` (``normalised``/``paper``) turns on the distance map; it needs a ``distance`` output.
-    Outputs are looked up by role (``manifest.outputs``), not by graph name. ``step_size`` (None: the bundle's
-    ``tiling.step_size``, what it was calibrated with) places the tiles as nnU-Net's ``tile_step_size`` does.
+    Outputs are looked up by role (``manifest.outputs``), not by graph name. ``mirror_axes`` averages the logits
+    over nnU-Net's flips (:func:`segsentry.runtime.sliding.iterate_patches`); distances and features always
+    come from the un-mirrored pass, so mirroring needs logits and changes nothing else. ``step_size`` (None: the
+    bundle's ``tiling.step_size``, what it was calibrated with) places the tiles as nnU-Net's ``tile_step_size`` does.
     """
     step_size = check_step_size(manifest.tiling.step_size if step_size is None else step_size)
     logits_name = manifest.output_name(Output.LOGITS) if accumulate_logits else None
@@ -106,14 +134,22 @@ def infer_volume(
     boxes = tile_boxes(shape, patch, step_size)
     gaussian = importance_for(patch, sigma_scale=manifest.tiling.sigma_scale,
                               value_scaling_factor=manifest.tiling.value_scaling_factor)
-    logit_acc = LogitAccumulator(manifest.num_classes, shape, gaussian) if accumulate_logits else None
+    n_folds = manifest.n_folds
+    logit_accs = [LogitAccumulator(manifest.num_classes, shape, gaussian)
+                  for _ in range(n_folds)] if accumulate_logits else []
     dist_acc = DistanceAccumulator(shape, gaussian, aggregation=aggregation) if aggregation else None
     distances: list[np.ndarray] = []
     features: list[np.ndarray] = []
-    for batch in iterate_patches(padded, backend, boxes, batch_size=batch_size):
-        if logit_acc is not None:
+    mirror = list(mirror_axes) if mirror_axes and logits_name is not None else None
+    for batch in iterate_patches(padded, backend, boxes, batch_size=batch_size, mirror_axes=mirror,
+                                 mirrored=[logits_name] if mirror else ()):
+        if logit_accs:
             for box, logits in zip(batch.boxes, batch.outputs[logits_name]):
-                logit_acc.add(box, logits)
+                if n_folds == 1:
+                    logit_accs[0].add(box, logits)
+                    continue
+                for acc, fold_logits in zip(logit_accs, logits):  # (folds, k, z, y, x)
+                    acc.add(box, fold_logits)
         if distance_name is not None and distance_name in batch.outputs:
             distances.append(np.asarray(batch.outputs[distance_name], dtype=np.float64).reshape(-1))
             if dist_acc is not None:
@@ -121,8 +157,16 @@ def infer_volume(
                     dist_acc.add(box, float(d))
         if collect_features:
             features.append(np.asarray(batch.outputs[features_name], dtype=np.float32))
+    logits, fold_labels = None, None
+    if logit_accs:
+        per_fold = [crop_box(acc.result(), pad_box) for acc in logit_accs]
+        if n_folds > 1:
+            fold_labels = np.stack([logits_to_labels(f, manifest) for f in per_fold])
+        logits = average_folds(per_fold)
+        del per_fold, logit_accs
     return VolumeInference(
-        logits=crop_box(logit_acc.result(), pad_box) if logit_acc is not None else None,
+        logits=logits,
+        fold_labels=fold_labels,
         distance_map=crop_box(dist_acc.result(), pad_box) if dist_acc is not None else None,
         boxes=boxes,
         pad_box=pad_box,
@@ -153,6 +197,12 @@ class CasePrediction:
     timings: dict[str, float] = field(default_factory=dict)
     ood_reasons: list[str] = field(default_factory=list)  # why the case is flagged, if it is
     step_size: float = 0.5  # the tile step the sliding window used
+    mirror_axes: list[int] | None = None  # the flips the logits were averaged over (None: no mirroring)
+    # A fold ensemble: mean pairwise Dice between the folds' masks (network space, foreground labels), and per
+    # voxel the fraction of folds disagreeing with the ensemble's label (input geometry, float32). None otherwise.
+    fold_agreement: float | None = None
+    disagreement: np.ndarray | None = None
+    notes: list[str] = field(default_factory=list)  # how the case was run, where it differs from nnU-Net's default
 
     @property
     def n_patches(self) -> int:
@@ -206,8 +256,12 @@ def argmax_labels(logits: np.ndarray, dtype: type, *, slab: int = 16) -> np.ndar
 def predict_case(
     loaded: LoadedCase, backend: Backend, manifest: Manifest, *, batch_size: int = 1, with_uncertainty_map: bool = True,
     step_size: float | None = None,
+    mirroring: bool = True,
 ) -> CasePrediction:
     """Segment one loaded case and, if the bundle is calibrated, score it for OOD.
+
+    ``mirroring`` (nnU-Net's default; ``--disable-tta`` turns it off) averages the logits over the bundle's
+    allowed mirroring axes; the OOD score never depends on it.
 
     The three stages are public so that evaluation can keep what it needs in memory (the preprocessed volume
     for TTA and MC dropout, the network-space logits for the output baselines): :func:`preprocess`,
@@ -218,19 +272,35 @@ def predict_case(
     data, geometry = preprocess(loaded.image, loaded.spacing, manifest.preprocessing)
     preprocess_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    inference = infer_volume_for_case(data, backend, manifest, batch_size=batch_size, step_size=step_size)
+    inference = infer_volume_for_case(data, backend, manifest, batch_size=batch_size, step_size=step_size,
+                                      mirroring=mirroring)
     del data
     inference_s = time.perf_counter() - t0
     return finish_case(loaded, inference, geometry, manifest, with_uncertainty_map=with_uncertainty_map,
-                       timings={"preprocess": preprocess_s, "inference": inference_s})
+                       timings={"preprocess": preprocess_s, "inference": inference_s}, mirroring=mirroring)
+
+
+def mirroring_plan(manifest: Manifest, *, mirroring: bool = True) -> tuple[list[int] | None, list[str]]:
+    """The axes a deployed case is mirrored over (``None``: none) and a note where that is not nnU-Net's default."""
+    axes = manifest.tiling.mirror_axes
+    if not mirroring:
+        return None, ["test-time mirroring switched off (--disable-tta); nnU-Net mirrors by default"] if axes else []
+    if axes is None:
+        return None, ["no test-time mirroring: the bundle records no allowed mirroring axes (exported before "
+                      "segsentry supported mirroring; re-export it to mirror as nnU-Net does)"]
+    return (list(axes) if axes else None), []
 
 
 def infer_volume_for_case(data: np.ndarray, backend: Backend, manifest: Manifest, *,
-                          batch_size: int = 1, step_size: float | None = None) -> VolumeInference:
-    """:func:`infer_volume` with what a deployed case needs: logits, and the distance map if calibrated."""
+                          batch_size: int = 1, step_size: float | None = None,
+                          mirroring: bool = True) -> VolumeInference:
+    """:func:`infer_volume` with what a deployed case needs: logits (mirrored over the bundle's allowed axes
+    unless ``mirroring=False``), and the distance map if calibrated."""
     calibration = manifest.calibration
+    axes, _ = mirroring_plan(manifest, mirroring=mirroring)
     return infer_volume(data, backend, manifest, batch_size=batch_size,
-                        aggregation=calibration.aggregation if calibration else None, step_size=step_size)
+                        aggregation=calibration.aggregation if calibration else None, step_size=step_size,
+                        mirror_axes=axes)
 
 
 @dataclass(frozen=True)
@@ -260,11 +330,12 @@ def verdict(distance_map: np.ndarray | None, calibration: Calibration | None, lo
 
 def finish_case(
     loaded: LoadedCase, inference: VolumeInference, geometry: Geometry, manifest: Manifest, *,
-    with_uncertainty_map: bool = True, timings: dict[str, float] | None = None,
+    with_uncertainty_map: bool = True, timings: dict[str, float] | None = None, mirroring: bool = True,
 ) -> CasePrediction:
     """Score ``inference`` (subject score, U, flag) and bring the mask and uncertainty map to the input geometry.
 
-    ``timings`` (seconds per stage so far) is extended with ``scoring`` and ``resample_back``.
+    ``timings`` (seconds per stage so far) is extended with ``scoring`` and ``resample_back``; ``mirroring`` says
+    whether ``inference`` was run mirrored (as :func:`infer_volume_for_case` was asked), for the report.
     """
     timings = dict(timings or {})
     t0 = time.perf_counter()
@@ -274,8 +345,7 @@ def finish_case(
     t0 = time.perf_counter()
     spec = manifest.preprocessing
     logits = resample_to_cropped(inference.logits, geometry, spec)
-    dtype = np.uint8 if max(manifest.labels.values()) < 255 else np.uint16
-    mask = to_input_geometry(argmax_labels(logits, dtype), geometry, spec)
+    mask = to_input_geometry(logits_to_labels(logits, manifest), geometry, spec)
     del logits
     uncertainty = None
     if with_uncertainty_map and inference.distance_map is not None:
@@ -283,7 +353,18 @@ def finish_case(
         uncertainty = to_input_geometry(cropped.astype(np.float32, copy=False), geometry, spec)  # no extra copy
         del cropped
     timings["resample_back"] = time.perf_counter() - t0
+    fold_agreement, disagreement = None, None
+    if inference.fold_labels is not None:
+        t0 = time.perf_counter()
+        foreground = sorted(v for v in manifest.labels.values() if v > 0)
+        fold_agreement = mean_pairwise_dice(inference.fold_labels, foreground)
+        ensemble = logits_to_labels(inference.logits, manifest)
+        net_map = disagreement_map(inference.fold_labels, ensemble)
+        cropped = resample_to_cropped(net_map[None], geometry, spec)[0]
+        disagreement = np.clip(to_input_geometry(cropped.astype(np.float32), geometry, spec), 0, 1)
+        timings["fold_agreement"] = time.perf_counter() - t0
 
+    axes, notes = mirroring_plan(manifest, mirroring=mirroring)
     return CasePrediction(
         case_id=loaded.case_id,
         mask=mask,
@@ -298,4 +379,8 @@ def finish_case(
         timings=timings,
         ood_reasons=decision.reasons,
         step_size=inference.step_size,
+        fold_agreement=fold_agreement,
+        disagreement=disagreement,
+        mirror_axes=axes,
+        notes=notes,
     )

@@ -43,6 +43,11 @@ class CaseReport:
     bundle_sha256: str = ""  # of the bundle file as loaded (model_sha256 is the graph's, from the manifest)
     input_ids: list[dict[str, str]] = field(default_factory=list)  # per input: path + sha256, or series UID
     step_size: float = 0.5  # sliding-window tile step (fraction of the patch); U is calibrated at the bundle's
+    mirror_axes: list[int] | None = None  # test-time mirroring: the flipped axes (network order); None: none
+    notes: list[str] = field(default_factory=list)  # how the case was run, where it differs from nnU-Net's default
+    # fold ensembles: mean pairwise Dice between the folds' masks (1 = the folds agree); the voxel map of the
+    # fraction of folds disagreeing with the ensemble is outputs["disagreement_map"]. None for one network.
+    fold_agreement: float | None = None
 
     @classmethod
     def from_prediction(cls, prediction: CasePrediction, *, inputs: list[str], aggregation: str | None,
@@ -71,6 +76,9 @@ class CaseReport:
             bundle_sha256=bundle_sha256,
             input_ids=list(input_ids or []),
             step_size=prediction.step_size,
+            mirror_axes=None if prediction.mirror_axes is None else list(prediction.mirror_axes),
+            notes=list(prediction.notes),
+            fold_agreement=prediction.fold_agreement,
         )
 
     @property

@@ -8,10 +8,17 @@ Numerics follow nnU-Net v2.8.1 ``_internal_predict_sliding_window_return_logits`
 float16, logits are accumulated in float16 (``prediction * gaussian`` in float32, added into a float16 sum)
 and divided by the float16 sum of weights. The distance map is accumulated in float32: squared Mahalanobis
 distances times a peak weight of 10 overflow float16.
+
+Test-time mirroring follows ``_internal_maybe_mirror_and_predict``: per patch ``p = net(x)``, then for every
+non-empty combination of the allowed axes (by size, then order) ``p += flip(net(flip(x, axes)), axes)``, and
+``p /= n_combinations + 1``, all in float32. The flips of a batch go to the engine in one call. Only the logits
+are averaged; every other output (distance, features) is the un-mirrored pass's, because the Gaussian was fit on
+un-mirrored patches.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -74,16 +81,50 @@ class PatchBatch:
     outputs: dict[str, np.ndarray]
 
 
+def mirror_combinations(axes: Sequence[int]) -> list[tuple[int, ...]]:
+    """nnU-Net's flips for the allowed spatial ``axes`` (0 = z of the network order): every non-empty combination,
+    smallest first, in ``itertools.combinations`` order -- 7 for ``(0, 1, 2)``."""
+    axes = [int(a) for a in axes]
+    if any(not 0 <= a < 3 for a in axes) or len(set(axes)) != len(axes):
+        raise ValueError(f"mirror axes must be distinct spatial axes in 0..2, got {axes}")
+    return [c for r in range(1, len(axes) + 1) for c in itertools.combinations(axes, r)]
+
+
+def _spatial(axes: tuple[int, ...]) -> tuple[int, ...]:
+    """Spatial axes counted from the end, so they fit ``(n, c, z, y, x)`` and ``(n, folds, c, z, y, x)`` alike."""
+    return tuple(a - 3 for a in axes)
+
+
 def iterate_patches(
-    data: np.ndarray, backend: Backend, boxes: Sequence[Box], *, batch_size: int = 1
+    data: np.ndarray, backend: Backend, boxes: Sequence[Box], *, batch_size: int = 1,
+    mirror_axes: Sequence[int] | None = None, mirrored: Sequence[str] = (),
 ) -> Iterator[PatchBatch]:
-    """Run the backend over ``boxes`` of ``data`` (``(c, Z, Y, X)``, already padded), ``batch_size`` at a time."""
+    """Run the backend over ``boxes`` of ``data`` (``(c, Z, Y, X)``, already padded), ``batch_size`` at a time.
+
+    With ``mirror_axes``, each batch and its flips (see the module docstring) go to the engine in one call of
+    ``batch_size * (n_combinations + 1)`` patches; the outputs named in ``mirrored`` (the logits) are the
+    float32 mirror average, every other output is the un-mirrored pass's.
+    """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    combos = mirror_combinations(mirror_axes) if mirror_axes else []
     for start in range(0, len(boxes), batch_size):
         chunk = list(boxes[start:start + batch_size])
         batch = np.stack([data[(slice(None), *_slices(b))] for b in chunk])
-        yield PatchBatch(boxes=chunk, outputs=backend.run(batch))
+        if not combos:
+            yield PatchBatch(boxes=chunk, outputs=backend.run(batch))
+            continue
+        n = len(chunk)
+        raw = backend.run(np.concatenate([batch, *(np.flip(batch, _spatial(c)) for c in combos)]))
+        outputs = {name: value[:n] for name, value in raw.items()}
+        for name in mirrored:
+            terms = raw[name]
+            prediction = np.array(terms[:n], dtype=np.float32)
+            for i, axes in enumerate(combos, start=1):
+                prediction += np.flip(terms[i * n:(i + 1) * n], _spatial(axes))
+            prediction /= np.float32(len(combos) + 1)
+            outputs[name] = prediction
+        yield PatchBatch(boxes=chunk, outputs=outputs)
 
 
 class LogitAccumulator:
@@ -107,6 +148,18 @@ class LogitAccumulator:
         if np.isinf(out).any():
             raise FloatingPointError("logit accumulation overflowed float16; logits are implausibly large")
         return out
+
+
+def average_folds(fold_logits: Sequence[np.ndarray]) -> np.ndarray:
+    """The ensemble's logits as ``predict_logits_from_preprocessed_data``: each fold's float16 sliding-window
+    logits summed in fold order into the first, divided by the number of folds, in float16 throughout.
+    Overwrites and returns the first array."""
+    prediction = fold_logits[0]
+    for other in fold_logits[1:]:
+        prediction += other
+    if len(fold_logits) > 1:
+        prediction /= np.float16(len(fold_logits))
+    return prediction
 
 
 class DistanceAccumulator:

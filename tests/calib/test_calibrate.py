@@ -155,3 +155,60 @@ def test_output_may_not_overwrite_the_input_bundle(ct_pipeline, tmp_path):
         assert features.read_bytes() == before, output
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["link.onnx", "m.features.onnx", "sub"]
     assert (tmp_path / "link.onnx").is_symlink()
+
+
+def test_fold_ensemble_distance_is_the_mean_of_per_fold_sklearn_distances(tmp_path):
+    """Two folds with different weights: one Gaussian per fold (sklearn's EmpiricalCovariance on that fold's
+    features), the bundle's distance = the mean of the folds' squared distances (rtol 1e-3, float32 head vs
+    float64); the same ensemble bundle runs under openvino and as the mixed-FP16 graph the GPU backends build."""
+    pytest.importorskip("torch")
+    covariance = pytest.importorskip("sklearn.covariance")
+    from factory import CT_SPEC, ct_volume, make_model_folder
+
+    from segsentry.export import export_nnunet
+    from segsentry.runtime.backends import create_backend
+    from segsentry.runtime.io import CaseInput, read_case
+    from segsentry.runtime.pipeline import infer_volume
+    from segsentry.runtime.preprocess import preprocess
+
+    model_dir = make_model_folder(tmp_path / "results", CT_SPEC, folds=(0, 1))
+    rng = np.random.default_rng(4)
+    files = [write_volume(tmp_path / "img" / f"e{i}_0000.nii.gz", ct_volume(rng, shape_zyx=(8, 48, 40)),
+                          spacing_xyz=(0.8, 0.75, 4.0)) for i in range(4)]
+    features = export_nnunet(model_dir, tmp_path / "e.features.onnx", verify=False).path
+    result = calibrate(features, files[:3], tmp_path / "e.ood.onnx", estimator="empirical", keep_features=True,
+                       score_folds=1, threshold_rule="paper")
+    assert len(result.fits) == 2 and len(result.calibration.fold_rank) == 2
+    bundle = load_bundle(result.path)
+    m = bundle.manifest
+
+    def run(backend: str, model: bytes, case: str) -> object:
+        loaded = read_case(CaseInput(case, (files[int(case)],)), num_channels=1)
+        data, _ = preprocess(loaded.image, loaded.spacing, m.preprocessing)
+        with create_backend(backend, model, channels=1, patch_size=m.patch_size, manifest=m) as engine:
+            return infer_volume(data, engine, m, collect_features=True)
+
+    train = [run("onnxruntime", bundle.model_bytes, str(i)).features for i in range(3)]
+    test = run("onnxruntime", bundle.model_bytes, "3")
+    assert test.features.shape[1:] == (2, m.features.dim) and test.fold_labels.shape[0] == 2
+    per_fold = [covariance.EmpiricalCovariance().fit(np.concatenate(train)[:, f].astype(np.float64))
+                .mahalanobis(test.features[:, f].astype(np.float64)) for f in range(2)]
+    np.testing.assert_allclose(test.distances, np.mean(per_fold, axis=0), rtol=1e-3)
+    assert not np.allclose(per_fold[0], per_fold[1], rtol=1e-2)  # two different Gaussians
+
+    if importlib.util.find_spec("openvino") is not None:
+        other = run("openvino", bundle.model_bytes, "3")
+        np.testing.assert_allclose(other.distances, test.distances, rtol=1e-3)
+        assert int((other.logits.argmax(0) != test.logits.argmax(0)).sum()) <= max(2, 1e-4 * other.logits[0].size)
+    import onnx
+    import onnxruntime as ort
+
+    from segsentry.runtime.backends.fp16 import to_mixed_fp16
+
+    half = to_mixed_fp16(onnx.load_model_from_string(bundle.model_bytes))
+    session = ort.InferenceSession(half.SerializeToString(), providers=["CPUExecutionProvider"])
+    patch = np.random.default_rng(0).standard_normal((2, 1, *m.patch_size)).astype(np.float32)
+    reference = create_backend("onnxruntime", bundle.model_bytes, channels=1, patch_size=m.patch_size).run(patch)
+    got = dict(zip([o.name for o in session.get_outputs()], session.run(None, {"image": patch})))
+    assert got["logits"].shape == reference["logits"].shape == (2, 2, 3, *m.patch_size)
+    np.testing.assert_allclose(got["distance"], reference["distance"], rtol=0.05)  # FP16 network, FP32 head

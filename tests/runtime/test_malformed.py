@@ -566,8 +566,8 @@ def test_a_case_appears_all_together_or_not_at_all(ct_pipeline, test_cases, tmp_
     assert set(_case_files(out, case_id)) == complete
     assert set(batch.completed_cases(out)) == {case_id}
 
-    (out / f".{case_id}.case-partial-killed").mkdir()  # what a kill -9 during publishing leaves
-    (out / f".{case_id}.case-partial-killed" / f"{case_id}.nii.gz").write_bytes(b"half")
+    (out / f".{case_id}.case.partial-killed").mkdir()  # what a kill -9 during publishing leaves
+    (out / f".{case_id}.case.partial-killed" / f"{case_id}.nii.gz").write_bytes(b"half")
     real = batch.write_image
 
     def failing(array, reference, target):

@@ -48,3 +48,54 @@ def test_distance_aggregations():
     np.testing.assert_allclose(paper.result()[0, 0], [20, 60, 40])  # plain sum of d * G
     with pytest.raises(ValueError):
         DistanceAccumulator((2, 2, 2), gaussian, aggregation="mean")
+
+
+class _TorchNet:
+    """A backend over a small random torch conv net: ``logits``, and as ``distance`` the patch's first voxel
+    (which every flip moves)."""
+
+    name = "torch-test"
+
+    def __init__(self, torch, channels: int, classes: int):
+        torch.manual_seed(0)
+        self.torch = torch
+        self.net = torch.nn.Sequential(torch.nn.Conv3d(channels, 4, 3, padding=1), torch.nn.LeakyReLU(),
+                                       torch.nn.Conv3d(4, classes, 3, padding=1)).eval()
+        self.calls: list[int] = []
+
+    def run(self, batch):
+        self.calls.append(batch.shape[0])
+        with self.torch.no_grad():
+            logits = self.net(self.torch.from_numpy(np.ascontiguousarray(batch))).numpy()
+        return {"logits": logits, "distance": batch[:, 0, 0, 0, 0].copy()}
+
+
+@pytest.mark.parametrize("axes", [(0, 1, 2), (1, 2)])
+def test_mirroring_matches_nnunet(axes):
+    """The mirror average equals nnU-Net 2.8.1's ``_internal_maybe_mirror_and_predict`` on the same network
+    (float32, flips in its order); the flips of a batch go to the engine in one call; other outputs are the
+    un-mirrored pass's."""
+    torch = pytest.importorskip("torch")
+    predictor = pytest.importorskip("nnunetv2.inference.predict_from_raw_data").nnUNetPredictor
+    from types import SimpleNamespace
+
+    from segsentry.runtime.sliding import iterate_patches, mirror_combinations
+
+    assert mirror_combinations((0, 1, 2)) == [(0,), (1,), (2,), (0, 1), (0, 2), (1, 2), (0, 1, 2)]
+    data = np.random.default_rng(3).standard_normal((2, 10, 12, 14)).astype(np.float32)
+    boxes = tile_boxes(data.shape[1:], (6, 8, 8), 0.5)
+    backend = _TorchNet(torch, channels=2, classes=3)
+    batches = list(iterate_patches(data, backend, boxes, batch_size=3, mirror_axes=axes, mirrored=["logits"]))
+    n_terms = len(mirror_combinations(axes)) + 1
+    assert backend.calls == [n_terms * len(b.boxes) for b in batches]
+    reference = SimpleNamespace(network=backend.net, allowed_mirroring_axes=axes, use_mirroring=True)
+    for batch in batches:
+        for box, logits, distance in zip(batch.boxes, batch.outputs["logits"], batch.outputs["distance"]):
+            patch = torch.from_numpy(np.ascontiguousarray(data[(slice(None), *(slice(a, b) for a, b in box))]))
+            with torch.no_grad():
+                expected = predictor._internal_maybe_mirror_and_predict(reference, patch[None])[0].numpy()
+            assert logits.dtype == np.float32
+            np.testing.assert_allclose(logits, expected, rtol=0, atol=1e-6)
+            assert distance == patch[0, 0, 0, 0].item()  # the un-mirrored pass's
+    unmirrored = next(iterate_patches(data, backend, boxes, batch_size=3)).outputs["logits"]
+    assert not np.allclose(unmirrored, batches[0].outputs["logits"], atol=1e-3)  # the flips did change the logits

@@ -31,7 +31,7 @@ def _predict(bundle_path, files, *, step_size):
     m = bundle.manifest
     loaded = read_case(CaseInput("c", tuple(files)), num_channels=m.num_channels)
     with create_backend("onnxruntime", bundle.model_bytes, channels=m.num_channels, patch_size=m.patch_size) as b:
-        return predict_case(loaded, b, m, step_size=step_size)
+        return predict_case(loaded, b, m, step_size=step_size, mirroring=False)  # the oracle does not mirror
 
 
 def _expected_tiles(model_dir, files, step):
