@@ -542,6 +542,7 @@ def quantize_command(
     threads: ThreadsOpt = None,
     verbose: VerboseOpt = False,
     debug: DebugOpt = False,
+    version: VersionOpt = False,
 ) -> None:
     """INT8 post-training quantisation (onnxruntime static QDQ; head and normalisations stay float32)."""
     _setup_logging(verbose)

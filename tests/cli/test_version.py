@@ -16,7 +16,7 @@ def test_version_on_every_entry_point(entry):
     assert result.output.strip() == f"segsentry {segsentry.__version__}"
 
 
-@pytest.mark.parametrize("command", [["run"], ["calib"], ["eval", "shift"], ["phantoms"], ["monitor"], ["serve"]])
+@pytest.mark.parametrize("command", [["run"], ["calib"], ["eval", "shift"], ["phantoms"], ["monitor"], ["serve"], ["quantize"]])
 def test_version_after_a_subcommand(command):
     result = CliRunner().invoke(cli.app, [*command, "--version"])
     assert result.exit_code == 0 and result.output.strip() == f"segsentry {segsentry.__version__}"
