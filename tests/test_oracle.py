@@ -224,7 +224,7 @@ def _ensemble_run(tmp_path, spec, folds, exported, *, n_folders=5) -> _Ensemble:
     features = export_nnunet(model_dir, tmp_path / "m.features.onnx", folds=exported)
     assert [f.fold for f in features.manifest.folds] == [str(f) for f in folds]
     ood = calibrate(features.path, [images], tmp_path / "m.ood.onnx", score_folds=1, threshold_rule="paper").path
-    result = run_batch(ood, cases[0], tmp_path / "out", qa=False)
+    result = run_batch(ood, cases[0], tmp_path / "out")
     assert result.outcomes[0].status == "ok", result.outcomes[0].error
     return _Ensemble(model_dir, tuple(folds), cases[0], result.outcomes[0].report, tmp_path / "out")
 
@@ -276,6 +276,9 @@ def test_ct_fold_agreement_matches_nnunet_fold_masks(ct_ensemble):
     unanimous = ndimage.binary_erosion((folds == ensemble).all(0), iterations=1)
     assert float(np.abs(disagreement[unanimous]).max(initial=0)) < 0.5
     assert float(disagreement[unanimous].mean()) < 0.05
+    qa = ct_ensemble.out / "qa"  # the QA page draws the map and states the agreement
+    assert (qa / "ens0_axial_disagreement.png").is_file() and (qa / "ens0_coronal_disagreement.png").is_file()
+    assert "Fold agreement (mean pairwise Dice" in (ct_ensemble.out / "qa.html").read_text()
 
 
 def test_single_fold_of_a_five_fold_folder_matches_nnunet(tmp_path):

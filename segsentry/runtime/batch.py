@@ -292,7 +292,8 @@ def write_case(case: CaseInput, loaded: LoadedCase, prediction: CasePrediction, 
     if options.qa:
         view = render_case(case.case_id, loaded.image[0], prediction.mask, prediction.uncertainty,
                            geometry=loaded.reference, modality=modality_of(bundle.manifest),
-                           qa_dir=output_dir / "qa", report=report, distance_range=_distance_range(bundle))
+                           qa_dir=output_dir / "qa", report=report, distance_range=_distance_range(bundle),
+                           disagreement=prediction.disagreement)
     return CaseOutcome(case_id=case.case_id, status="ok", report=report, qa_view=view,
                        seconds=time.perf_counter() - start)
 

@@ -33,6 +33,7 @@ from segsentry.runtime.report import CaseReport
 MASK_RGB = np.array([255, 40, 40], dtype=np.float32)
 OUTLINE_RGB = np.array([0, 230, 255], dtype=np.float32)
 LETTER_RGB = np.array([255, 230, 0], dtype=np.float32)
+LAYERS = ("image", "mask", "uncertainty", "disagreement")  # the pictures per view, in page order
 CT_WINDOW = (-1000.0, 400.0)  # HU: lung and mediastinum in one picture
 VIEWS = ("axial", "coronal")
 # (top, bottom, left, right) letters of each view in the radiological convention
@@ -58,6 +59,7 @@ class CaseView:
     focus_zyx: tuple[int, int, int]
     window: str = ""  # how the grey levels were set
     colour_range: tuple[float, float] | None = None  # voxel distances at the colour bar's bottom and top
+    fold_agreement: float | None = None  # fold ensembles: mean pairwise Dice between the folds' masks
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,7 @@ class Plane:
     col_spacing: float
     box: tuple[int, int, int, int] | None
     letters: tuple[str, str, str, str]
+    disagreement: np.ndarray | None = None  # (rows, cols) fraction of folds disagreeing with the ensemble
 
 
 def modality_of(manifest: Manifest) -> str:
@@ -121,6 +124,7 @@ def _to_oriented_index(zyx: Sequence[float], geometry: sitk.Image, oriented: sit
 def radiological_planes(
     image: np.ndarray, mask: np.ndarray, uncertainty: np.ndarray | None, *, geometry: sitk.Image,
     focus_zyx: Sequence[int], box_zyx: Sequence[Sequence[int]] | None, modality: str,
+    disagreement: np.ndarray | None = None,
 ) -> tuple[dict[str, Plane], str, tuple[int, int, int]]:
     """The axial and coronal planes through ``focus_zyx`` (input numpy index) in the radiological convention;
     ``box_zyx`` (``[start, stop)`` per input axis) is outlined. Also the window description and the focus in
@@ -129,6 +133,7 @@ def radiological_planes(
     g, oriented = to_lps(grey.astype(np.float32), geometry)
     m, _ = to_lps(mask, geometry)
     u = to_lps(uncertainty.astype(np.float32), geometry)[0] if uncertainty is not None else None
+    d = to_lps(disagreement.astype(np.float32), geometry)[0] if disagreement is not None else None
     shape = np.array(g.shape)
     focus = np.clip(np.round(_to_oriented_index(focus_zyx, geometry, oriented)).astype(int), 0, shape - 1)
     box = None
@@ -145,10 +150,12 @@ def radiological_planes(
     n_z = g.shape[0]
     planes = {
         "axial": Plane("axial", g[z], m[z], None if u is None else u[z], sy, sx,
-                       None if box is None else (box[0][1], box[1][1], box[0][2], box[1][2]), LETTERS["axial"]),
+                       None if box is None else (box[0][1], box[1][1], box[0][2], box[1][2]), LETTERS["axial"],
+                       None if d is None else d[z]),
         "coronal": Plane("coronal", g[:, y, :][::-1], m[:, y, :][::-1], None if u is None else u[:, y, :][::-1],
                          sz, sx, None if box is None else (n_z - 1 - box[1][0], n_z - 1 - box[0][0], box[0][2],
-                                                            box[1][2]), LETTERS["coronal"]),
+                                                            box[1][2]), LETTERS["coronal"],
+                         None if d is None else d[:, y, :][::-1]),
     }
     return planes, label, (z, y, x)
 
@@ -222,8 +229,9 @@ def _colour_bar(rgb: np.ndarray) -> np.ndarray:
 
 
 def picture(plane: Plane, layer: str, colour_range: tuple[float, float]) -> np.ndarray:
-    """The RGB picture (uint8-ready floats) of one layer ("image", "mask", "uncertainty") of ``plane``:
-    outline, physical aspect, upscaled, orientation letters, and the colour bar for the uncertainty."""
+    """The RGB picture (uint8-ready floats) of one layer ("image", "mask", "uncertainty", "disagreement") of
+    ``plane``: outline, physical aspect, upscaled, orientation letters, and a colour bar for the two maps (the
+    disagreement's spans 0 to 1: no fold to every fold disagreeing with the ensemble)."""
     base = _grey_rgb(plane.grey)
     if layer == "image":
         rgb = base
@@ -234,10 +242,12 @@ def picture(plane: Plane, layer: str, colour_range: tuple[float, float]) -> np.n
     elif layer == "uncertainty" and plane.uncertainty is not None:
         lo, hi = colour_range
         rgb = 0.35 * base + 0.65 * _hot((plane.uncertainty - lo) / max(hi - lo, 1e-12))
+    elif layer == "disagreement" and plane.disagreement is not None:
+        rgb = 0.35 * base + 0.65 * _hot(plane.disagreement)
     else:
         raise ValueError(f"no layer {layer!r} in this plane")
     rgb = _letters(_upscale(_stretch(_outline(rgb, plane.box), plane.row_spacing, plane.col_spacing)), plane.letters)
-    return _colour_bar(rgb) if layer == "uncertainty" else rgb
+    return _colour_bar(rgb) if layer in ("uncertainty", "disagreement") else rgb
 
 
 def _write_png(rgb: np.ndarray, target: Path) -> None:
@@ -266,9 +276,11 @@ def render_case(
     qa_dir: Path,
     report: CaseReport,
     distance_range: tuple[float, float] | None,
+    disagreement: np.ndarray | None = None,
 ) -> CaseView:
-    """Write ``CASE_{axial,coronal}_{image,mask,uncertainty}.png`` into ``qa_dir``; arrays are (z, y, x) on
-    ``geometry``'s grid (its spacing, origin and direction place them in the patient).
+    """Write ``CASE_{axial,coronal}_{image,mask,uncertainty[,disagreement]}.png`` into ``qa_dir``; arrays are
+    (z, y, x) on ``geometry``'s grid (its spacing, origin and direction place them in the patient);
+    ``disagreement`` is a fold ensemble's map (fraction of folds disagreeing with the ensemble).
 
     ``distance_range`` maps voxel distances to colours like the subject score is normalised: the training
     cases' (min, 2·max) raw scores span black to white, so hot voxels are outside the training range.
@@ -277,12 +289,13 @@ def render_case(
     centre = [(lo + hi) // 2 for lo, hi in top[0].box_zyx] if top else None
     focus = focus_point(mask, centre)
     planes, label, _ = radiological_planes(image, mask, uncertainty, geometry=geometry, focus_zyx=focus,
-                                           box_zyx=top[0].box_zyx if top else None, modality=modality)
+                                           box_zyx=top[0].box_zyx if top else None, modality=modality,
+                                           disagreement=disagreement)
     lo, hi = distance_range if distance_range else (0.0, float(uncertainty.max()) if uncertainty is not None else 1.0)
     pngs: dict[str, str] = {}
     for view, plane in planes.items():
-        for layer in ("image", "mask", "uncertainty"):
-            if layer == "uncertainty" and plane.uncertainty is None:
+        for layer in LAYERS:
+            if layer in ("uncertainty", "disagreement") and getattr(plane, layer) is None:  # no such map here
                 continue
             file = f"{case_id}_{view}_{layer}.png"
             _write_png(picture(plane, layer, (lo, hi)), qa_dir / file)
@@ -290,7 +303,8 @@ def render_case(
     view = CaseView(case_id=case_id, pngs=pngs, uncertainty=report.uncertainty,
                     threshold=report.threshold, ood=report.ood, score=report.score,
                     focus_zyx=tuple(int(v) for v in focus), window=label,
-                    colour_range=(float(lo), float(hi)) if uncertainty is not None else None)
+                    colour_range=(float(lo), float(hi)) if uncertainty is not None else None,
+                    fold_agreement=report.fold_agreement)
     write_text_atomic(_view_record(qa_dir, case_id), json.dumps(asdict(view)))  # read back by --resume
     return view
 
@@ -360,7 +374,7 @@ def write_qa_page(
         figures = "".join(
             '<div class="grid">' + "".join(
                 f"<figure>{_img(qa_dir, v.pngs[key], key)}<figcaption>{key.replace('_', ' ')}</figcaption></figure>"
-                for key in (f"{view}_image", f"{view}_mask", f"{view}_uncertainty") if key in v.pngs
+                for key in (f"{view}_{layer}" for layer in LAYERS) if key in v.pngs
             ) + "</div>"
             for view in ("axial", "coronal")
         )
@@ -372,6 +386,9 @@ def write_qa_page(
             f"the centre of the most distant patch (outlined in cyan). {html.escape(v.window)}."
             + (f" Colour bar: {v.colour_range[0]:.4g} (black) to {v.colour_range[1]:.4g} (white)."
                if v.colour_range else "")
+            + (f" Fold agreement (mean pairwise Dice of the folds' masks) {v.fold_agreement:.3f}; the disagreement "
+               "map shows the fraction of folds disagreeing with the ensemble (black 0, white 1)."
+               if v.fold_agreement is not None else "")
             + f"</p>{_strip_svg(v, calibration)}{figures}</section>"
         )
     for case_id, error in failed.items():

@@ -135,3 +135,25 @@ def test_mr_gets_its_own_window_not_the_ct_one():
     ct_grey, _ = window(t1, "CT")
     assert (ct_grey[body] >= 0.9).mean() > 0.95  # what the CT window did to an MR: all white
     assert "percentiles" in label
+
+
+def test_a_fold_ensembles_disagreement_is_drawn_in_the_radiological_convention_with_its_colour_bar():
+    """The disagreement map (fraction of folds disagreeing) follows the same orientation as the mask: folds that
+    disagree only on the patient's left marker light up the image's right; its colour bar spans 0 to 1; without
+    a map the plane has none and picture() refuses the layer."""
+    labels, geometry, centre = _patient(STORAGES["RAS"])
+    disagreement = np.where(labels == 1, 2 / 3, 0.0).astype(np.float32)
+    planes, _, _ = radiological_planes(np.zeros(labels.shape, np.float32), labels, None, geometry=geometry,
+                                       focus_zyx=centre, box_zyx=None, modality="CT", disagreement=disagreement)
+    axial = planes["axial"]
+    rows, cols = np.nonzero(axial.disagreement > 0)
+    assert cols.mean() / axial.disagreement.shape[1] > 0.75  # patient left = image right
+    np.testing.assert_array_equal(axial.disagreement > 0, axial.mask == 1)
+    heat = picture(axial, "disagreement", (0.0, 1.0))
+    np.testing.assert_allclose(heat[0, -1], [255, 255, 255])
+    np.testing.assert_allclose(heat[-1, -1], [0, 0, 0])
+    plain, _, _ = radiological_planes(np.zeros(labels.shape, np.float32), labels, None, geometry=geometry,
+                                      focus_zyx=centre, box_zyx=None, modality="CT")
+    assert plain["axial"].disagreement is None
+    with pytest.raises(ValueError, match="disagreement"):
+        picture(plain["axial"], "disagreement", (0.0, 1.0))
