@@ -9,9 +9,9 @@ checkpoint serves both sides. A folder of ``--cases`` chest-CT phantoms of varie
 in nnU-Net's raw layout; each pipeline processes the whole folder in a fresh process:
 
 * nnU-Net: ``nnUNetv2_predict_from_modelfolder -i IN -o OUT -m MODEL -f 0 -device cpu --disable_tta`` with its
-  default background workers (``-npp 3 -nps 3``) and step size 0.5 (what segsentry matches; mirroring off on
-  both sides, since segsentry's bundle has no mirroring);
-* segsentry: ``segsentry run BUNDLE IN -o OUT --backend B --no-qa`` (segmentation, OOD score, uncertainty map,
+  default background workers (``-npp 3 -nps 3``) and step size 0.5 (what segsentry matches); mirroring off
+  on both sides;
+* segsentry: ``segsentry run BUNDLE IN -o OUT --backend B --no-qa --disable-tta`` (segmentation, OOD score, uncertainty map,
   report per case).
 
 Memory is the peak over time of the summed RSS, and of the summed PSS (shared pages counted once, split
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         for b in args.backends:
             pipelines[f"ood-run {b}"] = (lambda b: lambda out: [sys.executable, "-m", "segsentry.cli", "run",
                                                                str(bundle), str(inputs), "-o", str(out),
-                                                               "--backend", b, "--no-qa"])(b)
+                                                               "--backend", b, "--no-qa", "--disable-tta"])(b)
         runs: dict[str, list[dict]] = {k: [] for k in pipelines}
         for r in range(args.repeats):
             for name, command in pipelines.items():

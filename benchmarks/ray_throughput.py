@@ -144,7 +144,8 @@ def main() -> None:
             sizes = fresh.submit(_case_bytes, bundle, inputs / "bench000_0000.nii.gz").result()
 
         t0 = time.perf_counter()
-        serial = run_batch(bundle, [inputs], tmp / "serial", backend="onnxruntime", threads=1, qa=False)
+        serial = run_batch(bundle, [inputs], tmp / "serial", backend="onnxruntime", threads=1, qa=False,
+                           mirroring=False)
         serial_s = time.perf_counter() - t0
         assert all(o.status == "ok" for o in serial.outcomes), [o.error for o in serial.outcomes]
         runs = [{"run": "serial run_batch, 1 thread", "workers": 1, "wall_s": round(serial_s, 2),
@@ -157,7 +158,7 @@ def main() -> None:
                 done: list[float] = []
                 out = tmp / f"ray{workers}"
                 t0 = time.perf_counter()
-                result = run_batch_ray(bundle, [inputs], out, backend="onnxruntime", qa=False,
+                result = run_batch_ray(bundle, [inputs], out, backend="onnxruntime", qa=False, mirroring=False,
                                        ray_options=RayOptions(workers=workers, cpus_per_worker=1),
                                        on_case=lambda _o: done.append(time.perf_counter()))
                 wall = time.perf_counter() - t0
