@@ -1,7 +1,9 @@
 """``ood-bench``: latency, throughput, stage times, memory and OOD-head overhead of a bundle per backend.
 
 Everything runs through the runtime's own backends and sliding-window core. Per backend:
-- per-patch latency (p50 / p95 over ``repeats`` after ``warmup``) at each batch size, and throughput;
+- per-patch latency (p50 / p95 over ``repeats`` after ``warmup``) at each batch size, and throughput; where the
+  bundle records mirroring axes also with nnU-Net's test-time mirroring (the batch and its flips in one call, as
+  the runtime sends them); the bundle's fold count is recorded beside (an ensemble runs every fold per call);
 - the same for the network alone (the bundle pruned to its ``logits`` output), which gives the cost of the
   fused Mahalanobis head;
 - end-to-end time of one volume with its stage breakdown (read, preprocess, inference, scoring, resample back,
@@ -28,6 +30,7 @@ from segsentry.contract import Output
 from segsentry.errors import InputError
 from segsentry.runtime.backends import GPU_BACKENDS, BackendOptions, create_backend, resolve_backend_name
 from segsentry.runtime.bundle import Bundle, load_bundle
+from segsentry.runtime.sliding import mirror_combinations
 
 
 def peak_rss_mb() -> float:
@@ -112,7 +115,10 @@ def bench_backend(
     m = bundle.manifest
     name = resolve_backend_name(backend)
     rng = np.random.default_rng(0)
-    result: dict = {"backend": name, "batches": []}
+    # a batch and its flips go to the engine in one call (runtime.sliding.iterate_patches): time that size too
+    mirror_terms = len(mirror_combinations(m.tiling.mirror_axes)) + 1 if m.tiling.mirror_axes else 1
+    result: dict = {"backend": name, "n_folds": m.n_folds, "mirror_axes": m.tiling.mirror_axes,
+                    "mirror_terms": mirror_terms, "batches": []}
     gpu_before = gpu_memory_used_mb() if name in GPU_BACKENDS else None
     plain = network_only(bundle)
     head = head_only(bundle)  # timed alone on onnxruntime CPU
@@ -131,9 +137,14 @@ def bench_backend(
             without = _timed(lambda b=batch: bare.run(b), warmup=warmup, repeats=repeats)
             head_p50 = None
             if head is not None:
-                z = np.random.default_rng(0).standard_normal((n, m.features.dim)).astype(np.float32)
+                shape = (n, m.n_folds, m.features.dim) if m.n_folds > 1 else (n, m.features.dim)
+                z = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
                 head_p50 = statistics.median(_timed(lambda z=z: head_session.run(None, {head_input: z}),
                                                     warmup=warmup, repeats=repeats))
+            mirrored_p50 = None
+            if mirror_terms > 1:
+                flips = np.concatenate([batch] * mirror_terms)
+                mirrored_p50 = statistics.median(_timed(lambda b=flips: full.run(b), warmup=warmup, repeats=repeats))
             p50, p50_bare = statistics.median(with_head), statistics.median(without)
             result["batches"].append({
                 "batch": n,
@@ -144,6 +155,9 @@ def bench_backend(
                 "network_only_p50_s_per_call": p50_bare,
                 "head_overhead_fraction": (p50 - p50_bare) / p50_bare,
                 "head_only_p50_s_per_call": head_p50,
+                # with nnU-Net's test-time mirroring: one call of batch x mirror_terms patches (None: no axes)
+                "mirrored_p50_s_per_call": mirrored_p50,
+                "mirrored_patches_per_s": None if mirrored_p50 is None else n / mirrored_p50,
             })
         if name in GPU_BACKENDS:  # both engines (with and without the head) are loaded at this point
             result["gpu_memory_used_mb"] = {"before_engines": gpu_before, "with_engines": gpu_memory_used_mb()}
@@ -189,6 +203,7 @@ def bench_volume(bundle: Bundle, backend: str, volume: Path, *, threads: int | N
                       "total": time.perf_counter() - case_start}
         total = time.perf_counter() - start
     out = {"volume": str(volume), "n_patches": prediction.n_patches, "wall_s": total,
+           "n_folds": m.n_folds, "mirror_axes": prediction.mirror_axes,
            "stages_s": {k: round(v, 4) for k, v in stages.items()}}
     if m.calibration is not None:
         # the distance map alone: the run's patch adds on its padded volume

@@ -508,16 +508,17 @@ def bench_command(
             typer.echo(text)
             return EXIT_OK
         table = Table(title=f"ood-bench {bundle.name} (patch {results['patch_size']}, D={results['feature_dim']})")
-        for column in ("backend", "batch", "p50 ms/call", "p95 ms/call", "patches/s", "network only p50 ms",
-                       "head alone ms"):
+        for column in ("backend", "folds", "batch", "p50 ms/call", "p95 ms/call", "patches/s", "network only p50 ms",
+                       "head alone ms", "mirrored patches/s"):
             table.add_column(column)
         for r in results["results"]:
             for b in r["batches"]:
-                head = b["head_only_p50_s_per_call"]
-                table.add_row(r["backend"], str(b["batch"]), f"{b['p50_s_per_call'] * 1e3:.1f}",
+                head, mirrored = b["head_only_p50_s_per_call"], b["mirrored_patches_per_s"]
+                table.add_row(r["backend"], str(r["n_folds"]), str(b["batch"]), f"{b['p50_s_per_call'] * 1e3:.1f}",
                               f"{b['p95_s_per_call'] * 1e3:.1f}", f"{b['patches_per_s']:.2f}",
                               f"{b['network_only_p50_s_per_call'] * 1e3:.1f}",
-                              "–" if head is None else f"{head * 1e3:.3f}")
+                              "–" if head is None else f"{head * 1e3:.3f}",
+                              "–" if mirrored is None else f"{mirrored:.2f} ({r['mirror_terms']} terms)")
         console.print(table)
         for r in results["results"]:
             if "volume" in r:

@@ -229,6 +229,24 @@ def _ensemble_run(tmp_path, spec, folds, exported, *, n_folders=5) -> _Ensemble:
     return _Ensemble(model_dir, tuple(folds), cases[0], result.outcomes[0].report, tmp_path / "out")
 
 
+def test_ood_bench_measures_an_ensemble_with_and_without_mirroring(ct_ensemble):
+    """ood-bench on the 3-fold, mirrored bundle: the head is timed on (n, folds, D) features, each batch also as
+    the runtime sends it mirrored (batch x 8 patches in one call, so slower per call), and the fold count and
+    axes are recorded; the end-to-end volume run mirrors like ood-run."""
+    from segsentry.bench import run_bench
+
+    bundle = ct_ensemble.out.parent / "m.ood.onnx"
+    results = run_bench(bundle, backends=["onnxruntime"], batch_sizes=[1], warmup=0, repeats=2, threads=1,
+                        volume=ct_ensemble.case[0])
+    r = results["results"][0]
+    assert r["n_folds"] == 3 and r["mirror_axes"] == [0, 1, 2] and r["mirror_terms"] == 8
+    b = r["batches"][0]
+    assert b["head_only_p50_s_per_call"] is not None
+    assert b["mirrored_p50_s_per_call"] > b["p50_s_per_call"]
+    assert b["mirrored_patches_per_s"] == pytest.approx(1 / b["mirrored_p50_s_per_call"])
+    assert r["volume"]["n_folds"] == 3 and r["volume"]["mirror_axes"] == [0, 1, 2]
+
+
 def _check_parity(run: _Ensemble) -> np.ndarray:
     ours = sitk.GetArrayFromImage(sitk.ReadImage(str(run.out / "ens0.nii.gz")))
     expected = run.nnunet(run.folds)

@@ -292,11 +292,13 @@ def test_bench_reports_latency_and_head_overhead(ct_pipeline, test_cases, tmp_pa
     (r,) = data["results"]
     assert r["backend"] == "onnxruntime"
     assert [b["batch"] for b in r["batches"]] == [1, 2]
-    # per batch size: with the head, the network alone, the head alone -- each `repeats` timed calls
-    assert len(raw) == 3 * 2 and all(len(t) == 3 for t in raw)
+    # per batch size: with the head, the network alone, the head alone, and mirrored (the test bundle records
+    # mirroring axes: batch x 8 patches in one call) -- each `repeats` timed calls
+    assert r["mirror_terms"] == 8 and r["n_folds"] == 1
+    assert len(raw) == 4 * 2 and all(len(t) == 3 for t in raw)
     assert all(math.isfinite(t) and t > 0 for times in raw for t in times)
     approx = lambda value: pytest.approx(value, rel=1e-12)  # noqa: E731
-    for b, (full, bare, head) in zip(r["batches"], (raw[0:3], raw[3:6])):
+    for b, (full, bare, head, mirrored) in zip(r["batches"], (raw[0:4], raw[4:8])):
         n = b["batch"]
         assert b["p50_s_per_call"] == approx(statistics.median(full))
         assert b["p95_s_per_call"] == approx(float(np.percentile(full, 95)))
@@ -307,6 +309,8 @@ def test_bench_reports_latency_and_head_overhead(ct_pipeline, test_cases, tmp_pa
         assert b["head_overhead_fraction"] == approx(
             (statistics.median(full) - statistics.median(bare)) / statistics.median(bare))
         assert b["head_only_p50_s_per_call"] == approx(statistics.median(head))
+        assert b["mirrored_p50_s_per_call"] == approx(statistics.median(mirrored))
+        assert b["mirrored_patches_per_s"] == approx(n / statistics.median(mirrored))
     v = r["volume"]
     assert v["n_patches"] == len(nnunet_network_geometry(ct_pipeline.model_dir, [case]).tiles) == 18
     stages = v["stages_s"]
