@@ -3,8 +3,6 @@ outputs, for cases read from a DICOM series folder."""
 
 from __future__ import annotations
 
-import hashlib
-from functools import cached_property
 from pathlib import Path
 
 from segsentry.dicom import require
@@ -15,32 +13,20 @@ from segsentry.errors import InputError
 from segsentry.runtime.batch import WrittenCase
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 class DicomResultWriter:
     """A :data:`segsentry.runtime.batch.CaseHook`: SEG + SR for one case, on the source series' geometry.
 
     Raises :class:`InputError` for a case that is not a DICOM series (a NIfTI file has no SOP instances to
-    reference). The bundle file is hashed once, on first use.
+    reference). The bundle file's hash is the one the batch recorded in the case's report.
     """
 
     def __init__(self, bundle_path: str | Path) -> None:
         require("highdicom", "Writing DICOM SEG/SR (--dicom-seg)")  # before any case runs
         self.bundle_path = Path(bundle_path)
 
-    @cached_property
-    def _bundle_sha256(self) -> str:
-        return file_sha256(self.bundle_path)
-
-    def producer(self, weights_sha256: str) -> Producer:
-        return Producer(bundle_name=self.bundle_path.name, bundle_sha256=self._bundle_sha256,
-                        weights_sha256=weights_sha256)
+    def producer(self, written: WrittenCase) -> Producer:
+        return Producer(bundle_name=self.bundle_path.name, bundle_sha256=written.report.bundle_sha256,
+                        weights_sha256=written.manifest.weights_sha256)
 
     def __call__(self, written: WrittenCase) -> dict[str, Path]:
         source = written.case.files[0]
@@ -49,7 +35,7 @@ class DicomResultWriter:
                              f"{source.name}; DICOM SEG/SR reference the source SOP instances, which a "
                              f"{source.suffix or 'non-DICOM'} file does not have")
         datasets = source_datasets(source, files=written.dicom_files or None)
-        producer = self.producer(written.manifest.weights_sha256)
+        producer = self.producer(written)
         seg = build_seg(written.mask, datasets, labels=written.manifest.labels, producer=producer)
         sr = build_sr(written.report, datasets, producer=producer, seg=seg)
         case_id = written.case.case_id

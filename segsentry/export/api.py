@@ -11,7 +11,7 @@ from torch import nn
 
 from segsentry.errors import ExportError
 
-from segsentry.export.nnunet import DEFAULT_LAYER, checkpoint_sha256, load_folds
+from segsentry.export.nnunet import DEFAULT_LAYER, load_folds
 from segsentry.export.onnx_export import (
     INPUT_NAME,
     OUTPUT_NAMES,
@@ -22,6 +22,7 @@ from segsentry.export.onnx_export import (
 )
 from segsentry.export.wrapper import EnsembleTap, FeatureTap, build_feature_tap
 from segsentry.manifest import FeatureSpec, FoldSource, Manifest, Preprocessing, Tiling
+from segsentry.runtime.io import sha256_file
 
 
 @dataclass(frozen=True)
@@ -115,7 +116,7 @@ def export_nnunet(
     models = load_folds(model_dir, [fold] if fold is not None else folds, checkpoint=checkpoint,
                         configuration=configuration)
     model = models[0]
-    fold_sources = [FoldSource(fold=m.fold, checkpoint=m.checkpoint_path.name, sha256=checkpoint_sha256(m.checkpoint_path))
+    fold_sources = [FoldSource(fold=m.fold, checkpoint=m.checkpoint_path.name, sha256=sha256_file(m.checkpoint_path))
                     for m in models]
     return export_module(
         [m.network for m in models],

@@ -10,7 +10,6 @@ in its training log), so no arbitrary code is unpickled.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import pydoc
 import re
@@ -273,14 +272,6 @@ def load_folds(
             raise ModelFolderError(f"fold {name} allows mirroring axes {model.mirror_axes}, fold {names[0]} "
                                    f"{first.mirror_axes}; nnU-Net would use the first fold's for all")
     return models
-
-
-def checkpoint_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def load_model_folder(

@@ -38,7 +38,6 @@ from segsentry.runtime.io import (
     input_fingerprints,
     orientation_warning,
     read_case,
-    sha256_file,
     write_image,
 )
 from segsentry.runtime.pipeline import CasePrediction, check_step_size, predict_case
