@@ -1,15 +1,15 @@
 """Train segsentry's embedded demo model with nnU-Net itself, on phantom chest CTs, on the CPU.
 
-    python scripts/train_demo_model.py --work /tmp/demo-train            # ~35 min on 2 cores
-    python scripts/train_demo_model.py --work /tmp/demo-train --continue-training   # after an interruption
-    python scripts/train_demo_model.py --work /tmp/demo-train --resume   # export, calibrate, evaluate only
+    python scripts/train_demo_model.py --work /tmp/demo-train            # ~25 min per fold on 2 cores
+    python scripts/train_demo_model.py --work /tmp/demo-train --resume   # keep finished folds, continue or
+                                                                         # train the others, then export
 
 Reproducible recipe (seeded phantoms, fixed plan):
 1. write the in-distribution phantom cohort in nnU-Net raw layout (Dataset500_PhantomLung, lesion label 1);
 2. nnU-Net fingerprint + planning, then a deliberately small 3d_fullres plan: spacing 3.0 x 1.6 x 1.6 mm,
    patch 32 x 64 x 64, PlainConvUNet with 5 stages of 8..128 features (1.4 M parameters); nnU-Net
    preprocessing;
-3. nnU-Net training of fold 0 with a trainer subclass that only shortens the schedule (epochs x iterations),
+3. nnU-Net training of folds 0, 1 and 2 (``--folds``) with a trainer subclass that only shortens the schedule (epochs x iterations),
    constructed directly with device=cpu (nnU-Net's trainer lookup cannot import timm here);
 4. segsentry export + calibration (Ledoit-Wolf, normalised aggregation) on the training images, with the
    conformal threshold set on a separate unlabelled in-distribution cohort (``--calibration-cases``, its own
@@ -127,14 +127,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-cases", type=int, default=8)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--resume", action="store_true",
-                        help="reuse --work's trained checkpoint: validate, export, calibrate and evaluate only")
-    parser.add_argument("--continue-training", action="store_true",
-                        help="continue an interrupted training in --work from nnU-Net's checkpoint_latest.pth")
+    parser.add_argument("--folds", type=int, nargs="+", default=[0, 1, 2],
+                        help="nnU-Net folds to train and ship as one ensemble bundle")
+    parser.add_argument("--resume", "--continue-training", action="store_true", dest="resume",
+                        help="reuse --work: folds with checkpoint_final.pth are kept, an interrupted fold continues "
+                             "from nnU-Net's checkpoint_latest.pth, missing folds are trained")
     args = parser.parse_args(argv)
 
     work = args.work.resolve()
-    keep = args.resume or args.continue_training
+    keep = args.resume
     if not keep:
         if work.exists():
             shutil.rmtree(work)
@@ -188,38 +189,41 @@ def main(argv: list[str] | None = None) -> int:
             self.save_every = 5  # checkpoint_latest.pth every 5 epochs: an interrupted run loses little
 
     os.environ["nnUNet_n_proc_DA"] = "0"  # single-threaded augmentation is fastest on 2 cores
-    torch.manual_seed(args.seed)
-    np.random.seed(args.seed)
     dataset_json = json.loads((work / "preprocessed" / DATASET / "dataset.json").read_text())
-    plans = json.loads(plans_path.read_text())
-    plans["continue_training"] = False  # nnU-Net 2.8.1 pops this key in the trainer
-    trainer = DemoTrainer(plans, "3d_fullres", 0, dataset_json, device=torch.device("cpu"))
-    latest = Path(trainer.output_folder) / "checkpoint_latest.pth"
-    if args.resume:
-        trainer.initialize()
-        trainer.load_checkpoint(str(Path(trainer.output_folder) / "checkpoint_final.pth"))
-        timings["training"] = _training_seconds_from_log(Path(trainer.output_folder))
-    elif args.continue_training and latest.is_file():
-        trainer.initialize()
-        trainer.load_checkpoint(str(latest))  # nnU-Net saves it every 50 epochs and at the end of each run
-        t0 = time.perf_counter()
-        trainer.run_training()
-        timings["training"] = _training_seconds_from_log(Path(trainer.output_folder))
-    else:
-        t0 = time.perf_counter()
-        trainer.run_training()
-        timings["training"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    trainer.perform_actual_validation(False)  # nnU-Net's own prediction of the fold-0 validation cases
-    timings["nnunet_validation"] = time.perf_counter() - t0
+    validation: dict[int, float] = {}
+    trainer = None
+    for fold in args.folds:
+        torch.manual_seed(args.seed + fold)
+        np.random.seed(args.seed + fold)
+        plans = json.loads(plans_path.read_text())
+        plans["continue_training"] = False  # nnU-Net 2.8.1 pops this key in the trainer
+        trainer = DemoTrainer(plans, "3d_fullres", fold, dataset_json, device=torch.device("cpu"))
+        fold_dir = Path(trainer.output_folder)
+        final, latest = fold_dir / "checkpoint_final.pth", fold_dir / "checkpoint_latest.pth"
+        if keep and final.is_file():  # trained in an earlier session: reuse it
+            trainer.initialize()
+            trainer.load_checkpoint(str(final))
+        elif keep and latest.is_file():  # interrupted: continue from nnU-Net's latest checkpoint
+            trainer.initialize()
+            trainer.load_checkpoint(str(latest))
+            trainer.run_training()
+        else:
+            trainer.run_training()
+        timings[f"training_fold{fold}"] = _training_seconds_from_log(fold_dir)
+        summary_json = fold_dir / "validation" / "summary.json"
+        if not summary_json.is_file():
+            t0 = time.perf_counter()
+            trainer.perform_actual_validation(False)  # nnU-Net's own prediction of the fold's validation cases
+            timings[f"nnunet_validation_fold{fold}"] = time.perf_counter() - t0
+        validation[fold] = json.loads(summary_json.read_text())["foreground_mean"]["Dice"]
+    assert trainer is not None
     model_dir = Path(trainer.output_folder_base)
-    validation = json.loads((Path(trainer.output_folder) / "validation" / "summary.json").read_text())
 
     from segsentry.calib import calibrate
     from segsentry.export import export_nnunet
 
     t0 = time.perf_counter()
-    features = export_nnunet(model_dir, work / "demo_lung.features.onnx").path
+    features = export_nnunet(model_dir, work / "demo_lung.features.onnx", folds=args.folds).path
     args.out.parent.mkdir(parents=True, exist_ok=True)
     calibration = calibrate(features, [work / "raw" / DATASET / "imagesTr"], args.out, estimator="ledoit-wolf",
                             calibration_images=[calibration_dir / "imagesTr"])
@@ -231,9 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     summary = {
         "recipe": {**SMALL_PLAN, "training_cases": args.cases, "epochs": args.epochs,
                    "iterations_per_epoch": args.iterations, "seed": args.seed, "trainer": "nnUNetTrainer "
-                   "(shortened schedule)", "nnunetv2": "2.8.1", "fold": 0},
+                   "(shortened schedule)", "nnunetv2": "2.8.1", "folds": args.folds},
         "parameters": int(sum(p.numel() for p in trainer.network.parameters())),
-        "nnunet_validation_dice_fold0": validation["foreground_mean"]["Dice"],
+        "nnunet_validation_dice": {str(k): v for k, v in validation.items()},
         "dice_per_cohort_segsentry_runtime": {k: {kk: vv for kk, vv in v.items() if kk != "cases"}
                                               for k, v in dice.items()},
         "calibration": {"n_patches": calibration.calibration.n_patches, "n_cases": calibration.calibration.n_cases,
@@ -252,8 +256,10 @@ def main(argv: list[str] | None = None) -> int:
     lines = ["# Demo model (nnU-Net 2.8.1 on phantom chest CTs, CPU)", "",
              f"{summary['parameters'] / 1e6:.2f} M parameters, patch {SMALL_PLAN['patch_size']}, spacing "
              f"{SMALL_PLAN['spacing']} mm, {args.epochs} epochs x {args.iterations} iterations, "
-             f"training {timings['training'] / 60:.1f} min; bundle {summary['bundle_bytes'] / 1e6:.1f} MB; "
-             f"nnU-Net fold-0 validation Dice {summary['nnunet_validation_dice_fold0']:.3f}.", "",
+             f"{len(args.folds)} nnU-Net folds, training "
+             + ", ".join(f"{timings[f'training_fold{k}'] / 60:.1f}" for k in args.folds)
+             + f" min; bundle {summary['bundle_bytes'] / 1e6:.1f} MB; nnU-Net validation Dice per fold "
+             + ", ".join(f"{v:.3f}" for v in validation.values()) + ".", "",
              "| cohort | n | mean Dice | mean U | flagged OOD |", "|---|---|---|---|---|"]
     for cohort, v in dice.items():
         lines.append(f"| {cohort} | {v['n']} | {v['mean_dice']:.3f} | {v['mean_uncertainty']:.3f} | "

@@ -22,7 +22,7 @@ from rich.logging import RichHandler
 from rich.markup import escape
 from rich.table import Table
 
-from segsentry.contract import Aggregation, Estimator, FeatureNorm, ThresholdRule
+from segsentry.contract import Aggregation, EnsembleScore, Estimator, FeatureNorm, ThresholdRule
 from segsentry.errors import BackendError, SegsentryError
 
 console = Console(stderr=True)
@@ -195,6 +195,7 @@ def calib_command(
     threshold_rule: Annotated[ThresholdRule, typer.Option("--threshold-rule", help="conformal (false alarms <= alpha on new in-distribution cases) or paper (95 % TPR boundary).")] = ThresholdRule.CONFORMAL,
     alpha: Annotated[float, typer.Option("--alpha", callback=_open_unit_interval, help="False-alarm rate the conformal threshold holds (needs >= 1/alpha - 1 calibration cases).")] = 0.05,
     calibration_images: Annotated[Optional[list[Path]], typer.Option("--calibration-images", help="Unlabelled in-distribution scans the Gaussian never sees, to set the threshold (repeatable; default: the cross-fitted training scores).")] = None,
+    ensemble_score: Annotated[EnsembleScore, typer.Option("--ensemble-score", help="Fold ensembles: distance (the folds' mean distance alone) or fused (U also holds the folds' disagreement; needs --calibration-images).")] = EnsembleScore.DISTANCE,
     backend: BackendOpt = "auto",
     batch_size: BatchOpt = 1,
     threads: ThreadsOpt = None,
@@ -222,7 +223,8 @@ def calib_command(
                                keep_features=keep_features, backend=backend, batch_size=batch_size,
                                threads=threads, score_folds=score_folds, feature_norm=feature_norm,
                                threshold_rule=threshold_rule,
-                               alpha=alpha, calibration_images=calibration_images, on_case=on_case)
+                               alpha=alpha, calibration_images=calibration_images,
+                               ensemble_score=ensemble_score, on_case=on_case)
         c = result.calibration
         console.print(f"[green]wrote[/] {escape(str(result.path))}: {c.n_patches} patches from {c.n_cases} cases, D="
                       f"{result.fit.n_features}, {c.estimator} (shrinkage {c.shrinkage:.4g}, rank {c.rank}), "
@@ -233,6 +235,9 @@ def calib_command(
                 "in-distribution cases" if c.threshold_rule == ThresholdRule.CONFORMAL
                 else "paper: 95 % TPR boundary")
         console.print(f"threshold rule {rule}; set on {escape(c.calibration_source)}", highlight=False)
+        if c.fusion is not None:
+            console.print(f"U = mean of the distance U and the folds' disagreement mapped onto its scale "
+                          f"({c.fusion.offset:.4g} + {c.fusion.scale:.4g} x (1 - fold agreement))", highlight=False)
         if c.false_alarm_bound is not None and c.alpha is not None and c.false_alarm_bound > c.alpha + 1e-12:
             from segsentry.runtime.scoring import min_calibration_cases
 

@@ -11,8 +11,8 @@ from enum import Enum
 from typing import TypeVar
 
 __all__ = [
-    "HEAD_SCOPE", "INPUT_IMAGE", "L2_EPS", "Aggregation", "Estimator", "FeatureNorm", "HeadInitializer", "Output",
-    "ThresholdRule", "choice",
+    "HEAD_SCOPE", "INPUT_IMAGE", "L2_EPS", "Aggregation", "EnsembleScore", "Estimator", "FeatureNorm",
+    "HeadInitializer", "Output", "ThresholdRule", "choice",
 ]
 
 E = TypeVar("E", bound=Enum)
@@ -98,6 +98,16 @@ class ThresholdRule(str, Enum):
 
     CONFORMAL = "conformal"  # split-conformal: the ceil((n + 1)(1 - alpha))-th smallest calibration score; default
     PAPER = "paper"  # the authors' 95 % TPR boundary: sorted, index floor((n - 1) * 0.95), mean with the next
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class EnsembleScore(str, Enum):
+    """What a fold ensemble's U is made of (one network: always the distance)."""
+
+    DISTANCE = "distance"  # the folds' mean Mahalanobis distance alone
+    FUSED = "fused"  # mean of the distance U and the folds' disagreement (1 - mean pairwise Dice), same scale
 
     def __str__(self) -> str:
         return self.value

@@ -86,6 +86,26 @@ class FoldSource:
 
 
 @dataclass(frozen=True)
+class DisagreementFusion:
+    """How a fold ensemble's disagreement enters U (``ood-calib --ensemble-score fused``).
+
+    The case's disagreement ``1 - a`` (``a``: mean pairwise Dice of the folds' masks) is mapped onto the
+    distance U's scale, ``U_dis = offset + scale * (1 - a)``, by matching the median and the 95th percentile of
+    both on the unlabelled calibration cases; the deployed U is the mean ``(U_distance + U_dis) / 2`` and the
+    threshold is the conformal rule on those cases' combined U. ``mirrored``: whether the calibration cases'
+    folds were mirrored (as ``ood-run`` deploys them by default)."""
+
+    offset: float
+    scale: float
+    calibration_disagreements: list[float]  # 1 - fold agreement of each calibration case
+    mirrored: bool
+
+    def uncertainty(self, fold_agreement: float) -> float:
+        """The disagreement part of U for a case whose folds agree with mean pairwise Dice ``fold_agreement``."""
+        return float(self.offset + self.scale * (1.0 - fold_agreement))
+
+
+@dataclass(frozen=True)
 class InputRange:
     """Plain statistics of the training cases (``segsentry.runtime.guard``): per-channel minimum intensity
     standard deviation, and the minimum physical extent in mm of the sides sorted ascending."""
@@ -122,6 +142,18 @@ class Calibration:
     # patch distance is the mean of the folds' squared distances; scores, range and threshold are on that mean.
     fold_shrinkage: list[float] = field(default_factory=list)
     fold_rank: list[int] = field(default_factory=list)
+    # A fold ensemble whose U also holds the folds' disagreement (None: U is the distance's alone). Then
+    # ``threshold`` is on the combined U; ``calibration_scores`` stay the raw distance scores u.
+    fusion: DisagreementFusion | None = None
+
+    def combined_uncertainty(self, distance_uncertainty: float, fold_agreement: float | None) -> float:
+        """The deployed U from the distance U and, for a fused bundle, the folds' agreement."""
+        if self.fusion is None:
+            return distance_uncertainty
+        if fold_agreement is None:
+            raise BundleError("this bundle's U combines the distance with the folds' disagreement, but no fold "
+                              "agreement was computed (the case ran without logits or with one fold)")
+        return 0.5 * (distance_uncertainty + self.fusion.uncertainty(fold_agreement))
 
 
 @dataclass(frozen=True)
@@ -242,7 +274,9 @@ class Manifest:
 
 def _calibration(raw: dict[str, Any]) -> Calibration:
     content = raw.pop("input_range", None)
-    return Calibration(**raw, input_range=InputRange(**content) if content else None)
+    fusion = raw.pop("fusion", None)
+    return Calibration(**raw, input_range=InputRange(**content) if content else None,
+                       fusion=DisagreementFusion(**fusion) if fusion else None)
 
 
 def _quantization(raw: dict[str, Any]) -> Quantization:

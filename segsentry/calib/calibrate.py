@@ -11,6 +11,12 @@ downstream is the single-network procedure on that distance: the voxel map, the 
 ``u = mean over folds of u_fold`` (the map is linear in the distance), one min / 2·max normalisation, and the
 threshold rule on the combined calibration scores. The folds' squared distances share their scale (same
 ``D``, each whitened by its own fit), so the raw mean weighs them alike.
+
+``ensemble_score="fused"`` adds the folds' disagreement to an ensemble's U (Zenk et al., MedIA 2025: the
+mean pairwise Dice of an ensemble's members is the strongest failure detector they compared). The
+calibration cases run as ``ood-run`` deploys them (logits, mirrored over the bundle's axes); their
+disagreement ``1 - a`` is mapped onto the distance U's scale by matching median and 95th percentile
+(:func:`fit_fusion`), U becomes the mean of the two, and the threshold rule runs on those combined values.
 """
 
 from __future__ import annotations
@@ -35,15 +41,15 @@ from segsentry.calib.gaussian import (
     squared_mahalanobis,
 )
 from segsentry.calib.head import fold_ensemble_head, fold_mahalanobis_head
-from segsentry.contract import FeatureNorm, Output, ThresholdRule, choice
+from segsentry.contract import EnsembleScore, FeatureNorm, Output, ThresholdRule, choice
 from segsentry.errors import BundleError, CalibrationError, SegsentryError
-from segsentry.manifest import Calibration, Manifest, write_manifest
+from segsentry.manifest import Calibration, DisagreementFusion, Manifest, write_manifest
 from segsentry.runtime.backends import BackendOptions, create_backend
 from segsentry.runtime.bundle import load_bundle
 from segsentry.runtime.backends.base import Backend
 from segsentry.runtime.guard import ContentStats, content_stats, input_range
 from segsentry.runtime.io import CaseInput, case_orientation, collect_cases, label_map_reason, read_case
-from segsentry.runtime.pipeline import VolumeInference, infer_volume
+from segsentry.runtime.pipeline import VolumeInference, fold_agreement_of, infer_volume
 from segsentry.runtime.preprocess import preprocess
 from segsentry.runtime.scoring import (
     check_alpha,
@@ -97,6 +103,7 @@ def calibrate(
     threshold_rule: ThresholdRule | str = ThresholdRule.CONFORMAL,
     alpha: float = DEFAULT_ALPHA,
     calibration_images: Sequence[str | Path] | None = None,
+    ensemble_score: EnsembleScore | str = EnsembleScore.DISTANCE,
     on_case: Callable[[str, int, str | None], None] | None = None,
 ) -> CalibrationResult:
     """Calibrate ``features_bundle`` (from ood-export) on the training ``images`` and write ``output``.
@@ -113,10 +120,14 @@ def calibrate(
     takes the ``ceil((n + 1)(1 - alpha))``-th smallest; with fewer than ``1/alpha - 1`` cases it warns and
     records the weaker bound ``1/(n + 1)`` it can give. ``paper`` is the authors' 95 % TPR boundary.
 
+    ``ensemble_score`` ``fused`` (fold ensembles, with ``calibration_images``) makes U the mean of the distance
+    U and the folds' disagreement mapped onto its scale (module docstring); ``distance`` keeps the distance alone.
+
     ``on_case(case_id, n_patches, error)`` is called after each training and calibration case (for progress
     display).
     """
     threshold_rule = choice(ThresholdRule, threshold_rule, what="threshold rule", error=CalibrationError)
+    ensemble_score = choice(EnsembleScore, ensemble_score, what="ensemble score", error=CalibrationError)
     feature_norm = choice(FeatureNorm, feature_norm, what="feature normalisation", error=CalibrationError)
     check_alpha(alpha)
     if estimator not in ESTIMATORS:
@@ -131,6 +142,13 @@ def calibrate(
         raise BundleError(f"{features_bundle} is already calibrated; pass the .features.onnx from ood-export")
     if Path(output).resolve() == Path(features_bundle).resolve():
         raise CalibrationError("the output must not overwrite the input bundle; choose another -o")
+    fused = ensemble_score is EnsembleScore.FUSED
+    if fused and manifest.n_folds < 2:
+        raise CalibrationError("--ensemble-score fused needs a fold ensemble (ood-export --folds 0 1 2 ...); this "
+                               "bundle holds one network, which has no fold disagreement")
+    if fused and not calibration_images:
+        raise CalibrationError("--ensemble-score fused needs --calibration-images: the folds disagree less on their "
+                               "own training cases than on new scans, so the disagreement is calibrated on unseen ones")
     cases = collect_cases(images, num_channels=manifest.num_channels)
     if not cases:
         raise CalibrationError("no training cases found")
@@ -184,8 +202,13 @@ def calibrate(
             scores.append(subject_score(crop_box(voxel_map, case.pad_box)))
         n_patches = stores[0].n_samples
         held_out: list[float] = []
+        agreements: list[float] = []
+        mirror_axes = (manifest.tiling.mirror_axes or None) if fused else None
         for case, inference in _features_per_case(calibration_cases, engine, manifest, batch_size, failed,
-                                                  on_case, "calibration"):
+                                                  on_case, "calibration", fold_labels=fused,
+                                                  mirror_axes=mirror_axes):
+            if fused:
+                agreements.append(fold_agreement_of(inference, manifest))
             d = np.mean([squared_mahalanobis(fit, normalise_features(z, feature_norm))
                          for fit, z in zip(fits, _fold_features(inference.features, n_folds))], axis=0)
             voxel_map = distance_map(inference.padded_shape, inference.boxes, d, gaussian, aggregation=aggregation)
@@ -202,6 +225,9 @@ def calibrate(
     source = (f"{len(held_out)} held-out calibration cases" if calibration_cases
               else f"training cases ({_score_fit_label(score_folds, len(patches))})")
     source_u = [normalise_score(u, train_min=train_min, train_max=train_max) for u in source_scores]
+    fusion = fit_fusion(source_u, agreements, mirrored=mirror_axes is not None) if fused else None
+    if fusion is not None:
+        source_u = [0.5 * (u + fusion.uncertainty(a)) for u, a in zip(source_u, agreements)]
     threshold, bound = _threshold(source_u, threshold_rule, alpha)
     calibration = Calibration(
         estimator=estimator,
@@ -226,6 +252,7 @@ def calibrate(
         train_orientation=train_orientation,
         fold_shrinkage=[float(f.shrinkage) for f in fits] if n_folds > 1 else [],
         fold_rank=[int(f.rank) for f in fits] if n_folds > 1 else [],
+        fusion=fusion,
     )
     model = onnx.load_model_from_string(bundle.model_bytes)
     if n_folds > 1:
@@ -294,16 +321,18 @@ def dominant_orientation(cases: Sequence[CaseInput]) -> str | None:
 
 def _features_per_case(cases: Sequence[CaseInput], engine: Backend, manifest: Manifest, batch_size: int,
                        failed: dict[str, str], on_case: Callable[[str, int, str | None], None] | None,
-                       what: str, stats: list[ContentStats] | None = None,
+                       what: str, stats: list[ContentStats] | None = None, *, fold_labels: bool = False,
+                       mirror_axes: Sequence[int] | None = None,
                        ) -> Iterator[tuple[CaseInput, VolumeInference]]:
-    """Each readable case's per-patch features (no logits); a failing case is recorded in ``failed``, skipped.
-    ``stats`` collects each case's content statistics (:mod:`segsentry.runtime.guard`)."""
+    """Each readable case's per-patch features (no logits, unless ``fold_labels``: then the folds' masks too,
+    with the logits mirrored over ``mirror_axes`` as ood-run does); a failing case is recorded in ``failed``,
+    skipped. ``stats`` collects each case's content statistics (:mod:`segsentry.runtime.guard`)."""
     for case in cases:
         try:
             loaded = read_case(case, num_channels=manifest.num_channels)
             data, _ = preprocess(loaded.image, loaded.spacing, manifest.preprocessing)
-            inference = infer_volume(data, engine, manifest, batch_size=batch_size, accumulate_logits=False,
-                                     collect_features=True)
+            inference = infer_volume(data, engine, manifest, batch_size=batch_size, accumulate_logits=fold_labels,
+                                     collect_features=True, mirror_axes=mirror_axes)
         except SegsentryError as exc:
             failed[case.case_id] = str(exc)
             log.error("%s case %s skipped: %s", what, case.case_id, exc)
@@ -315,6 +344,26 @@ def _features_per_case(cases: Sequence[CaseInput], engine: Backend, manifest: Ma
         if stats is not None:
             stats.append(content_stats(loaded.image, loaded.spacing))
         yield case, inference
+
+
+FUSION_MIN_SPREAD = 0.01  # floor of the disagreement's median-to-95th-percentile spread (one Dice point)
+
+
+def fit_fusion(distance_u: Sequence[float], agreements: Sequence[float], *, mirrored: bool) -> DisagreementFusion:
+    """Map the calibration cases' disagreement ``1 - a`` onto their distance U's scale: the affine map that sends
+    the disagreement's median and 95th percentile to the distance U's. Needs no labels. The disagreement's spread
+    is floored at :data:`FUSION_MIN_SPREAD` so that folds agreeing almost perfectly on every calibration case
+    do not turn a tiny disagreement into a huge U."""
+    if len(distance_u) != len(agreements) or len(agreements) < 2:
+        raise CalibrationError(f"fusing the folds' disagreement needs at least 2 calibration cases with both scores; "
+                               f"got {len(agreements)}")
+    disagreement = 1.0 - np.asarray(agreements, dtype=np.float64)
+    u = np.asarray(distance_u, dtype=np.float64)
+    d_mid, d_hi = np.median(disagreement), np.quantile(disagreement, 0.95)
+    u_mid, u_hi = np.median(u), np.quantile(u, 0.95)
+    scale = max(u_hi - u_mid, 0.0) / max(d_hi - d_mid, FUSION_MIN_SPREAD)
+    return DisagreementFusion(offset=float(u_mid - scale * d_mid), scale=float(scale),
+                              calibration_disagreements=[float(x) for x in disagreement], mirrored=mirrored)
 
 
 def _threshold(uncertainties: Sequence[float], rule: ThresholdRule, alpha: float) -> tuple[float, float | None]:

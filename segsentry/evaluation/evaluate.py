@@ -66,7 +66,8 @@ from segsentry.runtime.pipeline import finish_case, infer_volume, infer_volume_f
 from segsentry.runtime.preprocess import preprocess
 
 METHODS = ("mahalanobis", "max_softmax", "kl_uniform", "energy")
-SAMPLED = {"tta": "TTA (8 flips)", "mc_dropout": "MC dropout"}  # optional sample-based baselines
+# optional sample-based baselines; a fold ensemble's members are samples too (Zenk et al.'s deep ensemble)
+SAMPLED = {"tta": "TTA (8 flips)", "mc_dropout": "MC dropout", "fold_disagreement": "fold disagreement"}
 MC_PASSES = 10
 MC_P = 0.5
 FLIPS = [c for r in range(4) for c in itertools.combinations((1, 2, 3), r)]  # spatial axes of (c, Z, Y, X)
@@ -182,12 +183,14 @@ def mc_dropout_uncertainty(files: Sequence[Path], bundle: Bundle, engine: Backen
     return mc_dropout_std(_preprocessed(files, bundle), engine, bundle.manifest, passes=passes)
 
 
-def _layer_verdict(data: np.ndarray, engine: Backend, manifest: Manifest, loaded: LoadedCase) -> tuple[float, bool]:
+def _layer_verdict(data: np.ndarray, engine: Backend, manifest: Manifest, loaded: LoadedCase, *,
+                   fold_agreement: float | None = None) -> tuple[float, bool]:
     """U of an extra calibrated bundle on the main bundle's preprocessed volume (distance map only, no logits)
-    and its own deployed flag, decided by the runtime's :func:`verdict` exactly as ``ood-run`` would."""
+    and its own deployed flag, decided by the runtime's :func:`verdict` exactly as ``ood-run`` would. A fused
+    variant takes the folds' agreement of the main run (same network, same mirroring: the same masks)."""
     calibration = manifest.calibration
     inference = infer_volume(data, engine, manifest, accumulate_logits=False, aggregation=calibration.aggregation)
-    decision = verdict(inference.distance_map, calibration, loaded)
+    decision = verdict(inference.distance_map, calibration, loaded, fold_agreement=fold_agreement)
     return decision.uncertainty, bool(decision.ood)
 
 
@@ -206,9 +209,12 @@ def evaluate_case(case: CaseInput, manifest: Manifest, engines: Engines, *,
     prediction = finish_case(loaded, inference, geometry, manifest, with_uncertainty_map=False)
     scores = {"mahalanobis": prediction.uncertainty_score, **output_baselines(inference.logits)}
     flags = {"mahalanobis": bool(prediction.ood)}
+    if prediction.fold_agreement is not None:
+        scores["fold_disagreement"] = 1.0 - prediction.fold_agreement
     for name, (layer_manifest, engine) in engines.layers.items():
         key = f"mahalanobis[{name}]"
-        scores[key], flags[key] = _layer_verdict(data, engine, layer_manifest, loaded)
+        scores[key], flags[key] = _layer_verdict(data, engine, layer_manifest, loaded,
+                                                 fold_agreement=prediction.fold_agreement)
     if engines.tta:
         scores["tta"] = tta_std(data, engines.main, manifest, logits=inference.logits)
     if engines.mc_dropout is not None:

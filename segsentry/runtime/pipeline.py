@@ -202,6 +202,7 @@ class CasePrediction:
     # voxel the fraction of folds disagreeing with the ensemble's label (input geometry, float32). None otherwise.
     fold_agreement: float | None = None
     disagreement: np.ndarray | None = None
+    distance_uncertainty: float | None = None  # the distance's own U (== uncertainty_score unless fused)
     notes: list[str] = field(default_factory=list)  # how the case was run, where it differs from nnU-Net's default
 
     @property
@@ -306,26 +307,41 @@ def infer_volume_for_case(data: np.ndarray, backend: Backend, manifest: Manifest
 @dataclass(frozen=True)
 class Verdict:
     """A calibrated bundle's decision on one case: raw score u, normalised U, threshold, flag and its reasons.
-    All ``None`` (and no reasons) without a calibration or a distance map."""
+    All ``None`` (and no reasons) without a calibration or a distance map. ``distance_uncertainty`` is the
+    distance's own U; it equals ``uncertainty`` unless the bundle fuses the folds' disagreement into U."""
 
     score: float | None = None
     uncertainty: float | None = None
     threshold: float | None = None
     ood: bool | None = None
     reasons: list[str] = field(default_factory=list)
+    distance_uncertainty: float | None = None
 
 
-def verdict(distance_map: np.ndarray | None, calibration: Calibration | None, loaded: LoadedCase) -> Verdict:
-    """The deployed decision: ``U > threshold`` (U from the voxel map as in design.md steps 6-7) or an input
+def verdict(distance_map: np.ndarray | None, calibration: Calibration | None, loaded: LoadedCase, *,
+            fold_agreement: float | None = None) -> Verdict:
+    """The deployed decision: ``U > threshold`` (U from the voxel map as in design.md steps 6-7, for a fused
+    ensemble bundle averaged with the folds' disagreement, :meth:`Calibration.combined_uncertainty`) or an input
     outside the training cases' content range (:mod:`segsentry.runtime.guard`, when the bundle records one)."""
     if calibration is None or distance_map is None:
         return Verdict()
     score = subject_score(distance_map)
-    u = normalise_score(score, train_min=calibration.train_score_min, train_max=calibration.train_score_max)
-    reasons = [f"U {u:.3f} > threshold {calibration.threshold:.3f}"] if u > calibration.threshold else []
+    u_distance = normalise_score(score, train_min=calibration.train_score_min, train_max=calibration.train_score_max)
+    u = calibration.combined_uncertainty(u_distance, fold_agreement)
+    parts = (f" (distance U {u_distance:.3f}, fold agreement {fold_agreement:.3f})"
+             if calibration.fusion is not None else "")
+    reasons = [f"U {u:.3f} > threshold {calibration.threshold:.3f}{parts}"] if u > calibration.threshold else []
     if calibration.input_range is not None:
         reasons += content_reasons(content_stats(loaded.image, loaded.spacing), calibration.input_range)
-    return Verdict(score=score, uncertainty=u, threshold=calibration.threshold, ood=bool(reasons), reasons=reasons)
+    return Verdict(score=score, uncertainty=u, threshold=calibration.threshold, ood=bool(reasons), reasons=reasons,
+                   distance_uncertainty=u_distance)
+
+
+def fold_agreement_of(inference: VolumeInference, manifest: Manifest) -> float | None:
+    """Mean pairwise Dice between the folds' masks (network space, foreground labels); None for one network."""
+    if inference.fold_labels is None:
+        return None
+    return mean_pairwise_dice(inference.fold_labels, sorted(v for v in manifest.labels.values() if v > 0))
 
 
 def finish_case(
@@ -339,7 +355,8 @@ def finish_case(
     """
     timings = dict(timings or {})
     t0 = time.perf_counter()
-    decision = verdict(inference.distance_map, manifest.calibration, loaded)
+    fold_agreement = fold_agreement_of(inference, manifest)
+    decision = verdict(inference.distance_map, manifest.calibration, loaded, fold_agreement=fold_agreement)
     timings["scoring"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -353,11 +370,9 @@ def finish_case(
         uncertainty = to_input_geometry(cropped.astype(np.float32, copy=False), geometry, spec)  # no extra copy
         del cropped
     timings["resample_back"] = time.perf_counter() - t0
-    fold_agreement, disagreement = None, None
+    disagreement = None
     if inference.fold_labels is not None:
         t0 = time.perf_counter()
-        foreground = sorted(v for v in manifest.labels.values() if v > 0)
-        fold_agreement = mean_pairwise_dice(inference.fold_labels, foreground)
         ensemble = logits_to_labels(inference.logits, manifest)
         net_map = disagreement_map(inference.fold_labels, ensemble)
         cropped = resample_to_cropped(net_map[None], geometry, spec)[0]
@@ -365,12 +380,17 @@ def finish_case(
         timings["fold_agreement"] = time.perf_counter() - t0
 
     axes, notes = mirroring_plan(manifest, mirroring=mirroring)
+    fusion = manifest.calibration.fusion if manifest.calibration else None
+    if fusion is not None and fusion.mirrored != (axes is not None):
+        notes.append(f"U's fold-disagreement part was calibrated {'with' if fusion.mirrored else 'without'} "
+                     f"test-time mirroring and this case ran {'with' if axes else 'without'} it")
     return CasePrediction(
         case_id=loaded.case_id,
         mask=mask,
         uncertainty=uncertainty,
         score=decision.score,
         uncertainty_score=decision.uncertainty,
+        distance_uncertainty=decision.distance_uncertainty,
         ood=decision.ood,
         threshold=decision.threshold,
         tiles=inference.boxes,

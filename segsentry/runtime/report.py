@@ -48,6 +48,8 @@ class CaseReport:
     # fold ensembles: mean pairwise Dice between the folds' masks (1 = the folds agree); the voxel map of the
     # fraction of folds disagreeing with the ensemble is outputs["disagreement_map"]. None for one network.
     fold_agreement: float | None = None
+    # the distance's own U; differs from ``uncertainty`` when the bundle fuses the folds' disagreement into U
+    distance_uncertainty: float | None = None
 
     @classmethod
     def from_prediction(cls, prediction: CasePrediction, *, inputs: list[str], aggregation: str | None,
@@ -79,6 +81,7 @@ class CaseReport:
             mirror_axes=None if prediction.mirror_axes is None else list(prediction.mirror_axes),
             notes=list(prediction.notes),
             fold_agreement=prediction.fold_agreement,
+            distance_uncertainty=prediction.distance_uncertainty,
         )
 
     @property
@@ -94,8 +97,12 @@ class CaseReport:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CaseReport:
-        """The inverse of :meth:`to_dict` (a ``CASE.json`` read back); raises KeyError/TypeError on another shape."""
-        fields = {f.name for f in dataclasses.fields(cls)}
-        if set(data) != fields:
-            raise KeyError(f"CASE.json fields {sorted(set(data) ^ fields)} differ from a CaseReport's")
+        """The inverse of :meth:`to_dict` (a ``CASE.json`` read back, possibly from an older release that lacks
+        fields added since with defaults); raises KeyError/TypeError on another shape."""
+        fields = dataclasses.fields(cls)
+        required = {f.name for f in fields if f.default is dataclasses.MISSING
+                    and f.default_factory is dataclasses.MISSING}
+        odd = (set(data) - {f.name for f in fields}) | (required - set(data))
+        if odd:
+            raise KeyError(f"CASE.json fields {sorted(odd)} differ from a CaseReport's")
         return cls(**{**data, "top_patches": [TopPatch(**t) for t in data["top_patches"]]})
