@@ -20,7 +20,13 @@ risk = 1 - Dice over the chest cohorts, Zenk et al., MedIA 2025); bootstrap inte
 
 * ``paper``: raw features, in-sample training scores, the authors' 95 % TPR rule (the paper's procedure);
 * ``conformal``: raw features, split-conformal threshold at alpha = 5 % on the unlabelled calibration cohort;
-* ``l2-conformal``: Mahalanobis++ (unit-length features), the same conformal threshold.
+* ``l2-conformal``: Mahalanobis++ (unit-length features), the same conformal threshold;
+* ``fused`` (fold ensembles): the conformal bundle whose U also holds the folds' disagreement
+  (``ood-calib --ensemble-score fused``); ``conformal`` is then the ensemble's distance alone.
+
+For an ensemble the report also scores the folds' disagreement alone (1 - mean pairwise Dice) as a baseline.
+``--levels none`` leaves the transformation shifts out (an ensemble bundle mirrored as deployed costs folds x 8
+network passes per patch).
 
 Writes ``benchmarks/results/phantom_ood/`` (report.md, report.html, cases.csv, results.json, variants.md).
 """
@@ -43,6 +49,7 @@ VARIANTS = {  # name -> calibrate() keywords
     "paper": {"score_folds": 1, "threshold_rule": "paper"},
     "conformal": {"threshold_rule": "conformal", "alpha": 0.05},
     "l2-conformal": {"threshold_rule": "conformal", "alpha": 0.05, "feature_norm": "l2"},
+    "fused": {"threshold_rule": "conformal", "alpha": 0.05, "ensemble_score": "fused"},
 }
 
 
@@ -51,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=40, help="cases per set (>= 40 for the published numbers)")
     parser.add_argument("--bundle", type=Path, help="the bundle to judge (default: the shipped demo bundle)")
     parser.add_argument("--levels", nargs="+", default=["weak", "medium", "strong"],
-                        choices=["weak", "medium", "strong"], help="transformation-shift levels")
+                        choices=["weak", "medium", "strong", "none"],
+                        help="transformation-shift levels ('none': leave them out)")
     parser.add_argument("--backend", default="onnxruntime")
     parser.add_argument("--tta", action="store_true", help="add the TTA baseline (8 flips per case)")
     parser.add_argument("--mc-dropout", action="store_true", help="add the MC dropout baseline (10 passes per case)")
@@ -81,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             write_cohort(work / cohort, cohort=cohort, n=args.n, seed=SEEDS[cohort], prefix=cohort[:2].upper())
             sets[cohort] = work / cohort
         for kind in ("artefact", "affine"):
-            for level in args.levels:
+            for level in (lv for lv in args.levels if lv != "none"):
                 target = work / f"{kind}-{level}"
                 shift_folder(work / "id", target, kind=kind, level=level, seed=SHIFT_SEED)
                 sets[f"{kind}-{level}"] = target
@@ -153,6 +161,13 @@ def variants_table(result: dict, *, bundle: str) -> str:
                   for s in sets]
         cells.append(ci(failure[key]["e_aurc"], failure[key]["e_aurc_ci"]) if key in failure else "–")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    for method in ("fold disagreement",):  # a score without a threshold of its own: AUC and E-AURC only
+        rows = {s: next((r for r in result["scenarios"][s] if r["method"] == method), None) for s in sets}
+        if all(rows.values()):
+            cells = [ci(rows[s]["auc"], rows[s].get("auc_ci")) for s in sets] + ["–"] * (len(sets) + 1)
+            key = method.replace(" ", "_")
+            cells.append(ci(failure[key]["e_aurc"], failure[key]["e_aurc_ci"]) if key in failure else "–")
+            lines.append(f"| {method} alone (no threshold) | " + " | ".join(cells) + " |")
     lines += ["", "Output baselines, failure detection over the same cases:", "",
               "| method | AURC | E-AURC |", "|---|---|---|"]
     lines += [f"| {r['method']} | {ci(r['aurc'], r['aurc_ci'])} | {ci(r['e_aurc'], r['e_aurc_ci'])} |"

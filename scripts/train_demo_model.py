@@ -13,7 +13,8 @@ Reproducible recipe (seeded phantoms, fixed plan):
    constructed directly with device=cpu (nnU-Net's trainer lookup cannot import timm here);
 4. segsentry export + calibration (Ledoit-Wolf, normalised aggregation) on the training images, with the
    conformal threshold set on a separate unlabelled in-distribution cohort (``--calibration-cases``, its own
-   seed), written to ``segsentry/models/demo_lung.ood.onnx``;
+   seed), written to ``segsentry/models/demo_lung.ood.onnx``; with several folds U also holds the folds'
+   disagreement (``--ensemble-score fused``, mapped onto the distance's scale on the same calibration cohort);
 5. Dice on held-out ID phantoms and on each shifted cohort, written to benchmarks/results/demo_model.json/.md.
 
 nnU-Net reads its folders from environment variables; this script sets them for its own run only.
@@ -105,7 +106,7 @@ def evaluate(bundle: Path, work: Path, *, n_cases: int) -> dict:
             pred = sitk.GetArrayFromImage(sitk.ReadImage(str(work / "eval_out" / cohort / f"{o.case_id}.nii.gz")))
             ref = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "labelsTr" / f"{o.case_id}.nii.gz")))
             rows.append({"case": o.case_id, "dice": _dice(pred, ref), "uncertainty": o.report.uncertainty,
-                         "ood": o.report.ood})
+                         "ood": o.report.ood, "fold_agreement": o.report.fold_agreement})
         out[cohort] = {
             "n": len(rows),
             "mean_dice": float(np.mean([r["dice"] for r in rows])),
@@ -129,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--folds", type=int, nargs="+", default=[0, 1, 2],
                         help="nnU-Net folds to train and ship as one ensemble bundle")
+    parser.add_argument("--ensemble-score", default="fused", choices=["fused", "distance"],
+                        help="several folds: U fuses the folds' disagreement with the distance, or the distance alone")
     parser.add_argument("--resume", "--continue-training", action="store_true", dest="resume",
                         help="reuse --work: folds with checkpoint_final.pth are kept, an interrupted fold continues "
                              "from nnU-Net's checkpoint_latest.pth, missing folds are trained")
@@ -226,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     features = export_nnunet(model_dir, work / "demo_lung.features.onnx", folds=args.folds).path
     args.out.parent.mkdir(parents=True, exist_ok=True)
     calibration = calibrate(features, [work / "raw" / DATASET / "imagesTr"], args.out, estimator="ledoit-wolf",
-                            calibration_images=[calibration_dir / "imagesTr"])
+                            calibration_images=[calibration_dir / "imagesTr"],
+                            ensemble_score=args.ensemble_score if len(args.folds) > 1 else "distance")
     timings["export_and_calibrate"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     dice = evaluate(args.out, work, n_cases=args.eval_cases)
@@ -246,6 +250,10 @@ def main(argv: list[str] | None = None) -> int:
                         "alpha": calibration.calibration.alpha,
                         "calibration_source": calibration.calibration.calibration_source,
                         "threshold": calibration.calibration.threshold, "D": calibration.fit.n_features,
+                        "fusion": (None if calibration.calibration.fusion is None else
+                                   {"offset": calibration.calibration.fusion.offset,
+                                    "scale": calibration.calibration.fusion.scale,
+                                    "mirrored": calibration.calibration.fusion.mirrored}),
                         "shrinkage": calibration.calibration.shrinkage},
         "bundle_bytes": args.out.stat().st_size,
         "timings_s": {k: round(v, 1) for k, v in timings.items()},

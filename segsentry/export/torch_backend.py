@@ -9,6 +9,10 @@ Mahalanobis head is applied in torch from the bundle's own ``ood_head/*`` initia
     delta = features - mean
     distance = sum((delta @ components_t) ** 2, 1) [+ complement_scale * sum((delta - (delta @ V) @ V^T) ** 2, 1)]
 
+A fold ensemble bundle is rebuilt fold by fold (``Manifest.folds``) into the exporter's ``EnsembleTap``;
+each fold's head comes from ``ood_head/f<i>/*`` and the distance is the mean of the folds' distances, as in
+the ONNX graph.
+
 So this backend only works on a machine that holds the model folder. It runs eager, under
 ``torch.inference_mode()``, on the CPU (or a CUDA device with ``cuda=True``), with optional fp16 autocast on
 CUDA only.
@@ -107,15 +111,12 @@ class TorchBackend(BackendBase):
         device = f"cuda:{options.device}" if cuda else "cpu"
         if manifest is None:
             raise BackendError("the torch backend needs the bundle manifest (create_backend(..., manifest=...))")
-        if manifest.n_folds > 1:
-            raise BackendError(f"the torch backend runs one network; this bundle is an ensemble of {manifest.n_folds} "
-                               "folds (not implemented for torch): use --backend onnxruntime or openvino")
         model_dir = _source_folder(manifest)
         torch = import_optional("torch", package="torch", extra="export", purpose=PURPOSE)
         import_optional("dynamic_network_architectures", package="dynamic-network-architectures", extra="export",
                         purpose=PURPOSE)
         from segsentry.export.nnunet import load_model_folder
-        from segsentry.export.wrapper import FeatureTap
+        from segsentry.export.wrapper import EnsembleTap, FeatureTap
 
         self._torch = torch
         try:
@@ -131,51 +132,62 @@ class TorchBackend(BackendBase):
             torch.set_num_threads(int(threads))
 
         source = manifest.source
-        try:
-            nnunet = load_model_folder(model_dir, fold=source.get("fold", 0),
-                                       checkpoint=source.get("checkpoint", "checkpoint_final.pth"),
-                                       configuration=source.get("configuration"))
-        except ModelFolderError as exc:
-            raise BackendError(f"the torch backend cannot rebuild the network from {model_dir}: {exc}") from exc
-        if len(nnunet.channels) != channels or nnunet.patch_size != list(self.patch_size) \
-                or len(nnunet.labels) != manifest.num_classes:
-            raise BackendError(
-                f"the model folder {model_dir} no longer matches the bundle (channels {len(nnunet.channels)}, patch "
-                f"{nnunet.patch_size}, classes {len(nnunet.labels)} vs {channels}, {list(self.patch_size)}, "
-                f"{manifest.num_classes}); re-export it"
-            )
+        folds = [f.fold for f in manifest.folds] if manifest.n_folds > 1 else [source.get("fold", 0)]
         initializers = bundle_initializers(model)
-        self._check_weights(nnunet.network, initializers)
-        self.tap = FeatureTap(nnunet.network, layer=manifest.features.layer,
-                              pooling=manifest.features.pooling).eval().to(self.device)
+        taps = []
+        for i, fold in enumerate(folds):
+            try:
+                nnunet = load_model_folder(model_dir, fold=fold,
+                                           checkpoint=source.get("checkpoint", "checkpoint_final.pth"),
+                                           configuration=source.get("configuration"))
+            except ModelFolderError as exc:
+                raise BackendError(f"the torch backend cannot rebuild the network from {model_dir}: {exc}") from exc
+            if len(nnunet.channels) != channels or nnunet.patch_size != list(self.patch_size) \
+                    or len(nnunet.labels) != manifest.num_classes:
+                raise BackendError(
+                    f"the model folder {model_dir} no longer matches the bundle (channels {len(nnunet.channels)}, "
+                    f"patch {nnunet.patch_size}, classes {len(nnunet.labels)} vs {channels}, {list(self.patch_size)}, "
+                    f"{manifest.num_classes}); re-export it"
+                )
+            # the exporter names a network's weights network.<path>, inside an ensemble taps.<i>.network.<path>
+            self._check_weights(nnunet.network, initializers,
+                                prefix="network." if len(folds) == 1 else f"taps.{i}.network.")
+            taps.append(FeatureTap(nnunet.network, layer=manifest.features.layer, pooling=manifest.features.pooling))
+        self.tap = (taps[0] if len(taps) == 1 else EnsembleTap(taps)).eval().to(self.device)
 
         self.output_names = dict(manifest.outputs)  # role -> ONNX output name
         has_distance = Output.DISTANCE.value in self.output_names
         head = read_head(initializers) if has_distance else {}
-        if has_distance and not {HeadInitializer.MEAN.value, HeadInitializer.COMPONENTS_T.value} <= head.keys():
-            raise BackendError("the bundle lists a 'distance' output but has no ood_head/mean and "
-                               "ood_head/components_t initializers")
         del initializers
-        self._head = {k: torch.from_numpy(v).to(self.device) for k, v in head.items()
-                      if k in (HeadInitializer.MEAN, HeadInitializer.COMPONENTS_T, HeadInitializer.BASIS)}
+        # one head per fold: an ensemble's fold i has its own under ood_head/f<i>/ (segsentry.calib.head)
+        scopes = [""] if len(folds) == 1 else [f"f{i}/" for i in range(len(folds))]
+        self._heads: list[dict[str, Any]] = []
+        self._complement_scales: list[float] = []
+        for scope in scopes if has_distance else []:
+            names = {k[len(scope):]: v for k, v in head.items() if k.startswith(scope) and "/" not in k[len(scope):]}
+            if not {HeadInitializer.MEAN.value, HeadInitializer.COMPONENTS_T.value} <= names.keys():
+                raise BackendError(f"the bundle lists a 'distance' output but has no ood_head/{scope}mean and "
+                                   f"ood_head/{scope}components_t initializers")
+            self._heads.append({k: torch.from_numpy(v).to(self.device) for k, v in names.items()
+                                if k in (HeadInitializer.MEAN, HeadInitializer.COMPONENTS_T, HeadInitializer.BASIS)})
+            scale = names.get(HeadInitializer.COMPLEMENT_SCALE.value)
+            self._complement_scales.append(float(scale.reshape(-1)[0]) if scale is not None and scale.size else 0.0)
         calibration = manifest.calibration
         self._l2 = calibration is not None and FeatureNorm(calibration.feature_norm) is FeatureNorm.L2
-        scale = head.get(HeadInitializer.COMPLEMENT_SCALE.value)
-        self._complement_scale = float(scale.reshape(-1)[0]) if scale is not None and scale.size else 0.0
         self.input_name = input_name
-        log.debug("torch backend: %s fold %s on %s (fp16=%s, head=%s)", model_dir, source.get("fold"),
-                  self.device, fp16, sorted(self._head))
+        log.debug("torch backend: %s folds %s on %s (fp16=%s, %d head(s))", model_dir, folds, self.device, fp16,
+                  len(self._heads))
 
     @staticmethod
-    def _check_weights(network: Any, initializers: dict[str, np.ndarray]) -> None:
+    def _check_weights(network: Any, initializers: dict[str, np.ndarray], *, prefix: str = "network.") -> None:
         """Refuse a checkpoint that changed since export: parameters found by name in the bundle must be equal.
 
-        The exporter names initializers ``network.<parameter path>``, but may dedupe or fold some, so only the
+        The exporter names initializers ``<prefix><parameter path>``, but may dedupe or fold some, so only the
         names present are compared (a bundle without any is logged and accepted).
         """
         compared = 0
         for name, tensor in network.state_dict().items():
-            init = initializers.get(f"network.{name}")
+            init = initializers.get(f"{prefix}{name}")
             if init is None:
                 continue
             compared += 1
@@ -190,17 +202,23 @@ class TorchBackend(BackendBase):
             log.debug("torch backend: %d network parameters equal the bundle's initializers", compared)
 
     def _head_distance(self, features: Any) -> Any:
-        """Squared Mahalanobis distance ``(n,)`` float32 of ``features`` ``(n, D)``, as the folded ONNX head."""
-        z = features.float()
+        """Squared Mahalanobis distance ``(n,)`` float32 of ``features``, as the folded ONNX head: ``(n, D)`` for
+        one network, ``(n, folds, D)`` for an ensemble (the mean of the folds' distances, each by its own head)."""
+        members = [features] if features.dim() == 2 else [features[:, i] for i in range(features.shape[1])]
+        distances = [self._member_distance(z.float(), head, scale)
+                     for z, head, scale in zip(members, self._heads, self._complement_scales, strict=True)]
+        return distances[0] if len(distances) == 1 else self._torch.stack(distances, 0).mean(0)
+
+    def _member_distance(self, z: Any, head: dict[str, Any], complement_scale: float) -> Any:
         if self._l2:  # Mahalanobis++: the head's ReduceL2 -> Max(L2_EPS) -> Div
             z = z / z.norm(dim=1, keepdim=True).clamp_min(L2_EPS)
-        delta = z - self._head[HeadInitializer.MEAN.value]
-        y = delta @ self._head[HeadInitializer.COMPONENTS_T.value]
+        delta = z - head[HeadInitializer.MEAN.value]
+        y = delta @ head[HeadInitializer.COMPONENTS_T.value]
         distance = (y * y).sum(1)
-        basis = self._head.get(HeadInitializer.BASIS.value)
-        if basis is not None and self._complement_scale != 0.0:
+        basis = head.get(HeadInitializer.BASIS.value)
+        if basis is not None and complement_scale != 0.0:
             resid = delta - (delta @ basis) @ basis.T
-            distance = distance + self._complement_scale * (resid * resid).sum(1)
+            distance = distance + complement_scale * (resid * resid).sum(1)
         return distance
 
     def _run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
@@ -224,4 +242,4 @@ class TorchBackend(BackendBase):
 
     def close(self) -> None:
         self.tap = None
-        self._head = {}
+        self._heads = []

@@ -160,7 +160,9 @@ def test_output_may_not_overwrite_the_input_bundle(ct_pipeline, tmp_path):
 def test_fold_ensemble_distance_is_the_mean_of_per_fold_sklearn_distances(tmp_path):
     """Two folds with different weights: one Gaussian per fold (sklearn's EmpiricalCovariance on that fold's
     features), the bundle's distance = the mean of the folds' squared distances (rtol 1e-3, float32 head vs
-    float64); the same ensemble bundle runs under openvino and as the mixed-FP16 graph the GPU backends build."""
+    float64); the same ensemble bundle runs under openvino, under the torch reference backend (both folds rebuilt
+    from the model folder; a changed fold-1 checkpoint is refused) and as the mixed-FP16 graph the GPU backends
+    build."""
     pytest.importorskip("torch")
     covariance = pytest.importorskip("sklearn.covariance")
     from factory import CT_SPEC, ct_volume, make_model_folder
@@ -200,6 +202,22 @@ def test_fold_ensemble_distance_is_the_mean_of_per_fold_sklearn_distances(tmp_pa
         other = run("openvino", bundle.model_bytes, "3")
         np.testing.assert_allclose(other.distances, test.distances, rtol=1e-3)
         assert int((other.logits.argmax(0) != test.logits.argmax(0)).sum()) <= max(2, 1e-4 * other.logits[0].size)
+    # the torch reference backend rebuilds both folds from the model folder: same fold labels, same distances
+    reference = run("torch", bundle.model_bytes, "3")
+    np.testing.assert_allclose(reference.distances, test.distances, rtol=1e-3)
+    assert int((reference.fold_labels != test.fold_labels).sum()) <= max(2, 1e-4 * test.fold_labels.size)
+    np.testing.assert_allclose(reference.logits.astype(np.float32), test.logits.astype(np.float32), atol=2e-2)
+    import torch
+
+    checkpoint = model_dir / "fold_1" / "checkpoint_final.pth"
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    # every alias of a shared module is a state_dict key, so change them all (else a later alias restores it)
+    state["network_weights"] = {k: v + 1 if v.is_floating_point() else v for k, v in state["network_weights"].items()}
+    torch.save(state, checkpoint)
+    from segsentry.errors import BackendError
+
+    with pytest.raises(BackendError, match="differs from the bundle's weights"):
+        run("torch", bundle.model_bytes, "3")
     import onnx
     import onnxruntime as ort
 

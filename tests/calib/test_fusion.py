@@ -119,3 +119,27 @@ def test_fused_score_refusals(ensemble, ct_pipeline, tmp_path):
     with pytest.raises(CalibrationError, match="unknown ensemble score 'mean'"):
         calibrate(features, [root / "train"], tmp_path / "c.onnx", ensemble_score="mean")
     assert not list(tmp_path.iterdir())
+
+
+def test_ood_eval_scores_the_fused_variant_and_the_disagreement_as_ood_run_does(ensemble, tmp_path):
+    """ood-eval on a distance-only ensemble bundle with the fused bundle as a variant: the variant's U and flag
+    and the fold-disagreement baseline equal what ood-run writes for the same cases (cases.csv, 6 digits)."""
+    import csv
+
+    from segsentry.evaluation.evaluate import evaluate
+
+    root, features = ensemble
+    distance = calibrate(features, [root / "train"], tmp_path / "d.ood.onnx", calibration_images=[root / "cal"],
+                         alpha=0.25).path
+    fused = calibrate(features, [root / "train"], tmp_path / "f.ood.onnx", calibration_images=[root / "cal"],
+                      alpha=0.25, ensemble_score="fused").path
+    result = evaluate(distance, root / "cal", {"train": root / "train"}, tmp_path / "eval", backend="onnxruntime",
+                      layers={"fused": fused})
+    assert any(r["method"] == "fold disagreement" for r in result["scenarios"]["train"])
+    rows = {r["case"]: r for r in csv.DictReader((tmp_path / "eval" / "cases.csv").open())}
+    run_batch(fused, [root / "cal", root / "train"], tmp_path / "run", qa=False, backend="onnxruntime")
+    for case, row in rows.items():
+        report = json.loads((tmp_path / "run" / f"{case}.json").read_text())
+        assert float(row["fold_disagreement"]) == pytest.approx(1 - report["fold_agreement"], rel=1e-5, abs=1e-6)
+        assert float(row["mahalanobis[fused]"]) == pytest.approx(report["uncertainty"], rel=1e-5, abs=1e-6)
+        assert int(row["flagged[fused]"]) == int(report["ood"])
