@@ -1,21 +1,24 @@
 """Train segsentry's embedded demo model with nnU-Net itself, on phantom chest CTs, on the CPU.
 
-    python scripts/train_demo_model.py --work /tmp/demo-train            # ~25 min per fold on 2 cores
-    python scripts/train_demo_model.py --work /tmp/demo-train --resume   # keep finished folds, continue or
-                                                                         # train the others, then export
+    python scripts/train_demo_model.py --work /tmp/demo-train            # the shipped bundle: fold 0, ~25 min
+    python scripts/train_demo_model.py --work /tmp/demo-train --resume   # keep finished folds, continue an
+                                                                         # interrupted one, then export
+    python scripts/train_demo_model.py --work /tmp/demo-train --resume --folds 0 1 --out /tmp/ens.ood.onnx
+                                                                         # + fold 1: a 2-fold ensemble bundle
 
 Reproducible recipe (seeded phantoms, fixed plan):
 1. write the in-distribution phantom cohort in nnU-Net raw layout (Dataset500_PhantomLung, lesion label 1);
 2. nnU-Net fingerprint + planning, then a deliberately small 3d_fullres plan: spacing 3.0 x 1.6 x 1.6 mm,
    patch 32 x 64 x 64, PlainConvUNet with 5 stages of 8..128 features (1.4 M parameters); nnU-Net
    preprocessing;
-3. nnU-Net training of folds 0, 1 and 2 (``--folds``) with a trainer subclass that only shortens the schedule (epochs x iterations),
-   constructed directly with device=cpu (nnU-Net's trainer lookup cannot import timm here);
+3. nnU-Net training of fold 0 (``--folds``: more folds for an ensemble bundle) with a trainer subclass that
+   only shortens the schedule (epochs x iterations), constructed directly with device=cpu (nnU-Net's trainer lookup cannot import timm here);
 4. segsentry export + calibration (Ledoit-Wolf, normalised aggregation) on the training images, with the
    conformal threshold set on a separate unlabelled in-distribution cohort (``--calibration-cases``, its own
    seed), written to ``segsentry/models/demo_lung.ood.onnx``; with several folds U also holds the folds'
    disagreement (``--ensemble-score fused``, mapped onto the distance's scale on the same calibration cohort);
-5. Dice on held-out ID phantoms and on each shifted cohort, written to benchmarks/results/demo_model.json/.md.
+5. Dice on held-out ID phantoms and on each shifted cohort, written to benchmarks/results/demo_model.json/.md
+   (``demo_model_<n>folds.*`` for an ensemble).
 
 nnU-Net reads its folders from environment variables; this script sets them for its own run only.
 """
@@ -128,8 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-cases", type=int, default=8)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--folds", type=int, nargs="+", default=[0, 1, 2],
-                        help="nnU-Net folds to train and ship as one ensemble bundle")
+    parser.add_argument("--folds", type=int, nargs="+", default=[0],
+                        help="nnU-Net folds to train and export as one bundle (several: an ensemble bundle; the "
+                             "shipped demo is fold 0 alone)")
     parser.add_argument("--ensemble-score", default="fused", choices=["fused", "distance"],
                         help="several folds: U fuses the folds' disagreement with the distance, or the distance alone")
     parser.add_argument("--resume", "--continue-training", action="store_true", dest="resume",
@@ -260,7 +264,8 @@ def main(argv: list[str] | None = None) -> int:
         "cases": {k: v["cases"] for k, v in dice.items()},
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "demo_model.json").write_text(json.dumps(summary, indent=2) + "\n")
+    stem = "demo_model" if len(args.folds) == 1 else f"demo_model_{len(args.folds)}folds"
+    (RESULTS / f"{stem}.json").write_text(json.dumps(summary, indent=2) + "\n")
     lines = ["# Demo model (nnU-Net 2.8.1 on phantom chest CTs, CPU)", "",
              f"{summary['parameters'] / 1e6:.2f} M parameters, patch {SMALL_PLAN['patch_size']}, spacing "
              f"{SMALL_PLAN['spacing']} mm, {args.epochs} epochs x {args.iterations} iterations, "
@@ -272,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     for cohort, v in dice.items():
         lines.append(f"| {cohort} | {v['n']} | {v['mean_dice']:.3f} | {v['mean_uncertainty']:.3f} | "
                      f"{v['flagged_ood']}/{v['n']} |")
-    (RESULTS / "demo_model.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 
