@@ -259,6 +259,9 @@ def run_command(
     disable_tta: Annotated[bool, typer.Option(
         "--disable-tta", help="No test-time mirroring (nnU-Net's flag): faster, but the masks are no longer "
         "nnU-Net's default predictions. The OOD score does not depend on it.")] = False,
+    prefetch: Annotated[bool, typer.Option(
+        "--prefetch/--no-prefetch", help="Read and preprocess the next case in a background thread while this one "
+        "is inferred (one case ahead; same outputs). Not used with --ray, which runs its stages apart.")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print the case reports as JSON on stdout.")] = False,
     dicom_seg: Annotated[bool, typer.Option("--dicom-seg", help="Also write CASE.seg.dcm (DICOM SEG) and CASE.sr.dcm "
                                             "(SR with the OOD verdict) for DICOM series inputs (segsentry[dicom]).")] = False,
@@ -326,7 +329,7 @@ def run_command(
                                    low_memory=low_memory, qa=qa, on_case=advance, raise_unexpected=debug,
                                    case_hooks=hooks, allow_irregular_slices=allow_irregular_slices, resume=resume,
                                    step_size=step_size,
-                                   mirroring=not disable_tta)
+                                   mirroring=not disable_tta, prefetch=prefetch)
         if as_json:
             typer.echo(json.dumps({
                 "backend": result.backend,
