@@ -45,6 +45,9 @@ VersionOpt = Annotated[bool, typer.Option("--version", callback=_print_version, 
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show full tracebacks for unexpected errors.")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Patches per backend call.")]
+RunBatchOpt = Annotated[Optional[int], typer.Option(
+    "--batch-size", min=1, help="Tiles per backend call (default: the backend's, 4 patches per call on onnxruntime and "
+    "openvino, 1 on the others; a mirrored tile counts with its flips).")]
 ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads for the backend.")]
 MonitorLogOpt = Annotated[Optional[Path], typer.Option(
     "--monitor-log", help="Append one JSON line per case (time, U, flag, scanner) to this drift-watch log.")]
@@ -251,7 +254,7 @@ def run_command(
     demo: Annotated[bool, typer.Option("--demo", help="Run the embedded demo model on generated phantom CTs.")] = False,
     qa: Annotated[bool, typer.Option("--qa/--no-qa", help="Write the QA page (qa.html + PNGs).")] = True,
     backend: BackendOpt = "auto",
-    batch_size: BatchOpt = 1,
+    batch_size: RunBatchOpt = None,
     threads: ThreadsOpt = None,
     low_memory: Annotated[bool, typer.Option(
         "--low-memory", help="Lower peak memory for some speed (onnxruntime: no CPU memory arena; ~30 % less RSS, "

@@ -2,7 +2,9 @@
 
 A failing case is recorded and the batch goes on; inputs are never overwritten. A case's outputs appear
 together: they are written into one hidden per-case folder and moved into place at the end, ``CASE.json``
-last, so ``CASE.json`` is the completion marker (:func:`completed_cases` reads a folder that way).
+last, so ``CASE.json`` is the completion marker (:func:`completed_cases` reads a folder that way). The next case
+is read and preprocessed in one background thread while the current one is inferred and written
+(``prefetch``); everything a case reports and writes is decided in the calling thread, in case order.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import numpy as np
 from segsentry._atomic import PARTIAL, current_umask, write_text_atomic
 from segsentry.errors import SegsentryError
 from segsentry.manifest import Manifest
-from segsentry.runtime.backends import BackendOptions, create_backend, resolve_backend_name
+from segsentry.runtime.backends import BackendOptions, create_backend, default_batch_size, resolve_backend_name
 from segsentry.runtime.bundle import Bundle, load_bundle
 from segsentry.runtime.dicom import expected_modality
 from segsentry.runtime.io import (
@@ -43,11 +45,18 @@ from segsentry.runtime.io import (
     read_case,
     write_image,
 )
-from segsentry.runtime.pipeline import CasePrediction, check_step_size, finish_case, infer_volume_for_case
+from segsentry.runtime.pipeline import (
+    CasePrediction,
+    check_step_size,
+    finish_case,
+    infer_volume_for_case,
+    mirroring_plan,
+)
 from segsentry.runtime.preprocess import Geometry, preprocess
 from segsentry.runtime.report import CaseReport
 from segsentry.runtime.qa import CaseView, modality_of, render_case, write_qa_page
 from segsentry.runtime.resume import find_complete
+from segsentry.runtime.sliding import mirror_combinations
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +129,7 @@ def run_batch(
     output_dir: str | Path,
     *,
     backend: str = "auto",
-    batch_size: int = 1,
+    batch_size: int | None = None,
     threads: int | None = None,
     low_memory: bool = False,
     qa: bool = True,
@@ -143,6 +152,7 @@ def run_batch(
     ``step_size`` tiles like nnU-Net's ``-step_size`` (None: the bundle's, which U is calibrated at).
     ``resume`` skips the cases an earlier run of the same model completed (:func:`find_complete`).
     ``mirroring=False`` (the CLI's ``--disable-tta``) skips nnU-Net's test-time mirroring of the logits.
+    ``batch_size`` tiles go to the engine per call (None: the backend's default, :func:`resolve_batch_size`).
     ``prefetch`` reads and preprocesses the next case in one background thread while the current one is inferred
     and written (at most one case ahead; the CLI's ``--no-prefetch`` turns it off): the outputs, the order of
     the outcomes and of ``on_case`` calls are those of a run without it, and the thread is joined before this
@@ -151,10 +161,11 @@ def run_batch(
     output_dir = Path(output_dir)
     bundle, cases = open_batch(bundle_path, inputs, output_dir)
     manifest = bundle.manifest
-    options = case_options(bundle, batch_size=batch_size, step_size=step_size, mirroring=mirroring, qa=qa,
-                           raise_unexpected=raise_unexpected, allow_irregular_slices=allow_irregular_slices,
-                           case_hooks=case_hooks)
     backend_name = resolve_backend_name(backend)
+    options = case_options(bundle, batch_size=resolve_batch_size(batch_size, backend_name, manifest,
+                                                                 mirroring=mirroring),
+                           step_size=step_size, mirroring=mirroring, qa=qa, raise_unexpected=raise_unexpected,
+                           allow_irregular_slices=allow_irregular_slices, case_hooks=case_hooks)
     outcomes: list[CaseOutcome] = []
     with create_backend(backend_name, bundle.model_bytes, channels=manifest.num_channels,
                         patch_size=manifest.patch_size, manifest=manifest,
@@ -225,6 +236,15 @@ def case_options(bundle: Bundle, *, batch_size: int = 1, step_size: float | None
         raise_unexpected=raise_unexpected, allow_irregular_slices=allow_irregular_slices,
         expected_modality=expected_modality(manifest.channels, manifest.preprocessing.normalization_schemes),
         bundle_sha256=hashlib.sha256(bundle.model_bytes).hexdigest(), case_hooks=tuple(case_hooks))
+
+
+def resolve_batch_size(batch_size: int | None, backend_name: str, manifest: Manifest, *, mirroring: bool) -> int:
+    """``batch_size``, or (None) the default of the concrete backend ``backend_name`` for this bundle: its
+    patches per call over the patches a tile sends with the flips it is run with (:func:`default_batch_size`)."""
+    if batch_size is not None:
+        return batch_size
+    axes, _ = mirroring_plan(manifest, mirroring=mirroring)
+    return default_batch_size(backend_name, patches_per_tile=len(mirror_combinations(axes)) + 1 if axes else 1)
 
 
 def resumed_outcome(case: CaseInput, output_dir: Path, bundle: Bundle, *, qa: bool) -> CaseOutcome | None:
