@@ -45,6 +45,9 @@ VersionOpt = Annotated[bool, typer.Option("--version", callback=_print_version, 
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show full tracebacks for unexpected errors.")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Patches per backend call.")]
+RunBatchOpt = Annotated[Optional[int], typer.Option(
+    "--batch-size", min=1, help="Tiles per backend call (default: the backend's, 4 patches per call on onnxruntime and "
+    "openvino, 1 on the others; a mirrored tile counts with its flips).")]
 ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads for the backend.")]
 MonitorLogOpt = Annotated[Optional[Path], typer.Option(
     "--monitor-log", help="Append one JSON line per case (time, U, flag, scanner) to this drift-watch log.")]
@@ -256,7 +259,7 @@ def run_command(
     demo: Annotated[bool, typer.Option("--demo", help="Run the embedded demo model on generated phantom CTs.")] = False,
     qa: Annotated[bool, typer.Option("--qa/--no-qa", help="Write the QA page (qa.html + PNGs).")] = True,
     backend: BackendOpt = "auto",
-    batch_size: BatchOpt = 1,
+    batch_size: RunBatchOpt = None,
     threads: ThreadsOpt = None,
     low_memory: Annotated[bool, typer.Option(
         "--low-memory", help="Lower peak memory for some speed (onnxruntime: no CPU memory arena; ~30 % less RSS, "
@@ -264,6 +267,9 @@ def run_command(
     disable_tta: Annotated[bool, typer.Option(
         "--disable-tta", help="No test-time mirroring (nnU-Net's flag): faster, but the masks are no longer "
         "nnU-Net's default predictions. The OOD score does not depend on it.")] = False,
+    prefetch: Annotated[bool, typer.Option(
+        "--prefetch/--no-prefetch", help="Read and preprocess the next case in a background thread while this one "
+        "is inferred (one case ahead; same outputs). Not used with --ray, which runs its stages apart.")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print the case reports as JSON on stdout.")] = False,
     dicom_seg: Annotated[bool, typer.Option("--dicom-seg", help="Also write CASE.seg.dcm (DICOM SEG) and CASE.sr.dcm "
                                             "(SR with the OOD verdict) for DICOM series inputs (segsentry[dicom]).")] = False,
@@ -331,7 +337,7 @@ def run_command(
                                    low_memory=low_memory, qa=qa, on_case=advance, raise_unexpected=debug,
                                    case_hooks=hooks, allow_irregular_slices=allow_irregular_slices, resume=resume,
                                    step_size=step_size,
-                                   mirroring=not disable_tta)
+                                   mirroring=not disable_tta, prefetch=prefetch)
         if as_json:
             typer.echo(json.dumps({
                 "backend": result.backend,

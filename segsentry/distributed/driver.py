@@ -36,6 +36,7 @@ from segsentry.runtime.batch import (
     failed_outcome,
     finish_batch,
     open_batch,
+    resolve_batch_size,
     resumed_outcome,
 )
 from segsentry.runtime.io import CaseInput
@@ -79,7 +80,7 @@ def run_batch_ray(
     *,
     ray_options: RayOptions = RayOptions(),
     backend: str = "auto",
-    batch_size: int = 1,
+    batch_size: int | None = None,
     low_memory: bool = False,
     qa: bool = True,
     resume: bool = False,
@@ -95,8 +96,8 @@ def run_batch_ray(
     built); per-case problems are in the result."""
     output_dir = Path(output_dir)
     bundle, cases = open_batch(bundle_path, inputs, output_dir)
-    case_opts = case_options(bundle, batch_size=batch_size, step_size=step_size, mirroring=mirroring, qa=qa,
-                             raise_unexpected=raise_unexpected, allow_irregular_slices=allow_irregular_slices)
+    case_opts = case_options(bundle, step_size=step_size, mirroring=mirroring, qa=qa, raise_unexpected=raise_unexpected,
+                             allow_irregular_slices=allow_irregular_slices)  # the batch size once the backend is known
     outcomes: dict[str, CaseOutcome] = {}
     todo: list[CaseInput] = []
     for case in cases:
@@ -111,6 +112,8 @@ def run_batch_ray(
     if todo:
         with ray_session(ray_options.address, num_cpus=ray_options.num_cpus) as ray:
             backend_name = _resolve_on_cluster(ray, backend, ray_options)
+            case_opts = replace(case_opts, batch_size=resolve_batch_size(batch_size, backend_name, bundle.manifest,
+                                                                         mirroring=mirroring))
             _Run(ray, bundle, todo, output_dir, backend_name, ray_options, case_opts, low_memory=low_memory,
                  on_case=on_case, outcomes=outcomes).run()
     for folder in [output_dir, output_dir / "qa"]:

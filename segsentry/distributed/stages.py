@@ -22,11 +22,11 @@ import numpy as np
 from segsentry.errors import SegsentryError
 from segsentry.manifest import Manifest
 from segsentry.runtime.backends import BackendOptions, create_backend
-from segsentry.runtime.batch import CaseOptions, CaseOutcome, failed_outcome, read_stage, write_case
+from segsentry.runtime.batch import CaseOptions, CaseOutcome, failed_outcome, prepare_case, write_case
 from segsentry.runtime.bundle import Bundle
 from segsentry.runtime.io import CaseInput, LoadedCase
 from segsentry.runtime.pipeline import VolumeInference, finish_case, infer_volume_for_case
-from segsentry.runtime.preprocess import Geometry, preprocess
+from segsentry.runtime.preprocess import Geometry
 
 
 @dataclass
@@ -46,11 +46,9 @@ def prepare(case: CaseInput, manifest: Manifest, output_dir: Path,
     outcome twice."""
     start = time.perf_counter()
     try:
-        loaded = read_stage(case, manifest, options)
-        read_s = time.perf_counter() - start
-        t0 = time.perf_counter()
-        data, geometry = preprocess(loaded.image, loaded.spacing, manifest.preprocessing)
-        return data, CaseContext(loaded, geometry, read_s, time.perf_counter() - t0)
+        prepared = prepare_case(case, manifest, options)
+        return prepared.take_data(), CaseContext(prepared.loaded, prepared.geometry, prepared.read_s,
+                                                 prepared.preprocess_s)
     except Exception as exc:  # noqa: BLE001 - sorted out by the runtime's failed_outcome, as in a serial run
         failed = failed_outcome(case, output_dir, exc, start, raise_unexpected=options.raise_unexpected)
         return failed, failed

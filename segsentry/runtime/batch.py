@@ -2,13 +2,16 @@
 
 A failing case is recorded and the batch goes on; inputs are never overwritten. A case's outputs appear
 together: they are written into one hidden per-case folder and moved into place at the end, ``CASE.json``
-last, so ``CASE.json`` is the completion marker (:func:`completed_cases` reads a folder that way).
+last, so ``CASE.json`` is the completion marker (:func:`completed_cases` reads a folder that way). The next case
+is read and preprocessed in one background thread while the current one is inferred and written
+(``prefetch``); everything a case reports and writes is decided in the calling thread, in case order.
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import hashlib
 import io
 import json
@@ -18,15 +21,17 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
 from segsentry._atomic import PARTIAL, current_umask, write_text_atomic
 from segsentry.errors import SegsentryError
 from segsentry.manifest import Manifest
-from segsentry.runtime.backends import BackendOptions, create_backend, resolve_backend_name
+from segsentry.runtime.backends import BackendOptions, create_backend, default_batch_size, resolve_backend_name
 from segsentry.runtime.bundle import Bundle, load_bundle
 from segsentry.runtime.dicom import expected_modality
 from segsentry.runtime.io import (
@@ -40,13 +45,22 @@ from segsentry.runtime.io import (
     read_case,
     write_image,
 )
-from segsentry.runtime.pipeline import CasePrediction, check_step_size, predict_case
+from segsentry.runtime.pipeline import (
+    CasePrediction,
+    check_step_size,
+    finish_case,
+    infer_volume_for_case,
+    mirroring_plan,
+)
+from segsentry.runtime.preprocess import Geometry, preprocess
 from segsentry.runtime.report import CaseReport
 from segsentry.runtime.qa import CaseView, modality_of, render_case, write_qa_page
 from segsentry.runtime.resume import find_complete
+from segsentry.runtime.sliding import mirror_combinations
 
 log = logging.getLogger(__name__)
 
+PREFETCH_THREAD = "segsentry-prefetch"  # the name prefix of run_batch's read-ahead thread
 SUMMARY_FIELDS = ["case", "status", "ood", "uncertainty", "score", "threshold", "n_patches", "seconds", "error"]
 
 
@@ -115,7 +129,7 @@ def run_batch(
     output_dir: str | Path,
     *,
     backend: str = "auto",
-    batch_size: int = 1,
+    batch_size: int | None = None,
     threads: int | None = None,
     low_memory: bool = False,
     qa: bool = True,
@@ -126,6 +140,7 @@ def run_batch(
     allow_irregular_slices: bool = False,
     resume: bool = False,
     mirroring: bool = True,
+    prefetch: bool = True,
 ) -> BatchResult:
     """Run every case found in ``inputs``; write ``CASE<ending>``, ``CASE_uncertainty<ending>``, ``CASE.json``,
     ``summary.csv`` and (unless ``qa=False``) the QA page ``qa.html`` with its PNGs in ``qa/``, into
@@ -137,14 +152,20 @@ def run_batch(
     ``step_size`` tiles like nnU-Net's ``-step_size`` (None: the bundle's, which U is calibrated at).
     ``resume`` skips the cases an earlier run of the same model completed (:func:`find_complete`).
     ``mirroring=False`` (the CLI's ``--disable-tta``) skips nnU-Net's test-time mirroring of the logits.
+    ``batch_size`` tiles go to the engine per call (None: the backend's default, :func:`resolve_batch_size`).
+    ``prefetch`` reads and preprocesses the next case in one background thread while the current one is inferred
+    and written (at most one case ahead; the CLI's ``--no-prefetch`` turns it off): the outputs, the order of
+    the outcomes and of ``on_case`` calls are those of a run without it, and the thread is joined before this
+    returns or raises.
     """
     output_dir = Path(output_dir)
     bundle, cases = open_batch(bundle_path, inputs, output_dir)
     manifest = bundle.manifest
-    options = case_options(bundle, batch_size=batch_size, step_size=step_size, mirroring=mirroring, qa=qa,
-                           raise_unexpected=raise_unexpected, allow_irregular_slices=allow_irregular_slices,
-                           case_hooks=case_hooks)
     backend_name = resolve_backend_name(backend)
+    options = case_options(bundle, batch_size=resolve_batch_size(batch_size, backend_name, manifest,
+                                                                 mirroring=mirroring),
+                           step_size=step_size, mirroring=mirroring, qa=qa, raise_unexpected=raise_unexpected,
+                           allow_irregular_slices=allow_irregular_slices, case_hooks=case_hooks)
     outcomes: list[CaseOutcome] = []
     with create_backend(backend_name, bundle.model_bytes, channels=manifest.num_channels,
                         patch_size=manifest.patch_size, manifest=manifest,
@@ -152,12 +173,14 @@ def run_batch(
                         ) as engine:  # TensorRT caches its engine beside the bundle
         # the engine holds its own copy of the graph: drop ours (the weights' size: 123 MB for a fullres net)
         bundle = replace(bundle, model_bytes=b"")
-        for case in cases:
-            outcome = (resumed_outcome(case, output_dir, bundle, qa=qa) if resume else None) \
-                or _run_case(case, bundle, engine, output_dir, backend_name, options)
-            outcomes.append(outcome)
-            if on_case is not None:
-                on_case(outcome)
+        start_case = functools.partial(_start_case, bundle=bundle, output_dir=output_dir, options=options,
+                                       resume=resume)
+        with contextlib.closing(_in_order(cases, start_case, prefetch=prefetch)) as started:
+            for case, ready in started:
+                outcome = _finish_started(case, ready, bundle, engine, output_dir, backend_name, options)
+                outcomes.append(outcome)
+                if on_case is not None:
+                    on_case(outcome)
     return finish_batch(outcomes, output_dir, bundle, backend_name, qa=qa)
 
 
@@ -215,6 +238,15 @@ def case_options(bundle: Bundle, *, batch_size: int = 1, step_size: float | None
         bundle_sha256=hashlib.sha256(bundle.model_bytes).hexdigest(), case_hooks=tuple(case_hooks))
 
 
+def resolve_batch_size(batch_size: int | None, backend_name: str, manifest: Manifest, *, mirroring: bool) -> int:
+    """``batch_size``, or (None) the default of the concrete backend ``backend_name`` for this bundle: its
+    patches per call over the patches a tile sends with the flips it is run with (:func:`default_batch_size`)."""
+    if batch_size is not None:
+        return batch_size
+    axes, _ = mirroring_plan(manifest, mirroring=mirroring)
+    return default_batch_size(backend_name, patches_per_tile=len(mirror_combinations(axes)) + 1 if axes else 1)
+
+
 def resumed_outcome(case: CaseInput, output_dir: Path, bundle: Bundle, *, qa: bool) -> CaseOutcome | None:
     """The outcome an earlier run recorded for ``case`` when its outputs are complete (``--resume``), else None."""
     done = find_complete(case, output_dir, weights_sha256=bundle.weights_sha256, qa=qa)
@@ -226,19 +258,107 @@ def resumed_outcome(case: CaseInput, output_dir: Path, bundle: Bundle, *, qa: bo
                        seconds=report.total_seconds, resumed=True)
 
 
-def _run_case(case: CaseInput, bundle: Bundle, engine, output_dir: Path, backend_name: str,
-              options: CaseOptions) -> CaseOutcome:
+@dataclass
+class PreparedCase:
+    """A case after the read and preprocess stages: the case as read (for the input guard, QA slices and the
+    output geometry), the network input ``data`` ``(c, Z, Y, X)`` float32 in network axis order (None once
+    :meth:`take_data` handed it to inference), the preprocessing geometry and the stages' seconds."""
+
+    loaded: LoadedCase
+    data: np.ndarray | None
+    geometry: Geometry
+    read_s: float
+    preprocess_s: float
+
+    def take_data(self) -> np.ndarray:
+        """The network input, dropped from here (inference holds the only reference, as a serial run would)."""
+        data, self.data = self.data, None
+        if data is None:
+            raise RuntimeError("the preprocessed volume was taken already")
+        return data
+
+
+def prepare_case(case: CaseInput, manifest: Manifest, options: CaseOptions) -> PreparedCase:
+    """The read and preprocess stages of ``case`` (they touch no output file); raises what they raise."""
+    start = time.perf_counter()
+    loaded = read_stage(case, manifest, options)
+    read_s = time.perf_counter() - start
+    t0 = time.perf_counter()
+    data, geometry = preprocess(loaded.image, loaded.spacing, manifest.preprocessing)
+    return PreparedCase(loaded, data, geometry, read_s, time.perf_counter() - t0)
+
+
+@dataclass(frozen=True)
+class _PrepareFailed:
+    """The read or preprocess stage of a case raised ``error`` after ``seconds``."""
+
+    error: Exception
+    seconds: float
+
+
+def _start_case(case: CaseInput, bundle: Bundle, output_dir: Path, options: CaseOptions, *,
+                resume: bool) -> CaseOutcome | PreparedCase | _PrepareFailed:
+    """Everything before inference, in whichever thread: the outcome of an earlier run (``resume``), or the case
+    read and preprocessed, or why it could not be (turned into the failed outcome in case order, by
+    :func:`_finish_started`). Touches no output but the case's own leftover stage folder."""
+    if resume and (done := resumed_outcome(case, output_dir, bundle, qa=options.qa)) is not None:
+        return done
     start = time.perf_counter()
     _remove_stale_stages(output_dir, case.case_id)
     try:
-        loaded = read_stage(case, bundle.manifest, options)
-        read_s = time.perf_counter() - start
-        prediction = predict_case(loaded, engine, bundle.manifest, batch_size=options.batch_size,
-                                  step_size=options.step_size, mirroring=options.mirroring)
-        return write_case(case, loaded, prediction, bundle, output_dir, backend_name, options=options,
-                          read_s=read_s, start=start)
+        return prepare_case(case, bundle.manifest, options)
+    except Exception as exc:  # noqa: BLE001 - sorted out by failed_outcome, in the main thread
+        return _PrepareFailed(exc, time.perf_counter() - start)
+
+
+def _finish_started(case: CaseInput, ready: CaseOutcome | PreparedCase | _PrepareFailed, bundle: Bundle, engine,
+                    output_dir: Path, backend_name: str, options: CaseOptions) -> CaseOutcome:
+    """Inference, scoring, maps back to the input geometry and the case's files (:func:`write_case`). The case's
+    ``total`` time is the sum of its stages' (a prefetched case's wait for the engine is not counted)."""
+    if isinstance(ready, CaseOutcome):
+        return ready
+    if isinstance(ready, _PrepareFailed):
+        return failed_outcome(case, output_dir, ready.error, time.perf_counter() - ready.seconds,
+                              raise_unexpected=options.raise_unexpected)
+    start = time.perf_counter() - ready.read_s - ready.preprocess_s
+    try:
+        t0 = time.perf_counter()
+        inference = infer_volume_for_case(ready.take_data(), engine, bundle.manifest, batch_size=options.batch_size,
+                                          step_size=options.step_size, mirroring=options.mirroring)
+        timings = {"preprocess": ready.preprocess_s, "inference": time.perf_counter() - t0}
+        prediction = finish_case(ready.loaded, inference, ready.geometry, bundle.manifest, timings=timings,
+                                 mirroring=options.mirroring)
+        del inference
+        return write_case(case, ready.loaded, prediction, bundle, output_dir, backend_name, options=options,
+                          read_s=ready.read_s, start=start)
     except Exception as exc:  # noqa: BLE001 - sorted out by failed_outcome
         return failed_outcome(case, output_dir, exc, start, raise_unexpected=options.raise_unexpected)
+
+
+_Started = TypeVar("_Started")
+
+
+def _in_order(cases: Sequence[CaseInput], start: Callable[[CaseInput], _Started], *,
+              prefetch: bool) -> Iterator[tuple[CaseInput, _Started]]:
+    """``(case, start(case))`` for each case in order. With ``prefetch``, ``start`` runs for the next case in one
+    background thread while the caller works on the one handed out: at most one case ahead. Close the generator
+    (``contextlib.closing``) so that the thread is joined when the caller stops early, by an exception
+    (KeyboardInterrupt included) or otherwise; a case already started is waited for, a queued one cancelled."""
+    if not prefetch:
+        for case in cases:
+            yield case, start(case)
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix=PREFETCH_THREAD) as pool:
+        ahead: Future[_Started] | None = pool.submit(start, cases[0]) if cases else None
+        try:
+            for i, case in enumerate(cases):
+                ready = ahead.result()
+                ahead = pool.submit(start, cases[i + 1]) if i + 1 < len(cases) else None
+                yield case, ready
+                del ready
+        finally:
+            if ahead is not None:
+                ahead.cancel()  # a case being read cannot be cancelled: leaving the pool joins its thread
 
 
 def read_stage(case: CaseInput, manifest: Manifest, options: CaseOptions) -> LoadedCase:

@@ -372,14 +372,14 @@ def test_a_bug_inside_a_case_fails_that_case_and_the_batch_goes_on(ct_pipeline, 
     import segsentry.runtime.batch as batch
 
     first, second = (files[0] for files in test_cases["ct"].values())
-    real = batch.predict_case
+    real = batch.finish_case  # the stage after inference, in the batch's own thread
 
     def flaky(loaded, *args, **kwargs):
         if loaded.case_id == first.name.removesuffix("_0000.nii.gz"):
             raise TypeError("unexpected keyword argument 'x'")
         return real(loaded, *args, **kwargs)
 
-    monkeypatch.setattr(batch, "predict_case", flaky)
+    monkeypatch.setattr(batch, "finish_case", flaky)
     result = _run("run", ct_pipeline.ood_onnx, first, second, "-o", tmp_path / "o", "--no-qa")
     assert result.exit_code == 1
     rows = {r["case"]: r for r in __import__("csv").DictReader((tmp_path / "o" / "summary.csv").open())}

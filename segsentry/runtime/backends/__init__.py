@@ -42,6 +42,9 @@ class BackendSpec:
         extra: the pip extra that installs the engine (``None``: a core dependency).
         gpu: runs on an NVIDIA CUDA GPU (``auto`` tries it only when the driver reports a device).
         needs_manifest: the class takes the bundle manifest (``manifest=``) as well as the bundle bytes.
+        default_batch_size: patches per engine call when the user asks for no batch size (see
+            :func:`default_batch_size`); more than 1 only where ``benchmarks/batch_size.py`` measured a win
+            over 5 % (``benchmarks/results/batch_size_demo.md``).
     """
 
     module: str
@@ -49,11 +52,16 @@ class BackendSpec:
     extra: str | None
     gpu: bool = False
     needs_manifest: bool = False
+    default_batch_size: int = 1
 
 
 BACKENDS: dict[str, BackendSpec] = {  # backend name -> where it lives; the order is AVAILABLE's
-    "onnxruntime": BackendSpec("segsentry.runtime.backends.onnxruntime", "OnnxruntimeBackend", None),
-    "openvino": BackendSpec("segsentry.runtime.backends.openvino", "OpenvinoBackend", "openvino"),
+    # CPU: 4 patches per call, 9-20 % less time per patch than 1 on the demo bundle (2 cores, contended);
+    # the GPU backends and torch are unmeasured: 1
+    "onnxruntime": BackendSpec("segsentry.runtime.backends.onnxruntime", "OnnxruntimeBackend", None,
+                               default_batch_size=4),
+    "openvino": BackendSpec("segsentry.runtime.backends.openvino", "OpenvinoBackend", "openvino",
+                            default_batch_size=4),
     "torch": BackendSpec("segsentry.export.torch_backend", "TorchBackend", "export", needs_manifest=True),
     "ort-gpu": BackendSpec("segsentry.runtime.backends.ort_gpu", "OrtGpuBackend", "gpu", gpu=True),
     "tensorrt": BackendSpec("segsentry.runtime.backends.tensorrt", "TensorrtBackend", "trt", gpu=True),
@@ -134,6 +142,16 @@ def resolve_backend_name(name: str) -> str:
     raise BackendError(f"unknown backend '{name}'; choose one of: {', '.join((*AVAILABLE, 'auto'))}")
 
 
+def default_batch_size(name: str, *, patches_per_tile: int = 1) -> int:
+    """Tiles per engine call for the backend ``name`` when the user asks for no batch size: its
+    :attr:`BackendSpec.default_batch_size` patches per call, divided by the patches each tile sends
+    (``patches_per_tile``: 1, or with test-time mirroring the tile and its flips, 8 for three axes), at least 1.
+    So a call never holds more patches than the measured default or one mirrored tile, whichever is more."""
+    if patches_per_tile < 1:
+        raise ValueError(f"patches_per_tile must be >= 1, got {patches_per_tile}")
+    return max(1, BACKENDS[resolve_backend_name(name)].default_batch_size // patches_per_tile)
+
+
 def _backend_class(name: str, spec: BackendSpec) -> type:
     """Import ``spec.module`` and return its backend class. A package the module needs at import time (the
     exporter's package, home of the torch backend, needs torch) is reported as a :class:`MissingDependencyError`
@@ -183,4 +201,4 @@ def create_backend(
 
 __all__ = ["AUTO_ORDER", "AVAILABLE", "BACKENDS", "GPU_BACKENDS", "PRECISIONS", "Backend", "BackendBase",
            "BackendOptions", "BackendSpec", "Precision", "check_batch", "create_backend", "cuda_device_count",
-           "resolve_auto", "resolve_backend_name"]
+           "default_batch_size", "resolve_auto", "resolve_backend_name"]
