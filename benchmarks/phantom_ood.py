@@ -47,7 +47,7 @@ SEEDS = {"id": 61_001, "dataset-shift": 62_001, "diagnostic-shift": 63_001, "far
 SHIFT_SEED = 65_001
 VARIANTS = {  # name -> calibrate() keywords
     "paper": {"score_folds": 1, "threshold_rule": "paper"},
-    "conformal": {"threshold_rule": "conformal", "alpha": 0.05},
+    "conformal": {"threshold_rule": "conformal", "alpha": 0.05, "ensemble_score": "distance"},
     "l2-conformal": {"threshold_rule": "conformal", "alpha": 0.05, "feature_norm": "l2"},
     "fused": {"threshold_rule": "conformal", "alpha": 0.05, "ensemble_score": "fused"},
 }
@@ -134,7 +134,7 @@ def variants_table(result: dict, *, bundle: str) -> str:
         return f"{value:.3f}" if not interval else f"{value:.3f} [{interval[0]:.2f}–{interval[1]:.2f}]"
 
     sets = list(result["scenarios"])
-    keys = {"mahalanobis": f"{bundle} (as shipped)"}
+    keys = {"mahalanobis": f"{bundle} (as deployed)"}
     for row in result.get("layer_ablation", []):
         if row["key"] != "mahalanobis":
             keys[row["key"]] = row["key"].removeprefix("mahalanobis[").removesuffix("]")

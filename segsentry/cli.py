@@ -198,7 +198,7 @@ def calib_command(
     threshold_rule: Annotated[ThresholdRule, typer.Option("--threshold-rule", help="conformal (false alarms <= alpha on new in-distribution cases) or paper (95 % TPR boundary).")] = ThresholdRule.CONFORMAL,
     alpha: Annotated[float, typer.Option("--alpha", callback=_open_unit_interval, help="False-alarm rate the conformal threshold holds (needs >= 1/alpha - 1 calibration cases).")] = 0.05,
     calibration_images: Annotated[Optional[list[Path]], typer.Option("--calibration-images", help="Unlabelled in-distribution scans the Gaussian never sees, to set the threshold (repeatable; default: the cross-fitted training scores).")] = None,
-    ensemble_score: Annotated[EnsembleScore, typer.Option("--ensemble-score", help="Fold ensembles: distance (the folds' mean distance alone) or fused (U also holds the folds' disagreement; needs --calibration-images).")] = EnsembleScore.DISTANCE,
+    ensemble_score: Annotated[Optional[EnsembleScore], typer.Option("--ensemble-score", help="Fold ensembles: fused (U also holds the folds' disagreement; needs --calibration-images; the default with them) or distance (the folds' mean distance alone; the default without).")] = None,
     backend: BackendOpt = "auto",
     batch_size: BatchOpt = 1,
     threads: ThreadsOpt = None,

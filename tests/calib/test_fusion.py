@@ -130,9 +130,10 @@ def test_ood_eval_scores_the_fused_variant_and_the_disagreement_as_ood_run_does(
 
     root, features = ensemble
     distance = calibrate(features, [root / "train"], tmp_path / "d.ood.onnx", calibration_images=[root / "cal"],
-                         alpha=0.25).path
+                         alpha=0.25, ensemble_score="distance").path
     fused = calibrate(features, [root / "train"], tmp_path / "f.ood.onnx", calibration_images=[root / "cal"],
-                      alpha=0.25, ensemble_score="fused").path
+                      alpha=0.25).path  # the default for an ensemble with calibration images
+    assert load_bundle(fused).manifest.calibration.fusion is not None
     result = evaluate(distance, root / "cal", {"train": root / "train"}, tmp_path / "eval", backend="onnxruntime",
                       layers={"fused": fused})
     assert any(r["method"] == "fold disagreement" for r in result["scenarios"]["train"])
@@ -143,3 +144,9 @@ def test_ood_eval_scores_the_fused_variant_and_the_disagreement_as_ood_run_does(
         assert float(row["fold_disagreement"]) == pytest.approx(1 - report["fold_agreement"], rel=1e-5, abs=1e-6)
         assert float(row["mahalanobis[fused]"]) == pytest.approx(report["uncertainty"], rel=1e-5, abs=1e-6)
         assert int(row["flagged[fused]"]) == int(report["ood"])
+
+
+def test_without_calibration_images_an_ensemble_keeps_the_distance(ensemble, tmp_path):
+    root, features = ensemble
+    result = calibrate(features, [root / "train"], tmp_path / "d.ood.onnx", score_folds=2)
+    assert result.calibration.fusion is None
