@@ -104,6 +104,10 @@ class DisagreementFusion:
         """The disagreement part of U for a case whose folds agree with mean pairwise Dice ``fold_agreement``."""
         return float(self.offset + self.scale * (1.0 - fold_agreement))
 
+    def combine(self, distance_uncertainty: float, fold_agreement: float) -> float:
+        """The deployed U: the mean of the distance U and the disagreement part."""
+        return 0.5 * (distance_uncertainty + self.uncertainty(fold_agreement))
+
 
 @dataclass(frozen=True)
 class InputRange:
@@ -153,7 +157,7 @@ class Calibration:
         if fold_agreement is None:
             raise BundleError("this bundle's U combines the distance with the folds' disagreement, but no fold "
                               "agreement was computed (the case ran without logits or with one fold)")
-        return 0.5 * (distance_uncertainty + self.fusion.uncertainty(fold_agreement))
+        return self.fusion.combine(distance_uncertainty, fold_agreement)
 
 
 @dataclass(frozen=True)

@@ -129,10 +129,8 @@ def calibrate(
     display).
     """
     threshold_rule = choice(ThresholdRule, threshold_rule, what="threshold rule", error=CalibrationError)
-    if ensemble_score is None:
-        ensemble_score = (EnsembleScore.FUSED if manifest_folds(features_bundle) > 1 and calibration_images
-                          else EnsembleScore.DISTANCE)
-    ensemble_score = choice(EnsembleScore, ensemble_score, what="ensemble score", error=CalibrationError)
+    if ensemble_score is not None:
+        ensemble_score = choice(EnsembleScore, ensemble_score, what="ensemble score", error=CalibrationError)
     feature_norm = choice(FeatureNorm, feature_norm, what="feature normalisation", error=CalibrationError)
     check_alpha(alpha)
     if estimator not in ESTIMATORS:
@@ -147,6 +145,9 @@ def calibrate(
         raise BundleError(f"{features_bundle} is already calibrated; pass the .features.onnx from ood-export")
     if Path(output).resolve() == Path(features_bundle).resolve():
         raise CalibrationError("the output must not overwrite the input bundle; choose another -o")
+    if ensemble_score is None:  # the default: fused where it can be calibrated
+        ensemble_score = (EnsembleScore.FUSED if manifest.n_folds > 1 and calibration_images
+                          else EnsembleScore.DISTANCE)
     fused = ensemble_score is EnsembleScore.FUSED
     if fused and manifest.n_folds < 2:
         raise CalibrationError("--ensemble-score fused needs a fold ensemble (ood-export --folds 0 1 2 ...); this "
@@ -232,7 +233,7 @@ def calibrate(
     source_u = [normalise_score(u, train_min=train_min, train_max=train_max) for u in source_scores]
     fusion = fit_fusion(source_u, agreements, mirrored=mirror_axes is not None) if fused else None
     if fusion is not None:
-        source_u = [0.5 * (u + fusion.uncertainty(a)) for u, a in zip(source_u, agreements)]
+        source_u = [fusion.combine(u, a) for u, a in zip(source_u, agreements)]
     threshold, bound = _threshold(source_u, threshold_rule, alpha)
     calibration = Calibration(
         estimator=estimator,
@@ -277,11 +278,6 @@ def calibrate(
     return CalibrationResult(path=Path(output), calibration=calibration, fit=fit,
                              case_ids=[p.case_id for p in patches], failed=failed, head_check_max_rel_error=check,
                              fits=fits)
-
-
-def manifest_folds(bundle_path: str | Path) -> int:
-    """How many networks the bundle at ``bundle_path`` holds (1 for one network)."""
-    return load_bundle(bundle_path).manifest.n_folds
 
 
 def _fold_features(features: np.ndarray, n_folds: int) -> list[np.ndarray]:
