@@ -35,19 +35,28 @@ class Output(str, Enum):
 class HeadInitializer(str, Enum):
     """The fused head's float32 initializers; each is stored under ``HEAD_SCOPE + value`` (:attr:`tensor_name`).
 
-    With ``delta = z - MEAN`` the head computes the squared Mahalanobis distance (design.md, method step 4)::
+    With ``delta = z - MEAN`` the head computes the squared Mahalanobis distance (design.md, method step 4).
+    A fit without a complement term (``N > D``, or the empirical estimator) stores ``COMPONENTS_T``::
 
         d = ReduceSumSquare(MatMul(delta, COMPONENTS_T))
-            [+ COMPLEMENT_SCALE * ReduceSumSquare(delta - MatMul(MatMul(delta, BASIS), BASIS^T))]
 
-    The bracket exists only for shrinkage fits with ``N <= D`` (``BASIS`` and ``COMPLEMENT_SCALE`` both present).
-    Every implementation of the distance (the ONNX head, the torch reference backend, the float64 reference
+    A shrinkage fit with ``N <= D`` stores the training span's basis once, its whitening as one scale per
+    basis column, and the weight of the residual outside the span::
+
+        c = MatMul(delta, BASIS)
+        d = ReduceSumSquare(c * SPAN_SCALE) + COMPLEMENT_SCALE * ReduceSumSquare(delta - MatMul(c, BASIS^T))
+
+    Older bundles stored ``COMPONENTS_T`` (``= BASIS * SPAN_SCALE``) beside ``BASIS``
+    instead of ``SPAN_SCALE``, twice the bytes, with the first term ``ReduceSumSquare(MatMul(delta,
+    COMPONENTS_T))``; readers accept both. Every implementation of the distance (the ONNX head, the torch
+    reference backend, :func:`segsentry.calib.head.head_distance`, the float64 reference
     ``segsentry.calib.gaussian.squared_mahalanobis``) reads these names and this formula.
     """
 
     MEAN = "mean"  # (D,): mu
-    COMPONENTS_T = "components_t"  # (D, k): W^T, with W^T W = Sigma^-1 (pseudo-inverse; on the span with BASIS)
+    COMPONENTS_T = "components_t"  # (D, k): W^T, with W^T W = Sigma^-1 (fits without a complement term)
     BASIS = "basis"  # (D, r): orthonormal basis V of the training span
+    SPAN_SCALE = "span_scale"  # (r,): Sigma^-1/2 on the span, per column of BASIS (0: dropped by the cutoff)
     COMPLEMENT_SCALE = "complement_scale"  # (): weight of the squared residual outside the span
 
     def __str__(self) -> str:

@@ -11,6 +11,7 @@ import pytest
 from onnx import numpy_helper
 
 from segsentry.bench import bench_volume, head_only, network_only
+from segsentry.calib.head import head_distance
 from segsentry.contract import HEAD_SCOPE, HeadInitializer
 from segsentry.demo import demo_bundle_path
 from segsentry.runtime.bundle import load_bundle
@@ -39,14 +40,9 @@ def test_head_only_computes_the_contract_formula_and_is_none_without_a_head():
     model = onnx.load_model_from_string(head)
     assert [i.name for i in model.graph.input] == ["features"] and [o.name for o in model.graph.output] == ["distance"]
     values = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-    mean, w_t = values[HeadInitializer.MEAN.tensor_name], values[HeadInitializer.COMPONENTS_T.tensor_name]
+    mean = values[HeadInitializer.MEAN.tensor_name]
     z = np.random.default_rng(1).normal(size=(3, bundle.manifest.features.dim)).astype(np.float32) + mean
-    y = (z - mean) @ w_t
-    expected = np.sum(y * y, axis=1)
-    if HeadInitializer.BASIS.tensor_name in values:
-        v = values[HeadInitializer.BASIS.tensor_name]
-        resid = (z - mean) - ((z - mean) @ v) @ v.T
-        expected = expected + values[HeadInitializer.COMPLEMENT_SCALE.tensor_name] * np.sum(resid * resid, axis=1)
+    expected = head_distance({name.removeprefix(HEAD_SCOPE): v for name, v in values.items()}, z)
     np.testing.assert_allclose(_session(head).run(None, {"features": z})[0], expected, rtol=1e-5)
     uncalibrated = dataclasses.replace(bundle, model_bytes=network_only(bundle))
     assert head_only(uncalibrated) is None

@@ -2,20 +2,26 @@
 
 The graph output ``features`` (shape ``[batch, D]``, float32 or float16) is fed to::
 
-    features -> [Cast float32] -> Sub(mu) -> MatMul(W^T) -> ReduceSumSquare(axis 1) --------------+-> distance
-                                      \\-> MatMul(V) -> MatMul(V^T) -> Sub -> ReduceSumSquare -> Mul(c) -/ (Add)
+    features -> [Cast float32] -> Sub(mu) -> MatMul(W^T) -> ReduceSumSquare(axis 1) -> distance
+
+or, for shrinkage fits with ``N <= D`` (the training span's basis ``V`` stored once, its whitening one scale per
+column)::
+
+    features -> [Cast float32] -> Sub(mu) -> MatMul(V) -> Mul(span_scale) -> ReduceSumSquare ------------+-> distance
+                                      \\                \\-> MatMul(V^T) -> Sub -> ReduceSumSquare -> Mul(c) -/ (Add)
 
 giving the output ``distance`` (shape ``[batch]``, float32), the squared Mahalanobis distance of
-:func:`segsentry.calib.gaussian.squared_mahalanobis`. The complement branch exists only for shrinkage fits
-with ``N <= D``. The initializers are :func:`head_initializers` (float32, named
-:class:`segsentry.contract.HeadInitializer` ``.tensor_name``, e.g. ``ood_head/mean``) plus, from opset 18,
-the int64 ``ood_head/axes``; like the nodes, everything is named under :data:`segsentry.contract.HEAD_SCOPE`.
+:func:`segsentry.calib.gaussian.squared_mahalanobis`. The initializers are :func:`head_initializers` (float32,
+named :class:`segsentry.contract.HeadInitializer` ``.tensor_name``, e.g. ``ood_head/mean``) plus, from opset
+18, the int64 ``ood_head/axes``; like the nodes, everything is named under :data:`segsentry.contract.HEAD_SCOPE`.
+:func:`head_distance` is the same formula in numpy on those arrays, for other readers of a bundle.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Mapping
 
 import numpy as np
 import onnx
@@ -28,7 +34,8 @@ from segsentry.graph import GraphIndex, check_model, has_head, require_opset
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["fold_ensemble_head", "fold_mahalanobis_head", "head_initializer_bytes", "head_initializers"]
+__all__ = ["fold_ensemble_head", "fold_mahalanobis_head", "head_distance", "head_initializer_bytes",
+           "head_initializers"]
 
 _FLOAT_TYPES = {TensorProto.FLOAT: "float32", TensorProto.FLOAT16: "float16"}
 
@@ -36,27 +43,75 @@ _FLOAT_TYPES = {TensorProto.FLOAT: "float32", TensorProto.FLOAT16: "float16"}
 def head_initializers(fit: GaussianFit) -> dict[HeadInitializer, np.ndarray]:
     """The head's float32 initializers, in the order the graph stores them.
 
-    ``MEAN`` ``(D,)``, ``COMPONENTS_T`` ``(D, k)`` and, when ``fit.has_complement``, ``BASIS`` ``(D, r)`` and
-    ``COMPLEMENT_SCALE`` ``()`` -- the terms of the formula in :class:`segsentry.contract.HeadInitializer`.
+    ``MEAN`` ``(D,)`` and ``COMPONENTS_T`` ``(D, k)``; or, when ``fit.has_complement``, ``MEAN``, ``BASIS``
+    ``(D, r)``, ``SPAN_SCALE`` ``(r,)`` and ``COMPLEMENT_SCALE`` ``()`` -- the terms of the formula in
+    :class:`segsentry.contract.HeadInitializer`.
+
+    Raises:
+        CalibrationError: a complement fit whose whitening rows are not scaled columns of its basis (every fit
+            of :mod:`segsentry.calib.gaussian` is).
     """
-    arrays = {
-        HeadInitializer.MEAN: fit.mean.astype(np.float32),
-        HeadInitializer.COMPONENTS_T: fit.components.T.astype(np.float32),
+    mean = fit.mean.astype(np.float32)
+    if not fit.has_complement:
+        return {HeadInitializer.MEAN: mean, HeadInitializer.COMPONENTS_T: fit.components.T.astype(np.float32)}
+    assert fit.basis is not None  # has_complement says so
+    return {
+        HeadInitializer.MEAN: mean,
+        HeadInitializer.BASIS: fit.basis.astype(np.float32),
+        HeadInitializer.SPAN_SCALE: _span_scale(fit).astype(np.float32),
+        HeadInitializer.COMPLEMENT_SCALE: np.array(fit.complement_scale, dtype=np.float32),
     }
-    if fit.has_complement:
-        assert fit.basis is not None  # has_complement says so
-        arrays[HeadInitializer.BASIS] = fit.basis.astype(np.float32)
-        arrays[HeadInitializer.COMPLEMENT_SCALE] = np.array(fit.complement_scale, dtype=np.float32)
-    return arrays
+
+
+def _span_scale(fit: GaussianFit) -> np.ndarray:
+    """``s`` with ``W^T W = V diag(s^2) V^T`` on the span (float64), checked: the whitening rows ``W`` lie in the
+    span of ``V`` and are diagonal in it, so that ``||W delta||^2 = ||(V^T delta) * s||^2`` exactly."""
+    assert fit.basis is not None
+    coef = fit.components @ fit.basis  # (k, r): W in the basis
+    gram = coef.T @ coef  # (r, r): the precision on the span, in the basis
+    s2 = np.clip(np.diagonal(gram), 0.0, None)
+    top = float(s2.max(initial=0.0))
+    off = gram - np.diag(np.diagonal(gram))
+    outside = fit.components - coef @ fit.basis.T
+    if np.abs(off).max(initial=0.0) > 1e-6 * top or \
+            np.linalg.norm(outside) > 1e-6 * max(float(np.linalg.norm(fit.components)), 1e-300):
+        raise CalibrationError("the fit's whitening rows are not scaled columns of its basis; the compact head "
+                               "needs a fit from segsentry.calib.gaussian")
+    return np.sqrt(s2)
 
 
 def head_initializer_bytes(fit: GaussianFit) -> int:
-    """Bytes the head's float32 initializers add to the model: ``4 * (D + k*D [+ D*r + 1])`` (+ tiny extras)."""
+    """Bytes the head's float32 initializers add to the model: ``4 * (D + k*D)``, or ``4 * (D + D*r + r + 1)``
+    with a complement term (+ tiny extras)."""
     d = fit.n_features
-    n = d + fit.components.shape[0] * d
-    if fit.basis is not None:
-        n += d * fit.basis.shape[1] + 1
-    return 4 * n
+    if fit.basis is None:
+        return 4 * (d + fit.components.shape[0] * d)
+    r = fit.basis.shape[1]
+    return 4 * (d + d * r + r + 1)
+
+
+def head_distance(arrays: Mapping[str, np.ndarray], z: np.ndarray) -> np.ndarray:
+    """The contract's formula (:class:`segsentry.contract.HeadInitializer`) in float32 numpy on a head's
+    initializers keyed by role (``"mean"``, ...; a bundle's own or :func:`head_initializers`'), including the
+    older form with ``components_t`` beside ``basis``. ``z``: ``(n, D)`` features, already ℓ2-normalised for a
+    Mahalanobis++ head. Returns ``(n,)`` float32."""
+    a = {str(k): np.asarray(v, dtype=np.float32) for k, v in arrays.items()}
+    delta = np.asarray(z, dtype=np.float32) - a[HeadInitializer.MEAN.value]
+    basis = a.get(HeadInitializer.BASIS.value)
+    if HeadInitializer.COMPONENTS_T.value in a:
+        y = delta @ a[HeadInitializer.COMPONENTS_T.value]
+        coef = None if basis is None else delta @ basis
+    else:
+        if basis is None or HeadInitializer.SPAN_SCALE.value not in a:
+            raise CalibrationError(f"a head needs {HeadInitializer.COMPONENTS_T.value!r} or "
+                                   f"{HeadInitializer.BASIS.value!r} with {HeadInitializer.SPAN_SCALE.value!r}")
+        coef = delta @ basis
+        y = coef * a[HeadInitializer.SPAN_SCALE.value]
+    dist = np.sum(y * y, axis=1)
+    if coef is not None and HeadInitializer.COMPLEMENT_SCALE.value in a:
+        resid = delta - coef @ basis.T  # type: ignore[union-attr]  # coef is set only with a basis
+        dist = dist + a[HeadInitializer.COMPLEMENT_SCALE.value].reshape(()) * np.sum(resid * resid, axis=1)
+    return dist.astype(np.float32)
 
 
 def fold_mahalanobis_head(
@@ -167,12 +222,15 @@ def fold_mahalanobis_head(
         norm = node("Max", [norm, floor], n("feature_norm_floored"))
         z = node("Div", [z, norm], n("features_l2"))
     delta = node("Sub", [z, values[HeadInitializer.MEAN]], n("delta"))
-    y = node("MatMul", [delta, values[HeadInitializer.COMPONENTS_T]], n("whitened"))
-    main = reduce_sum_square(y, distance_output if not fit.has_complement else n("dist_span"))
-    if fit.has_complement:
+    if not fit.has_complement:
+        y = node("MatMul", [delta, values[HeadInitializer.COMPONENTS_T]], n("whitened"))
+        reduce_sum_square(y, distance_output)
+    else:
         v = values[HeadInitializer.BASIS]  # (D, r)
-        v_t = node("Transpose", [v], n("basis_t"), perm=[1, 0])  # constant-folded by runtimes
         coef = node("MatMul", [delta, v], n("basis_coef"))
+        y = node("Mul", [coef, values[HeadInitializer.SPAN_SCALE]], n("whitened"))
+        main = reduce_sum_square(y, n("dist_span"))
+        v_t = node("Transpose", [v], n("basis_t"), perm=[1, 0])  # constant-folded by runtimes
         proj = node("MatMul", [coef, v_t], n("basis_proj"))
         resid = node("Sub", [delta, proj], n("complement"))
         rss = reduce_sum_square(resid, n("complement_sq"))

@@ -7,7 +7,8 @@ Mahalanobis head is applied in torch from the bundle's own ``ood_head/*`` initia
 :mod:`segsentry.calib.head` in float32::
 
     delta = features - mean
-    distance = sum((delta @ components_t) ** 2, 1) [+ complement_scale * sum((delta - (delta @ V) @ V^T) ** 2, 1)]
+    distance = sum((delta @ components_t) ** 2, 1)                      # fits without a complement term
+    distance = sum(((delta @ V) * span_scale) ** 2, 1) + complement_scale * sum((delta - (delta @ V) @ V^T) ** 2, 1)
 
 A fold ensemble bundle is rebuilt fold by fold (``Manifest.folds``) into the exporter's ``EnsembleTap``;
 each fold's head comes from ``ood_head/f<i>/*`` and the distance is the mean of the folds' distances, as in
@@ -56,8 +57,9 @@ def bundle_initializers(model: bytes) -> dict[str, np.ndarray]:
 def read_head(initializers: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The Mahalanobis-head initializers, keyed without the ``ood_head/`` prefix, as float32.
 
-    ``mean`` ``(D,)``, ``components_t`` ``(D, k)`` and, for shrinkage fits with ``N <= D``, ``basis``
-    ``(D, r)`` and ``complement_scale`` (one value). Empty for an uncalibrated bundle.
+    ``mean`` ``(D,)`` and ``components_t`` ``(D, k)``, or, for shrinkage fits with ``N <= D``, ``basis``
+    ``(D, r)``, ``span_scale`` ``(r,)`` (older bundles: ``components_t``) and ``complement_scale`` (one value).
+    Empty for an uncalibrated bundle.
     """
     return {name[len(HEAD_SCOPE):]: np.array(value, dtype=np.float32)  # a writable copy, for torch.from_numpy
             for name, value in initializers.items() if name.startswith(HEAD_SCOPE)}
@@ -165,11 +167,14 @@ class TorchBackend(BackendBase):
         self._complement_scales: list[float] = []
         for scope in scopes if has_distance else []:
             names = {k[len(scope):]: v for k, v in head.items() if k.startswith(scope) and "/" not in k[len(scope):]}
-            if not {HeadInitializer.MEAN.value, HeadInitializer.COMPONENTS_T.value} <= names.keys():
-                raise BackendError(f"the bundle lists a 'distance' output but has no ood_head/{scope}mean and "
-                                   f"ood_head/{scope}components_t initializers")
+            whitening = {HeadInitializer.COMPONENTS_T.value} <= names.keys() or \
+                {HeadInitializer.BASIS.value, HeadInitializer.SPAN_SCALE.value} <= names.keys()
+            if HeadInitializer.MEAN.value not in names or not whitening:
+                raise BackendError(f"the bundle lists a 'distance' output but has no ood_head/{scope}mean with "
+                                   f"ood_head/{scope}components_t or ood_head/{scope}basis + span_scale")
             self._heads.append({k: torch.from_numpy(v).to(self.device) for k, v in names.items()
-                                if k in (HeadInitializer.MEAN, HeadInitializer.COMPONENTS_T, HeadInitializer.BASIS)})
+                                if k in (HeadInitializer.MEAN, HeadInitializer.COMPONENTS_T, HeadInitializer.BASIS,
+                                         HeadInitializer.SPAN_SCALE)})
             scale = names.get(HeadInitializer.COMPLEMENT_SCALE.value)
             self._complement_scales.append(float(scale.reshape(-1)[0]) if scale is not None and scale.size else 0.0)
         calibration = manifest.calibration
@@ -213,11 +218,15 @@ class TorchBackend(BackendBase):
         if self._l2:  # Mahalanobis++: the head's ReduceL2 -> Max(L2_EPS) -> Div
             z = z / z.norm(dim=1, keepdim=True).clamp_min(L2_EPS)
         delta = z - head[HeadInitializer.MEAN.value]
-        y = delta @ head[HeadInitializer.COMPONENTS_T.value]
-        distance = (y * y).sum(1)
         basis = head.get(HeadInitializer.BASIS.value)
-        if basis is not None and complement_scale != 0.0:
-            resid = delta - (delta @ basis) @ basis.T
+        coef = None if basis is None else delta @ basis
+        if HeadInitializer.COMPONENTS_T.value in head:  # no complement term, or an older bundle's head
+            y = delta @ head[HeadInitializer.COMPONENTS_T.value]
+        else:
+            y = coef * head[HeadInitializer.SPAN_SCALE.value]
+        distance = (y * y).sum(1)
+        if coef is not None and complement_scale != 0.0:
+            resid = delta - coef @ basis.T
             distance = distance + complement_scale * (resid * resid).sum(1)
         return distance
 

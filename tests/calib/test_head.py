@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -10,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 from sklearn.covariance import OAS, EmpiricalCovariance, LedoitWolf
 
 from segsentry.calib.gaussian import GaussianFit, fit_gaussian, squared_mahalanobis
-from segsentry.calib.head import fold_mahalanobis_head, head_initializer_bytes, head_initializers
+from segsentry.calib.head import fold_mahalanobis_head, head_distance, head_initializer_bytes, head_initializers
 from segsentry.contract import HEAD_SCOPE, HeadInitializer
 from segsentry.errors import CalibrationError
 
@@ -217,22 +219,54 @@ def test_head_initializers_are_the_graphs_and_give_its_distance(n: int, d: int, 
     folded = fold_mahalanobis_head(tiny_model(d), fit)
     stored = {init.name: numpy_helper.to_array(init) for init in folded.graph.initializer}
     arrays = head_initializers(fit)
-    expected_roles = [HeadInitializer.MEAN, HeadInitializer.COMPONENTS_T]
     if n <= d and estimator != "empirical":
-        expected_roles += [HeadInitializer.BASIS, HeadInitializer.COMPLEMENT_SCALE]
+        expected_roles = [HeadInitializer.MEAN, HeadInitializer.BASIS, HeadInitializer.SPAN_SCALE,
+                          HeadInitializer.COMPLEMENT_SCALE]
+    else:
+        expected_roles = [HeadInitializer.MEAN, HeadInitializer.COMPONENTS_T]
     assert list(arrays) == expected_roles
     assert [name for name in stored if name != HEAD_SCOPE + "axes"] == [r.tensor_name for r in expected_roles]
     for role, array in arrays.items():
         assert array.dtype == np.float32
         np.testing.assert_array_equal(stored[role.tensor_name], array)
+    # the contract's formula, written out here on the stored arrays
     delta = z.astype(np.float32) - arrays[HeadInitializer.MEAN]
-    y = delta @ arrays[HeadInitializer.COMPONENTS_T]
-    dist = np.sum(y * y, axis=1)
     if HeadInitializer.BASIS in arrays:
-        v = arrays[HeadInitializer.BASIS]
-        resid = delta - (delta @ v) @ v.T
-        dist = dist + arrays[HeadInitializer.COMPLEMENT_SCALE] * np.sum(resid * resid, axis=1)
-    np.testing.assert_allclose(run(folded, z)["distance"], dist, rtol=1e-5)
+        coef = delta @ arrays[HeadInitializer.BASIS]
+        y = coef * arrays[HeadInitializer.SPAN_SCALE]
+        resid = delta - coef @ arrays[HeadInitializer.BASIS].T
+        dist = np.sum(y * y, axis=1) + arrays[HeadInitializer.COMPLEMENT_SCALE] * np.sum(resid * resid, axis=1)
+    else:
+        y = delta @ arrays[HeadInitializer.COMPONENTS_T]
+        dist = np.sum(y * y, axis=1)
+    onnx_distance = run(folded, z)["distance"]
+    np.testing.assert_allclose(onnx_distance, dist, rtol=1e-5)
+    np.testing.assert_allclose(head_distance({r.value: a for r, a in arrays.items()}, z), dist, rtol=1e-5)
+    assert_distance_close(onnx_distance, squared_mahalanobis(fit, z))
+
+
+def test_complement_head_stores_the_basis_once_and_older_heads_still_read() -> None:
+    """The compact head holds D x r + r floats for the span where older bundles held two D x r matrices
+    (components_t = basis * span_scale); head_distance reads both forms to the same distance."""
+    x, z = make_data(40, 120, seed=3)
+    fit = fit_gaussian(x, estimator="ledoit-wolf")
+    assert fit.has_complement
+    arrays = {r.value: a for r, a in head_initializers(fit).items()}
+    d, r = arrays["basis"].shape
+    assert head_initializer_bytes(fit) == 4 * (d + d * r + r + 1)
+    older = {k: v for k, v in arrays.items() if k != "span_scale"}
+    older["components_t"] = fit.components.T.astype(np.float32)
+    np.testing.assert_allclose(head_distance(older, z), head_distance(arrays, z), rtol=1e-5)
+    assert_distance_close(head_distance(arrays, z), squared_mahalanobis(fit, z))
+
+
+def test_a_whitening_outside_the_basis_is_refused() -> None:
+    x, _ = make_data(40, 120, seed=3)
+    fit = fit_gaussian(x, estimator="ledoit-wolf")
+    mixed = fit.components.copy()
+    mixed[0] += mixed[1]  # rows no longer orthogonal in the basis: not a diagonal whitening
+    with pytest.raises(CalibrationError, match="not scaled columns of its basis"):
+        head_initializers(dataclasses.replace(fit, components=mixed))
 
 
 @pytest.mark.parametrize("opset", [17, 18])

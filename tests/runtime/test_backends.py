@@ -19,9 +19,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import SimpleITK as sitk
+from onnx import numpy_helper
 
+from segsentry.contract import HEAD_SCOPE, HeadInitializer
 from segsentry.errors import BackendError, MissingDependencyError
 from segsentry.runtime import backends
 from segsentry.runtime.backends import (
@@ -89,6 +92,39 @@ def test_patch_parity_with_onnxruntime(backend, kind, bundle_attr, request):
         assert other.name == backend
         for i, batch in enumerate(batches):  # varying batch sizes: the batch axis is dynamic in every engine
             assert_outputs_match(other.run(batch), ref.run(batch), where=f"{backend}/{kind}/{bundle_attr}#{i}")
+
+
+def _older_head(bundle: Bundle) -> Bundle:
+    """The bundle as calibrated before the compact head: ``components_t = basis * span_scale`` stored beside
+    ``basis`` and multiplied with ``delta``, instead of ``span_scale`` scaling ``delta @ basis``."""
+    model = onnx.load_model_from_string(bundle.model_bytes)
+    inits = {i.name: i for i in model.graph.initializer}
+    span = inits.pop(HeadInitializer.SPAN_SCALE.tensor_name)
+    components_t = numpy_helper.to_array(inits[HeadInitializer.BASIS.tensor_name]) * numpy_helper.to_array(span)
+    model.graph.initializer.remove(span)
+    model.graph.initializer.append(numpy_helper.from_array(components_t, HeadInitializer.COMPONENTS_T.tensor_name))
+    whitened = next(n for n in model.graph.node if n.input[-1:] == [HeadInitializer.SPAN_SCALE.tensor_name])
+    delta = next(n for n in model.graph.node if n.output[0] == HEAD_SCOPE + "delta").output[0]
+    whitened.op_type, whitened.input[:] = "MatMul", [delta, HeadInitializer.COMPONENTS_T.tensor_name]
+    return dataclasses.replace(bundle, model_bytes=model.SerializeToString())
+
+
+@pytest.mark.parametrize("backend", OTHER_BACKENDS)
+def test_an_older_heads_distances_match_the_compact_heads(backend, ct_pipeline):
+    """Bundles calibrated before the compact head (components_t beside basis) still run, on every engine, to the
+    compact head's distances."""
+    _requires(backend)
+    bundle = load_bundle(ct_pipeline.ood_onnx)
+    names = {i.name for i in onnx.load_model_from_string(bundle.model_bytes).graph.initializer}
+    assert HeadInitializer.SPAN_SCALE.tensor_name in names and HeadInitializer.COMPONENTS_T.tensor_name not in names
+    older = _older_head(bundle)
+    m = bundle.manifest
+    batch = np.random.default_rng(5).standard_normal((2, m.num_channels, *m.patch_size)).astype(np.float32)
+    with _engine("onnxruntime", bundle) as ref, _engine(backend, older) as other, \
+            _engine("onnxruntime", older) as ort_older:
+        expected = ref.run(batch)
+        np.testing.assert_allclose(ort_older.run(batch)["distance"], expected["distance"], rtol=DISTANCE_RTOL)
+        assert_outputs_match(other.run(batch), expected, where=f"{backend}/older head")
 
 
 def test_openvino_throughput_hint_and_thread_limit(ct_pipeline):

@@ -147,7 +147,8 @@ def test_fp32_head_keeps_distances_beyond_fp16_range(ct_pipeline):
     """Fails if any head node ran in FP16: the scaled head's distances exceed 65504, float16's largest value."""
     model = onnx.load(str(ct_pipeline.ood_onnx))
     for init in model.graph.initializer:
-        if init.name == HeadInitializer.COMPONENTS_T.tensor_name:
+        if init.name in (HeadInitializer.COMPONENTS_T.tensor_name, HeadInitializer.SPAN_SCALE.tensor_name,
+                         HeadInitializer.COMPLEMENT_SCALE.tensor_name):
             init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * np.float32(100.0), init.name))
     batch = _batch(model, n=2)
     ref = _run(model, batch)
