@@ -30,6 +30,7 @@ from segsentry.graph import GraphIndex, check_model, require_opset
 
 SCOPES_KEY = "pkg.torch.onnx.name_scopes"
 STAGE_SCOPE = re.compile(r"^(?:.*\.)?encoder\.stages\.(\d+)$")
+MEMBER_SCOPE = re.compile(r"^taps\.\d+\.")  # one fold's network in an ensemble bundle (export.wrapper.EnsembleTap)
 DROPOUT_PREFIX = "mc_dropout/"
 # onnxruntime seeds a minstd engine with int(seed): seeds 0 and 1 (and fractions) give the same stream, so the
 # node seeds are distinct integers far from 0.
@@ -50,19 +51,22 @@ def _scopes(node: onnx.NodeProto) -> list[str]:
 def encoder_stage_outputs(model: onnx.ModelProto) -> dict[int, list[str]]:
     """Stage index -> the tensors a stage hands to nodes outside it (its outputs), in graph order.
 
-    A stage's nodes are those whose recorded module scopes include ``...encoder.stages.K``.
+    A stage's nodes are those whose recorded module scopes include ``...encoder.stages.K``; in a fold ensemble
+    bundle each fold's network (``taps.<i>.network...``) contributes its own stage K, so a stage has one output
+    per fold.
     """
     graph = model.graph
     members: dict[int, set[int]] = {}
-    scope_of: dict[int, str] = {}
+    scope_of: dict[tuple[str, int], str] = {}
     for i, node in enumerate(graph.node):
         for scope in _scopes(node):
             match = STAGE_SCOPE.match(scope)
             if match:
-                stage = int(match.group(1))
-                scope_of.setdefault(stage, scope)
-                if scope == scope_of[stage]:  # the encoder's own stages, not a second module of the same name
-                    members.setdefault(stage, set()).add(i)
+                member = MEMBER_SCOPE.match(scope)
+                key = (member.group(0) if member else "", int(match.group(1)))
+                scope_of.setdefault(key, scope)
+                if scope == scope_of[key]:  # the encoder's own stages, not a second module of the same name
+                    members.setdefault(key[1], set()).add(i)
     index = GraphIndex(graph)
     graph_outputs = set(index.outputs)
     outputs: dict[int, list[str]] = {}
@@ -122,21 +126,21 @@ def add_mc_dropout(model: onnx.ModelProto, *, p: float = 0.5, seed: int = 0,
                               numpy_helper.from_array(np.array(1.0 / (1.0 - p), dtype=np.float32), scale),
                               numpy_helper.from_array(np.array(0.0, dtype=np.float32), zero)])
     inserts: list[tuple[int, list[onnx.NodeProto]]] = []
-    for k, stage in enumerate(chosen):
-        for tensor in found[stage]:
-            if tensor in graph_outputs:
-                raise EvaluationError(f"MC dropout: stage {stage}'s output '{tensor}' is a graph output")
-            dropped = f"{DROPOUT_PREFIX}stage{stage}/{tensor}"
-            for i in index.consumers(tensor):
-                node = graph.node[i]
-                for j, name in enumerate(node.input):
-                    if name == tensor:
-                        node.input[j] = dropped
-            producer = index.producer(tensor)
-            assert producer is not None  # a stage output is produced by a stage node
-            inserts.append((producer, _dropout_nodes(tensor, dropped, f"{DROPOUT_PREFIX}stage{stage}",
-                                                              ratio=ratio, scale=scale, zero=zero,
-                                                              seed=SEED_BASE + SEED_STRIDE * seed + k)))
+    outputs = [(stage, tensor) for stage in chosen for tensor in found[stage]]  # one per fold and stage
+    for k, (stage, tensor) in enumerate(outputs):
+        if tensor in graph_outputs:
+            raise EvaluationError(f"MC dropout: stage {stage}'s output '{tensor}' is a graph output")
+        dropped = f"{DROPOUT_PREFIX}stage{stage}/{tensor}"
+        for i in index.consumers(tensor):
+            node = graph.node[i]
+            for j, name in enumerate(node.input):
+                if name == tensor:
+                    node.input[j] = dropped
+        producer = index.producer(tensor)
+        assert producer is not None  # a stage output is produced by a stage node
+        inserts.append((producer, _dropout_nodes(tensor, dropped, f"{DROPOUT_PREFIX}stage{stage}/{tensor}",
+                                                 ratio=ratio, scale=scale, zero=zero,
+                                                 seed=SEED_BASE + SEED_STRIDE * seed + k)))
     nodes = list(graph.node)
     for position, new in sorted(inserts, key=lambda item: item[0], reverse=True):
         nodes[position + 1:position + 1] = new

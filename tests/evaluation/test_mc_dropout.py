@@ -11,6 +11,7 @@ from onnx import TensorProto, helper
 from segsentry.demo import demo_bundle_path
 from segsentry.evaluation.mc_dropout import SCOPES_KEY, add_mc_dropout, encoder_stage_outputs
 from segsentry.evaluation.metrics import EvaluationError
+from segsentry.runtime.bundle import load_bundle
 
 
 def _session(model: onnx.ModelProto) -> ort.InferenceSession:
@@ -39,7 +40,8 @@ def _two_stage_model() -> onnx.ModelProto:
 def test_stage_outputs_are_the_tensors_leaving_each_stage():
     assert encoder_stage_outputs(_two_stage_model()) == {0: ["b"], 1: ["c"]}
     demo = encoder_stage_outputs(onnx.load(demo_bundle_path()))
-    assert sorted(demo) == [0, 1, 2, 3, 4] and all(len(v) == 1 for v in demo.values())
+    folds = load_bundle(demo_bundle_path()).manifest.n_folds
+    assert sorted(demo) == [0, 1, 2, 3, 4] and all(len(v) == folds for v in demo.values())
 
 
 def test_dropout_drops_half_and_rescales_the_rest():
@@ -112,8 +114,9 @@ def test_mc_dropout_uncertainty_matches_a_direct_computation(tmp_path):
     data, _ = preprocess(loaded.image, loaded.spacing, m.preprocessing)
     with create_backend("onnxruntime", variant, channels=1, patch_size=m.patch_size) as engine:
         probs = [1 - softmax(infer_volume(data, engine, m).logits.astype(np.float64), axis=0)[0] for _ in range(3)]
-    expected = float(np.mean(np.std(np.stack(probs), axis=0)))
-    assert expected > 1e-6  # the passes really differ
+    spread = np.std(np.stack(probs), axis=0)
+    assert spread.max() > 1e-4  # the passes really differ (the mean is tiny where the net is sure of background)
+    expected = float(np.mean(spread))
     assert got == pytest.approx(expected, rel=1e-4)
     with pytest.raises(EvaluationError, match="at least 2 passes"):
         mc_dropout_uncertainty(files, bundle, None, passes=1)
