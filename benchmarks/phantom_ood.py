@@ -5,6 +5,8 @@
     python benchmarks/phantom_ood.py --model-folder WORK/results/Dataset500_PhantomLung/DemoTrainer__nnUNetPlans__3d_fullres \
         --train-images WORK/raw/Dataset500_PhantomLung/imagesTr --calibration-images WORK/calibration/imagesTr
         # + the calibration variants, each judged by its own deployed flag (WORK: scripts/train_demo_model.py)
+    python benchmarks/phantom_ood.py --model-folder ... --variants conformal --layers encoder.stages.2 encoder.stages.3
+        # + the same network tapped at other feature layers (bundles stage2, stage3), each conformal too
 
 Cohorts: an in-distribution test cohort and the shifted ones (dataset shift, diagnostic shift, far-OOD), from
 seeds used nowhere else in the repository (:data:`SEED_SETS`: ``--seeds dev``, the default, or ``holdout``),
@@ -23,6 +25,10 @@ risk = 1 - Dice over the chest cohorts, Zenk et al., MedIA 2025); bootstrap inte
 * ``l2-conformal``: Mahalanobis++ (unit-length features), the same conformal threshold;
 * ``fused`` (fold ensembles): the conformal bundle whose U also holds the folds' disagreement
   (``ood-calib --ensemble-score fused``); ``conformal`` is then the ensemble's distance alone.
+
+``--layers`` adds the feature-layer ablation: the same network exported with its features tapped at each given
+layer (``encoder.stages.N`` -> bundle ``stageN``; pooled as design.md step 2 says, so D depends on the layer) and
+calibrated as ``conformal``. Variants and layers export the folds of ``--bundle`` (its manifest's source).
 
 For an ensemble the report also scores the folds' disagreement alone (1 - mean pairwise Dice) as a baseline.
 ``--levels none`` leaves the transformation shifts out (an ensemble bundle mirrored as deployed costs folds x 8
@@ -71,8 +77,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-folder", type=Path, help="the trained demo nnU-Net model folder (variants)")
     parser.add_argument("--train-images", type=Path, help="its training images")
     parser.add_argument("--calibration-images", type=Path, help="its unlabelled calibration cohort")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
-                        help="which calibration variants to add (skip the one --bundle already is)")
+    parser.add_argument("--variants", nargs="*", choices=list(VARIANTS),
+                        help="which calibration variants to add (skip the one --bundle already is; default: every "
+                             "one that applies to --bundle; none: --variants alone)")
+    parser.add_argument("--layers", nargs="+", default=[], metavar="LAYER",
+                        help="feature layers to add, each calibrated as 'conformal' (e.g. encoder.stages.3)")
     parser.add_argument("--seeds", choices=list(SEED_SETS), default="dev",
                         help="which cohorts: 'dev' (the choices were made on them) or 'holdout' (confirmation)")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -80,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     variant_args = (args.model_folder, args.train_images, args.calibration_images)
     if any(a is not None for a in variant_args) and not all(a is not None for a in variant_args):
         parser.error("the variants need --model-folder, --train-images and --calibration-images")
+    if args.layers and args.model_folder is None:
+        parser.error("--layers needs --model-folder, --train-images and --calibration-images")
 
     from segsentry.demo import demo_bundle_path
     from segsentry.evaluation.evaluate import evaluate
@@ -101,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
                 target = work / f"{kind}-{level}"
                 shift_folder(work / "id", target, kind=kind, level=level, seed=seeds["shift"])
                 sets[f"{kind}-{level}"] = target
-        variants = _variant_bundles(args, work / "variants") if args.model_folder else {}
+        variants = _variant_bundles(args, work / "variants", bundle) if args.model_folder else {}
         generated = time.perf_counter() - start
         out = work / "report"
         result = evaluate(bundle, work / "id", sets, out, backend=args.backend, tta=args.tta,
@@ -124,16 +135,27 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _variant_bundles(args: argparse.Namespace, root: Path) -> dict[str, Path]:
-    """Export the demo network once and calibrate it once per variant."""
+def _variant_bundles(args: argparse.Namespace, root: Path, bundle: Path) -> dict[str, Path]:
+    """Export the demo network (the folds of ``bundle``) once per feature layer and calibrate it: once per
+    variant at the default layer, as ``conformal`` at each of ``--layers``."""
     from segsentry.calib import calibrate
     from segsentry.export import export_nnunet
+    from segsentry.runtime.bundle import load_bundle
 
-    features = export_nnunet(args.model_folder, root / "demo.features.onnx").path
-    return {name: calibrate(features, [args.train_images], root / f"{name}.ood.onnx", estimator="ledoit-wolf",
+    manifest = load_bundle(bundle).manifest
+    folds = str(manifest.source["fold"]).split(",")
+    names = (args.variants if args.variants is not None  # default: every variant that applies
+             else [n for n in VARIANTS if n != "fused" or manifest.n_folds > 1])
+    features = export_nnunet(args.model_folder, root / "demo.features.onnx", folds=folds).path if names else None
+    jobs = [(name, features, kw) for name, kw in VARIANTS.items() if name in names]
+    for layer in args.layers:
+        name = layer.removeprefix("encoder.").replace("stages.", "stage").replace("[", "").replace("]", "")
+        jobs.append((name, export_nnunet(args.model_folder, root / f"{name}.features.onnx", folds=folds,
+                                         layer=layer).path, VARIANTS["conformal"]))
+    return {name: calibrate(path, [args.train_images], root / f"{name}.ood.onnx", estimator="ledoit-wolf",
                             calibration_images=[args.calibration_images] if kw.get("threshold_rule") ==
                             "conformal" else None, **kw).path
-            for name, kw in VARIANTS.items() if name in args.variants}
+            for name, path, kw in jobs}
 
 
 def variants_table(result: dict, *, bundle: str) -> str:

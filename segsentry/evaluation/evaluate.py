@@ -28,7 +28,7 @@ import itertools
 import json
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -510,18 +510,20 @@ def _rule_text(c) -> str:  # noqa: ANN001 - manifest.Calibration
 
 def _same_network(main: Bundle, layers: Mapping[str, Path]) -> dict[str, Bundle]:
     """The layer-ablation bundles, checked to be the same network and pipeline as ``main`` (tapped elsewhere)
-    and calibrated."""
-    def fields(m: Manifest) -> dict:
+    and calibrated. Their mirroring need not match: a layer bundle's distance comes from the un-mirrored pass
+    (:func:`_layer_verdict` runs no logits) -- unless its U is fused, as it then takes the main run's masks."""
+    def fields(m: Manifest, *, masks: bool) -> dict:
         source = {k: v for k, v in m.source.items() if k != "model_dir"}  # the folder may have moved
         return {"source": source, "labels": m.labels, "channels": m.channels, "patch_size": m.patch_size,
-                "preprocessing": m.preprocessing, "tiling": m.tiling}
+                "preprocessing": m.preprocessing,
+                "tiling": m.tiling if masks else replace(m.tiling, mirror_axes=None)}
 
-    expected = fields(main.manifest)
     bundles = {}
     for name, path in layers.items():
         layer_bundle = load_bundle(path)
         manifest = layer_bundle.manifest
-        found = fields(manifest)
+        masks = manifest.calibration is not None and manifest.calibration.fusion is not None
+        expected, found = fields(main.manifest, masks=masks), fields(manifest, masks=masks)
         for what in expected:
             if found[what] != expected[what]:
                 raise EvaluationError(

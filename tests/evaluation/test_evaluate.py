@@ -293,6 +293,38 @@ def test_feature_layer_ablation(ct_pipeline, tmp_path):
     assert bad.exit_code == 1 and "is not a file" in " ".join(bad.output.split())
 
 
+def test_layer_bundle_mirroring_need_not_match_unless_fused(ct_pipeline, tmp_path):
+    """A layer bundle's distance comes from the un-mirrored pass, so a bundle exported before mirroring was
+    recorded (mirror_axes None) compares with a new one; a fused U takes the main run's masks, so it must match,
+    and any other tiling change is refused."""
+    from dataclasses import replace
+
+    import onnx
+
+    from segsentry.evaluation.evaluate import _same_network
+    from segsentry.evaluation.metrics import EvaluationError
+    from segsentry.manifest import DisagreementFusion, write_manifest
+
+    main = load_bundle(ct_pipeline.ood_onnx)
+    assert main.manifest.tiling.mirror_axes == [0, 1, 2]
+
+    def variant(name: str, **changes):
+        m = main.manifest
+        calibration = replace(m.calibration, **changes.pop("calibration", {}))
+        path = tmp_path / f"{name}.ood.onnx"
+        path.write_bytes(write_manifest(onnx.load(str(ct_pipeline.ood_onnx)),
+                                        m.replace(tiling=replace(m.tiling, **changes), calibration=calibration)))
+        return path
+
+    unmirrored = variant("old", mirror_axes=None)
+    assert set(_same_network(main, {"old": unmirrored})) == {"old"}
+    fusion = DisagreementFusion(offset=0.0, scale=1.0, calibration_disagreements=[0.1], mirrored=True)
+    with pytest.raises(EvaluationError, match="in its tiling"):
+        _same_network(main, {"fused": variant("fused", mirror_axes=None, calibration={"fusion": fusion})})
+    with pytest.raises(EvaluationError, match="in its tiling"):
+        _same_network(main, {"step": variant("step", step_size=0.25)})
+
+
 def test_failing_case_names_case_and_set(cohorts, tmp_path):
     """A case that cannot be processed stops the evaluation with its id and set in the message."""
     from segsentry.evaluation.evaluate import evaluate
