@@ -213,6 +213,7 @@ class _Run:
         read: deque[tuple[CaseInput, object, object]] = deque()  # cases read (or being read), not yet dispatched
         free = deque(actors)
         inferring: dict[object, object] = {}  # inference-time ref -> actor
+        restarting: dict[object, object] = {}  # readiness probe of a worker whose process died -> actor
         writing: dict[object, tuple[CaseInput, float]] = {}  # outcome ref -> case, submit time
         ahead = self.n_workers * (2 + self.options.prefetch)  # cases between read and written, at most
         while waiting or read or inferring or writing:
@@ -230,13 +231,30 @@ class _Run:
                 outcome = self.write.remote(case, context, seconds, inference, self.bundle_ref, self.output_dir,
                                             self.backend_name, options=self.case_opts_ref)
                 writing[outcome] = (case, time.perf_counter())
-            ready, _ = ray.wait([*inferring, *writing], num_returns=1)
+            ready, _ = ray.wait([*inferring, *restarting, *writing], num_returns=1)
             for ref in ready:
                 if ref in inferring:
-                    free.append(inferring.pop(ref))  # the actor is free again (or restarted by Ray)
+                    actor = inferring.pop(ref)
+                    if self._died(ref):  # its case fails (in _collect); the next one waits for the restart
+                        restarting[actor.ready.options(max_task_retries=-1).remote()] = actor
+                    else:
+                        free.append(actor)
+                elif ref in restarting:
+                    free.append(restarting.pop(ref))  # restarted by Ray, the engine built again
                 else:
                     case, since = writing.pop(ref)
                     self._collect(ref, case, since)
+
+    def _died(self, ref) -> bool:  # noqa: ANN001 - an object ref
+        """Whether an inference ended with its worker process dead (after Ray's retries). A case handed to the
+        worker before Ray has restarted it would fail without ever running (``ActorUnavailableError``)."""
+        try:
+            self.ray.get(ref)
+        except self.ray.exceptions.RayActorError:
+            return True
+        except self.ray.exceptions.RayError:
+            return False  # a stage's own error: its write task reports it
+        return False
 
     def _collect(self, ref, case: CaseInput, since: float) -> None:  # noqa: ANN001 - an object ref
         ray = self.ray
