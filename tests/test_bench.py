@@ -40,10 +40,15 @@ def test_head_only_computes_the_contract_formula_and_is_none_without_a_head():
     model = onnx.load_model_from_string(head)
     assert [i.name for i in model.graph.input] == ["features"] and [o.name for o in model.graph.output] == ["distance"]
     values = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-    mean = values[HeadInitializer.MEAN.tensor_name]
-    z = np.random.default_rng(1).normal(size=(3, bundle.manifest.features.dim)).astype(np.float32) + mean
-    expected = head_distance({name.removeprefix(HEAD_SCOPE): v for name, v in values.items()}, z)
-    np.testing.assert_allclose(_session(head).run(None, {"features": z})[0], expected, rtol=1e-5)
+    folds = bundle.manifest.n_folds
+    scopes = [HEAD_SCOPE] if folds == 1 else [f"{HEAD_SCOPE}f{i}/" for i in range(folds)]  # one head per fold
+    means = [values[scope + HeadInitializer.MEAN.value] for scope in scopes]
+    z = np.random.default_rng(1).normal(size=(3, folds, bundle.manifest.features.dim)).astype(np.float32) + means
+    per_fold = [head_distance({name.removeprefix(scope): v for name, v in values.items() if name.startswith(scope)},
+                              z[:, i]) for i, scope in enumerate(scopes)]
+    expected = np.mean(per_fold, axis=0)  # the ensemble's distance: the folds' mean
+    np.testing.assert_allclose(_session(head).run(None, {"features": z if folds > 1 else z[:, 0]})[0], expected,
+                               rtol=1e-5)
     uncalibrated = dataclasses.replace(bundle, model_bytes=network_only(bundle))
     assert head_only(uncalibrated) is None
 
@@ -73,12 +78,13 @@ def test_bench_volume_preprocesses_once_and_reports_what_ood_run_reports(tmp_pat
     assert len(calls) == 1
     assert list(result) == ["volume", "n_patches", "wall_s", "n_folds", "mirror_axes", "stages_s",
                             "distance_aggregation_s", "ood_overhead_fraction_of_e2e"]
-    assert list(result["stages_s"]) == STAGES
+    stages = STAGES if bundle.manifest.n_folds == 1 else [*STAGES[:5], "fold_agreement", *STAGES[5:]]
+    assert list(result["stages_s"]) == stages
     assert result["wall_s"] >= result["stages_s"]["total"] - 1e-3 > 0 and result["distance_aggregation_s"] > 0
     monkeypatch.undo()
     report = run_batch(demo_bundle_path(), [volume], tmp_path / "run", backend="onnxruntime", qa=False).outcomes[0].report
     assert result["n_patches"] == report.n_patches > 1
-    assert list(report.timings_s) == STAGES  # the same stages as CASE.json
+    assert list(report.timings_s) == stages  # the same stages as CASE.json
 
 
 def test_bench_volume_refuses_an_input_that_is_not_one_case(tmp_path):

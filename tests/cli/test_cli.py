@@ -366,6 +366,26 @@ def test_demo_runs_the_embedded_model(tmp_path):
     assert _run("run", "--demo", "some.onnx", "-o", tmp_path / "x").exit_code == 2
 
 
+def test_the_embedded_model_is_a_fused_two_fold_ensemble_under_40_mb():
+    """What the README says ships: folds 0 and 1 behind one input, U fused with their disagreement, each fold's
+    head storing its basis once (no components_t beside it), the file within the repository's 40 MB."""
+    import onnx
+
+    from segsentry.contract import HEAD_SCOPE, HeadInitializer
+    from segsentry.demo import demo_bundle_path
+    from segsentry.runtime.bundle import load_bundle
+
+    path = demo_bundle_path()
+    assert path.stat().st_size <= 40e6
+    manifest = load_bundle(path).manifest
+    assert [f.fold for f in manifest.folds] == ["0", "1"] and manifest.calibration.fusion is not None
+    graph = onnx.load(path, load_external_data=False).graph
+    heads = {i.name for i in graph.initializer if i.name.startswith(HEAD_SCOPE)}
+    for fold in ("f0/", "f1/"):
+        assert {HEAD_SCOPE + fold + r.value for r in (HeadInitializer.BASIS, HeadInitializer.SPAN_SCALE)} <= heads
+        assert HEAD_SCOPE + fold + HeadInitializer.COMPONENTS_T.value not in heads
+
+
 def test_a_bug_inside_a_case_fails_that_case_and_the_batch_goes_on(ct_pipeline, test_cases, tmp_path, monkeypatch):
     """An unexpected exception (a bug, not bad input) in one case: a failed row in summary.csv naming it, the other
     case written, exit 1; with --debug it propagates."""
