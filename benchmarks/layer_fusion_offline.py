@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     medians = ", ".join(f"{n} {np.median(u[np.array(groups) == 'id']):.3f}" for n, u in layers.items())
     lines = ["# Offline multi-layer fusion (dev seeds; not a deployed bundle)", "",
              f"Computed offline from `{shown}` by `benchmarks/layer_fusion_offline.py`: the phantom benchmark's "
-             "dev cohorts (`benchmarks/phantom_ood.py` SEEDS), the same cases the layer choice is looked at on, so "
+             "dev cohorts (`benchmarks/phantom_ood.py` SEED_SETS['dev']), the same cases the layer choice is looked at on, so "
              "this is a development measurement, not a held-out one. No bundle computes a fused score; it has no "
              "calibrated threshold, hence no deployed flag or false-alarm rate here.", "",
              "Layers (one network, the main bundle's folds -- fold 0 of the demo model in `phantom_ood_layers` --"
