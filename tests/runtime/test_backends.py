@@ -22,9 +22,8 @@ import numpy as np
 import onnx
 import pytest
 import SimpleITK as sitk
-from onnx import numpy_helper
 
-from segsentry.contract import HEAD_SCOPE, HeadInitializer
+from segsentry.contract import HeadInitializer
 from segsentry.errors import BackendError, MissingDependencyError
 from segsentry.runtime import backends
 from segsentry.runtime.backends import (
@@ -95,18 +94,13 @@ def test_patch_parity_with_onnxruntime(backend, kind, bundle_attr, request):
 
 
 def _older_head(bundle: Bundle) -> Bundle:
-    """The bundle as calibrated before the compact head: ``components_t = basis * span_scale`` stored beside
-    ``basis`` and multiplied with ``delta``, instead of ``span_scale`` scaling ``delta @ basis``."""
-    model = onnx.load_model_from_string(bundle.model_bytes)
-    inits = {i.name: i for i in model.graph.initializer}
-    span = inits.pop(HeadInitializer.SPAN_SCALE.tensor_name)
-    components_t = numpy_helper.to_array(inits[HeadInitializer.BASIS.tensor_name]) * numpy_helper.to_array(span)
-    model.graph.initializer.remove(span)
-    model.graph.initializer.append(numpy_helper.from_array(components_t, HeadInitializer.COMPONENTS_T.tensor_name))
-    whitened = next(n for n in model.graph.node if n.input[-1:] == [HeadInitializer.SPAN_SCALE.tensor_name])
-    delta = next(n for n in model.graph.node if n.output[0] == HEAD_SCOPE + "delta").output[0]
-    whitened.op_type, whitened.input[:] = "MatMul", [delta, HeadInitializer.COMPONENTS_T.tensor_name]
-    return dataclasses.replace(bundle, model_bytes=model.SerializeToString())
+    """The bundle as calibrated before the compact head (``components_t`` beside ``basis``)."""
+    from segsentry.devtools.head_forms import older_head_form
+
+    older = older_head_form(onnx.load_model_from_string(bundle.model_bytes))
+    names = {i.name for i in older.graph.initializer}
+    assert HeadInitializer.COMPONENTS_T.tensor_name in names and HeadInitializer.SPAN_SCALE.tensor_name not in names
+    return dataclasses.replace(bundle, model_bytes=older.SerializeToString())
 
 
 @pytest.mark.parametrize("backend", OTHER_BACKENDS)
