@@ -44,7 +44,7 @@ class BackendSpec:
         needs_manifest: the class takes the bundle manifest (``manifest=``) as well as the bundle bytes.
         default_batch_size: patches per engine call when the user asks for no batch size (see
             :func:`default_batch_size`); more than 1 only where ``benchmarks/batch_size.py`` measured a win
-            over 5 % (``benchmarks/results/batch_size_demo.md``).
+            over 5 % at no memory or mask cost on small and full-size networks alike (none does so far).
     """
 
     module: str
@@ -56,12 +56,11 @@ class BackendSpec:
 
 
 BACKENDS: dict[str, BackendSpec] = {  # backend name -> where it lives; the order is AVAILABLE's
-    # CPU: 4 patches per call, 9-20 % less time per patch than 1 on the demo bundle (2 cores, contended);
-    # the GPU backends and torch are unmeasured: 1
-    "onnxruntime": BackendSpec("segsentry.runtime.backends.onnxruntime", "OnnxruntimeBackend", None,
-                               default_batch_size=4),
-    "openvino": BackendSpec("segsentry.runtime.backends.openvino", "OpenvinoBackend", "openvino",
-                            default_batch_size=4),
+    # 1 patch per call everywhere, as nnU-Net. Batch 4 saved 5-20 % per patch on the 1.4 M-parameter demo net
+    # (batch_size_demo*.md) but nothing on a 30.8 M-parameter fullres net, where it took 2.2x the peak memory
+    # (OpenVINO: 3545 vs 1597 MB) and changed 0.06 % of the mask voxels (batch_size_fullres.md)
+    "onnxruntime": BackendSpec("segsentry.runtime.backends.onnxruntime", "OnnxruntimeBackend", None),
+    "openvino": BackendSpec("segsentry.runtime.backends.openvino", "OpenvinoBackend", "openvino"),
     "torch": BackendSpec("segsentry.export.torch_backend", "TorchBackend", "export", needs_manifest=True),
     "ort-gpu": BackendSpec("segsentry.runtime.backends.ort_gpu", "OrtGpuBackend", "gpu", gpu=True),
     "tensorrt": BackendSpec("segsentry.runtime.backends.tensorrt", "TensorrtBackend", "trt", gpu=True),
