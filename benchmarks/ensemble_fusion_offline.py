@@ -24,15 +24,14 @@ E-AURC (risk = 1 - Dice, chest cohorts) with 95 % bootstrap intervals, as in ``o
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from layer_fusion_offline import ci, table  # noqa: E402 - a sibling script
+from layer_fusion_offline import ci, read_cases, table  # noqa: E402 - a sibling script
 
 from segsentry.demo import demo_bundle_path  # noqa: E402
 from segsentry.evaluation.metrics import wilson_interval  # noqa: E402
@@ -69,17 +68,13 @@ def main(argv: list[str] | None = None) -> int:
     fusion, alpha = calibration.fusion, calibration.alpha or 0.05
     cal_u = np.array([normalise_score(s, train_min=calibration.train_score_min, train_max=calibration.train_score_max)
                       for s in calibration.calibration_scores])
-    cal_a = fusion.offset + fusion.scale * np.array(fusion.calibration_disagreements)
+    def mapped(disagreements: Iterable[float]) -> np.ndarray:  # the bundle's own map onto the distance U's scale
+        return np.array([fusion.uncertainty(1.0 - d) for d in disagreements])
 
-    with open(args.cases, newline="") as f:
-        rows = list(csv.DictReader(f))
-    if not rows or "fold_disagreement" not in rows[0] or "mahalanobis[conformal]" not in rows[0]:
-        raise SystemExit(f"{args.cases} needs the columns fold_disagreement and mahalanobis[conformal] "
-                         "(an ensemble run with --variants conformal)")
-    groups = [r["group"] for r in rows]
-    dice = [r["dice"] or None for r in rows]
-    u = np.array([float(r["mahalanobis[conformal]"]) for r in rows])
-    a = fusion.offset + fusion.scale * np.array([float(r["fold_disagreement"]) for r in rows])
+    cal_a = mapped(fusion.calibration_disagreements)
+    groups, dice, columns = read_cases(args.cases, {"u": "mahalanobis[conformal]", "d": "fold_disagreement"},
+                                       hint="an ensemble run of phantom_ood.py with --variants conformal")
+    u, a = columns["u"], mapped(columns["d"])
     group = np.array(groups)
     scores = {name: rule(u, a, cal_u, cal_a) for name, rule in RULES.items()}
 

@@ -33,15 +33,17 @@ FUSIONS = {"mean": np.mean, "max": np.max}
 RESAMPLES = 1000  # as ood-eval
 
 
-def read_cases(path: Path) -> tuple[list[str], list[str | None], dict[str, np.ndarray]]:
-    """(group per case, Dice per case or None, score key -> U per case) from an ``ood-eval`` cases.csv."""
+def read_cases(path: Path, columns: dict[str, str] = LAYERS, *,
+               hint: str = "run phantom_ood.py with --variants conformal --layers encoder.stages.2 encoder.stages.3",
+               ) -> tuple[list[str], list[str | None], dict[str, np.ndarray]]:
+    """(group per case, Dice per case or None, name -> the ``columns[name]`` score per case) from an ``ood-eval``
+    cases.csv; ``hint`` says how to get a file that has the columns."""
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
-    missing = [key for key in LAYERS.values() if key not in rows[0]]
+    missing = [key for key in columns.values() if not rows or key not in rows[0]]
     if missing:
-        raise SystemExit(f"{path} has no column {', '.join(missing)}; run phantom_ood.py with --variants conformal "
-                         "--layers encoder.stages.2 encoder.stages.3")
-    scores = {name: np.array([float(r[key]) for r in rows]) for name, key in LAYERS.items()}
+        raise SystemExit(f"{path} has no column {', '.join(missing)}; {hint}")
+    scores = {name: np.array([float(r[key]) for r in rows]) for name, key in columns.items()}
     return [r["group"] for r in rows], [r["dice"] or None for r in rows], scores
 
 
@@ -87,8 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     medians = ", ".join(f"{n} {np.median(u[np.array(groups) == 'id']):.3f}" for n, u in layers.items())
     lines = ["# Offline multi-layer fusion (dev seeds; not a deployed bundle)", "",
              f"Computed offline from `{shown}` by `benchmarks/layer_fusion_offline.py`: the phantom benchmark's "
-             "dev cohorts (`benchmarks/phantom_ood.py` SEED_SETS['dev']), the same cases the layer choice is looked at on, so "
-             "this is a development measurement, not a held-out one. No bundle computes a fused score; it has no "
+             "dev cohorts (`benchmarks/phantom_ood.py` SEED_SETS['dev']), the same cases the layer choice is "
+             "looked at on, so this is a development measurement, not a held-out one. No bundle computes a fused score; it has no "
              "calibrated threshold, hence no deployed flag or false-alarm rate here.", "",
              "Layers (one network, the main bundle's folds -- fold 0 of the demo model in `phantom_ood_layers` --"
              " each bundle Ledoit-Wolf + conformal alpha 5 %): "
