@@ -212,15 +212,22 @@ def _check_quantized(model: onnx.ModelProto, source: onnx.ModelProto, keep: list
 
 
 def compare_bundles(fp32_bytes: bytes, int8_bytes: bytes, manifest: Manifest, images: Sequence[str | Path], *,
-                    threads: int | None = None, backend: str = "onnxruntime") -> list[CaseFidelity]:
-    """Run every case in ``images`` through both graphs (on ``backend``, same manifest) and compare."""
+                    threads: int | None = None, backend: str = "onnxruntime",
+                    precision: str | None = None) -> list[CaseFidelity]:
+    """Run every case in ``images`` through both graphs (on ``backend``, same manifest) and compare.
+
+    ``precision`` is the second engine's (:class:`BackendOptions`; the first always runs fp32): with the same
+    bytes twice and ``precision="bf16"`` on OpenVINO this compares its bf16 network with fp32 (the ``*_int8``
+    fields then hold the bf16 run)."""
     cases = collect_cases(images, num_channels=manifest.num_channels)
     if not cases:
         raise CalibrationError("no cases found in the fidelity images")
-    options = BackendOptions(threads=threads)
-    kwargs = {"channels": manifest.num_channels, "patch_size": manifest.patch_size, "options": options}
+    kwargs = {"channels": manifest.num_channels, "patch_size": manifest.patch_size}
+    full = BackendOptions(threads=threads, precision="fp32")
+    reduced = BackendOptions(threads=threads, precision=precision)
     out = []
-    with create_backend(backend, fp32_bytes, **kwargs) as fp32, create_backend(backend, int8_bytes, **kwargs) as int8:
+    with create_backend(backend, fp32_bytes, options=full, **kwargs) as fp32, \
+            create_backend(backend, int8_bytes, options=reduced, **kwargs) as int8:
         for case in cases:
             loaded = read_case(case, num_channels=manifest.num_channels)
             a = predict_case(loaded, fp32, manifest, with_uncertainty_map=False)

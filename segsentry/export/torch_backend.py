@@ -109,7 +109,8 @@ class TorchBackend(BackendBase):
         cuda: bool = False,
     ) -> None:
         super().__init__(channels=channels, patch_size=patch_size, options=options)
-        threads, fp16 = options.threads, options.precision == "fp16"
+        self.precision = options.resolve_precision(self.name, ("fp32", "fp16"))
+        threads, fp16 = options.threads, self.precision == "fp16"
         device = f"cuda:{options.device}" if cuda else "cpu"
         if manifest is None:
             raise BackendError("the torch backend needs the bundle manifest (create_backend(..., manifest=...))")

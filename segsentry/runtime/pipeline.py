@@ -59,7 +59,8 @@ class VolumeInference:
     ``distances`` ``(n_patches,)``; ``features`` ``(n_patches, D)`` when collected (``(n_patches, folds, D)``
     for a fold ensemble). For an ensemble ``logits`` is the fold average and ``fold_labels`` ``(folds, Z, Y, X)``
     uint8/uint16 holds each fold's own argmax label. ``step_size`` the tile
-    step the boxes were placed with (a fraction of the patch size).
+    step the boxes were placed with (a fraction of the patch size). ``precision`` the one the engine ran the
+    network in (its ``precision`` attribute; ``"fp32"`` for an engine without one).
     """
 
     logits: np.ndarray | None
@@ -71,6 +72,7 @@ class VolumeInference:
     features: np.ndarray | None
     step_size: float = 0.5
     fold_labels: np.ndarray | None = None
+    precision: str = "fp32"
 
 
 def check_step_size(step_size: float) -> float:
@@ -174,6 +176,7 @@ def infer_volume(
         distances=np.concatenate(distances) if distances else None,
         features=np.concatenate(features) if features else None,
         step_size=step_size,
+        precision=str(getattr(backend, "precision", "fp32")),
     )
 
 
@@ -384,6 +387,9 @@ def finish_case(
     if fusion is not None and fusion.mirrored != (axes is not None):
         notes.append(f"U's fold-disagreement part was calibrated {'with' if fusion.mirrored else 'without'} "
                      f"test-time mirroring and this case ran {'with' if axes else 'without'} it")
+    if inference.precision != "fp32":
+        notes.append(f"the network ran in {inference.precision}: the mask is not nnU-Net's float32 prediction, and "
+                     "U's threshold was set on float32 scores")
     return CasePrediction(
         case_id=loaded.case_id,
         mask=mask,

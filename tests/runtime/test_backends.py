@@ -362,7 +362,8 @@ def test_backend_options_defaults_and_checks(tmp_path):
     options = BackendOptions()
     assert (options.threads, options.low_memory, options.cache_dir, options.device, options.precision,
             options.max_batch) == (None, False, None, 0, None, None)
-    assert options.precision_or("fp16") == "fp16" and BackendOptions(precision="fp32").precision_or("fp16") == "fp32"
+    assert options.resolve_precision("tensorrt", ("fp16", "fp32")) == "fp16"  # None: the backend's default
+    assert BackendOptions(precision="fp32").resolve_precision("tensorrt", ("fp16", "fp32")) == "fp32"
     assert BackendOptions(cache_dir=str(tmp_path)).cache_dir == tmp_path  # a str path becomes a Path
     with pytest.raises(dataclasses.FrozenInstanceError):
         options.threads = 2  # type: ignore[misc]
@@ -383,7 +384,7 @@ def test_cpu_backends_refuse_fp16(backend, ct_pipeline):
     """fp16 on a CPU engine would silently run float32: refused, with the backends that can do it named."""
     _requires(backend)
     bundle = load_bundle(ct_pipeline.ood_onnx)
-    with pytest.raises(BackendError, match=f"the {backend} backend runs the float32 graph only.*tensorrt or ort-gpu"):
+    with pytest.raises(BackendError, match=f"the {backend} backend runs fp32.* not 'fp16'.*tensorrt or ort-gpu"):
         _engine(backend, bundle, options=BackendOptions(precision="fp16"))
     with _engine(backend, bundle, options=BackendOptions(precision="fp32")) as engine:
         assert engine.options.precision == "fp32"

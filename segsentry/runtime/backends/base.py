@@ -68,6 +68,8 @@ class BackendBase:
     """
 
     name = "base"
+    #: the precision the engine runs the network in (a subclass that offers others sets it from its options)
+    precision = "fp32"
 
     def __init__(self, *, channels: int, patch_size: Sequence[int], options: BackendOptions) -> None:
         self.channels = channels

@@ -33,9 +33,9 @@ class OnnxruntimeBackend(BackendBase):
         input_name: str = "image",
         options: BackendOptions = BackendOptions(),
     ) -> None:
-        """Uses ``options.threads`` and ``options.low_memory``; refuses ``precision="fp16"``; ignores the rest."""
+        """Uses ``options.threads`` and ``options.low_memory``; runs ``precision="fp32"`` only; ignores the rest."""
         super().__init__(channels=channels, patch_size=patch_size, options=options)
-        options.require_fp32(self.name)
+        options.resolve_precision(self.name, ("fp32",))
         self.low_memory = options.low_memory
         self.session = cpu_session(model, options)
         self.input_name = input_name

@@ -5,6 +5,14 @@ installed OpenVINO cannot read ONNX bytes), the input is reshaped to ``(?, chann
 batch, static patch) and compiled for ``CPU`` with f32 inference precision, so results match onnxruntime
 on CPUs where OpenVINO would otherwise default to bf16 (AMX / AVX512-BF16).
 
+``precision="bf16"`` (an explicit choice, never the default) compiles the network with bf16 inference
+precision and the fused Mahalanobis head apart, in f32: OpenVINO has one precision per compiled model and ran
+the head's basis projection in bf16 when it was one graph (its runtime model said so), and the head subtracts
+two large sums, which bf16's 8-bit mantissa would spoil. The bundle is cut at the head's boundary
+(:func:`segsentry.graph.head_boundary`, the pooled features), each call runs the network, then the head on its
+features. Refused on a CPU without native bf16 (OpenVINO's ``OPTIMIZATION_CAPABILITIES`` lists no ``BF16``):
+it would be emulated, slower than f32.
+
 ``performance_hint="latency"`` (default): one infer request, reused for every batch, all threads on one
 inference. ``"throughput"``: OpenVINO sizes its CPU streams to the cores (``NUM_STREAMS`` is read back into
 ``streams``) and an ``AsyncInferQueue`` of ``OPTIMAL_NUMBER_OF_INFER_REQUESTS`` requests runs the patches of a
@@ -51,6 +59,44 @@ def _read_model(core: Any, model: bytes) -> Any:
         os.unlink(path)
 
 
+def _require_native_bf16(core: Any) -> None:
+    """Refuse bf16 where OpenVINO's CPU device has no native bfloat16 (it would emulate it, slower than f32)."""
+    try:
+        capabilities = [str(c) for c in core.get_property(DEVICE, "OPTIMIZATION_CAPABILITIES")]
+    except Exception as exc:
+        raise BackendError(f"OpenVINO cannot report its CPU's capabilities: {first_line(exc)}") from exc
+    if "BF16" not in capabilities:
+        raise BackendError("precision 'bf16' needs a CPU with native bfloat16 (AVX512_BF16 or AMX); OpenVINO lists "
+                           f"{', '.join(capabilities) or 'nothing'} for this one: use precision 'fp32'")
+
+
+def split_head(model: bytes) -> tuple[bytes, bytes | None, list[str]]:
+    """``(network, head, boundary)``: the bundle cut where its fused head reads the network.
+
+    ``network`` computes every graph output outside the head plus the ``boundary`` tensors the head reads (the
+    pooled features); ``head`` computes the head's graph outputs (``distance``, per-fold distances) from them.
+    A bundle without a head comes back whole: ``(model, None, [])``.
+    """
+    import onnx  # a core dependency; imported here so ``import segsentry.runtime`` reads no graph code
+
+    from segsentry.graph import GraphIndex, extract, head_boundary, infer_types
+
+    proto = onnx.load_model_from_string(model)
+    boundary, head_outputs = head_boundary(proto.graph)
+    if not head_outputs:
+        return model, None, []
+    typed = infer_types(proto, message="OpenVINO bf16: cannot infer the bundle's tensor types", error=BackendError)
+    index = GraphIndex(typed.graph)
+    if any(name in index.inputs for name in boundary):
+        raise BackendError("OpenVINO bf16: the bundle's head reads a graph input directly; it cannot be compiled "
+                           "apart from the network")
+    outputs = [name for name in index.outputs if name not in head_outputs]
+    outputs += [name for name in boundary if name not in outputs]
+    network = extract(typed, index.inputs, outputs)
+    head = extract(typed, boundary, head_outputs)
+    return network.SerializeToString(), head.SerializeToString(), list(boundary)
+
+
 class OpenvinoBackend(BackendBase):
     """OpenVINO ``CompiledModel`` on the CPU device, with one reused ``InferRequest``.
 
@@ -72,11 +118,11 @@ class OpenvinoBackend(BackendBase):
         performance_hint: PerformanceHint = "latency",
         streams: int | None = None,
     ) -> None:
-        """Uses ``options.threads``; refuses ``precision="fp16"``; ignores the rest. ``performance_hint``
-        (``"latency"`` or ``"throughput"``) is OpenVINO's own setting; ``streams`` (throughput only; ``None``:
-        OpenVINO sizes them to the cores) fixes ``NUM_STREAMS``."""
+        """Uses ``options.threads`` and ``options.precision`` (``fp32`` default, or ``bf16``); ignores the rest.
+        ``performance_hint`` (``"latency"`` or ``"throughput"``) is OpenVINO's own setting; ``streams``
+        (throughput only; ``None``: OpenVINO sizes them to the cores) fixes ``NUM_STREAMS``."""
         super().__init__(channels=channels, patch_size=patch_size, options=options)
-        options.require_fp32(self.name)
+        self.precision = options.resolve_precision(self.name, ("fp32", "bf16"))
         threads = options.threads
         if performance_hint not in ("latency", "throughput"):
             raise BackendError(f"OpenVINO performance hint must be 'latency' or 'throughput', got {performance_hint!r}")
@@ -90,7 +136,11 @@ class OpenvinoBackend(BackendBase):
             raise BackendError(f"OpenVINO backend: not a valid ONNX model ({exc})") from exc
 
         core = ov.Core()
-        network = _read_model(core, model)
+        network_graph, head_graph, self._boundary = model, None, []
+        if self.precision == "bf16":
+            _require_native_bf16(core)
+            network_graph, head_graph, self._boundary = split_head(model)
+        network = _read_model(core, network_graph)
         inputs = {name for port in network.inputs for name in port.get_names()}
         if input_name not in inputs:
             raise BackendError(f"the bundle has no input '{input_name}' (inputs: {', '.join(sorted(inputs))})")
@@ -103,7 +153,7 @@ class OpenvinoBackend(BackendBase):
             ) from exc
         config: dict[str, str] = {
             "PERFORMANCE_HINT": performance_hint.upper(),
-            "INFERENCE_PRECISION_HINT": "f32",
+            "INFERENCE_PRECISION_HINT": "bf16" if self.precision == "bf16" else "f32",
         }
         if threads:
             config["INFERENCE_NUM_THREADS"] = str(int(threads))
@@ -111,7 +161,18 @@ class OpenvinoBackend(BackendBase):
             config["NUM_STREAMS"] = str(int(streams))
         try:
             self.compiled = core.compile_model(network, DEVICE, config)
-            self._outputs = [(name, self.compiled.output(name)) for name in output_names]
+            self._head = None
+            if head_graph is not None:
+                head_config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
+                if threads:
+                    head_config["INFERENCE_NUM_THREADS"] = str(int(threads))
+                self._head = core.compile_model(_read_model(core, head_graph), DEVICE, head_config)
+                self._head_request = self._head.create_infer_request()
+                self._head_outputs = [(port.get_any_name(), port) for port in self._head.outputs]
+            produced = {name for port in self.compiled.outputs for name in port.get_names()}
+            self._outputs = [(name, self.compiled.output(name)) for name in output_names if name in produced]
+            self._outputs += [(name, self.compiled.output(name)) for name in self._boundary
+                              if name not in output_names]
             self._input = self.compiled.input(input_name)
             self._request = self.compiled.create_infer_request()
             self.streams = int(self.compiled.get_property("NUM_STREAMS"))
@@ -127,21 +188,33 @@ class OpenvinoBackend(BackendBase):
         self.output_names = list(output_names)
         self.performance_hint = performance_hint
         self.preferred_batch = self.requests
-        log.debug("OpenVINO %s: compiled for %s (%s hint, threads=%s, %d stream(s), %d request(s))", ov.__version__,
-                  DEVICE, performance_hint, threads or "auto", self.streams, self.requests)
+        log.debug("OpenVINO %s: compiled for %s (%s, %s hint, threads=%s, %d stream(s), %d request(s))",
+                  ov.__version__, DEVICE, self.precision, performance_hint, threads or "auto", self.streams,
+                  self.requests)
 
     def _run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         if self._request is None:
             raise BackendError("the OpenVINO backend was closed")
         try:
             if self._queue is not None and batch.shape[0] > 1:
-                return self._run_async(batch)
-            results = self._request.infer({self._input: batch})
-            return {name: np.array(results[port], dtype=np.float32, copy=True) for name, port in self._outputs}
+                outputs = self._run_async(batch)
+            else:
+                results = self._request.infer({self._input: batch})
+                outputs = {name: np.array(results[port], dtype=np.float32, copy=True) for name, port in self._outputs}
+            return self._run_head(outputs)
         except BackendError:
             raise
         except Exception as exc:
             raise BackendError(f"OpenVINO inference failed: {first_line(exc)}") from exc
+
+    def _run_head(self, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """With a head compiled apart (bf16): run it on the network's boundary tensors, return the graph outputs."""
+        if self._head is None:
+            return outputs
+        results = self._head_request.infer({name: outputs[name] for name in self._boundary})
+        outputs.update({name: np.array(results[port], dtype=np.float32, copy=True)
+                        for name, port in self._head_outputs})
+        return {name: outputs[name] for name in self.output_names}
 
     def _run_async(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         """One patch per infer request of the queue, all in flight together; outputs stacked in batch order."""
@@ -167,5 +240,7 @@ class OpenvinoBackend(BackendBase):
     def close(self) -> None:
         self._queue = None
         self._request = None
+        self._head_request = None
+        self._head = None
         self._outputs = []
         self.compiled = None

@@ -10,14 +10,16 @@ harmless; one that running anyway would contradict is refused with a :class:`~se
   ignored by the CPU engines (they build nothing worth caching).
 * ``device``: the CUDA device of ort-gpu and tensorrt, and of torch with ``cuda=True``; ignored on the CPU.
 * ``precision``: tensorrt ``fp16`` (default) or ``fp32``; ort-gpu ``fp32`` (default) or ``fp16``; torch
-  ``fp32`` (default) or ``fp16`` autocast on CUDA only; onnxruntime and openvino ``fp32`` only (``fp16``
-  refused: they run the float32 graph).
+  ``fp32`` (default) or ``fp16`` autocast on CUDA only; openvino ``fp32`` (default) or ``bf16`` on a CPU with
+  native bfloat16 (AVX512_BF16 or AMX); onnxruntime ``fp32`` only. Any other precision is refused.
 * ``max_batch``: tensorrt's optimisation-profile maximum (default 4; larger batches run in chunks); ignored by
   the others, whose batch axis is dynamic.
 
 ``fp16`` everywhere means the FP16 network with FP32 normalisations and an FP32 Mahalanobis head, float32
-inputs and outputs (:func:`segsentry.runtime.backends.fp16.to_mixed_fp16`; autocast for torch). The CPU
-engines run the float32 graph only, so asking them for ``fp16`` is an error, not a silent float32 run.
+inputs and outputs (:func:`segsentry.runtime.backends.fp16.to_mixed_fp16`; autocast for torch). ``bf16``
+means OpenVINO's bfloat16 inference precision for the network (its convolutions and, by OpenVINO's choice, most
+instance normalisations, which accumulate in float32), with the Mahalanobis head compiled apart in float32.
+Asking an engine for a precision it does not run is an error, never a silent float32 run.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from typing import Literal, get_args
 
 from segsentry.errors import BackendError
 
-Precision = Literal["fp32", "fp16"]
+Precision = Literal["fp32", "fp16", "bf16"]
 PRECISIONS: tuple[str, ...] = get_args(Precision)
 
 
@@ -47,8 +49,8 @@ class BackendOptions:
             (the cache then lies beside the bundle). ``None``: nothing is cached, engines are built in memory.
         device: CUDA device index for the GPU engines (``0``: the first device the driver lists, after
             ``CUDA_VISIBLE_DEVICES``).
-        precision: ``"fp32"`` or ``"fp16"``; ``None`` means the backend's default (``fp16`` for tensorrt,
-            ``fp32`` for every other backend).
+        precision: ``"fp32"``, ``"fp16"`` or ``"bf16"``; ``None`` means the backend's default (``fp16`` for
+            tensorrt, ``fp32`` for every other backend).
         max_batch: the largest batch an engine with a fixed batch range is built for (tensorrt; ``None``: its
             default of 4). Larger batches still run, in chunks.
     """
@@ -73,15 +75,16 @@ class BackendOptions:
         if self.cache_dir is not None and not isinstance(self.cache_dir, Path):
             object.__setattr__(self, "cache_dir", Path(self.cache_dir))
 
-    def precision_or(self, default: Precision) -> Precision:
-        """``precision``, or ``default`` (the backend's) when it is ``None``."""
-        return default if self.precision is None else self.precision
-
-    def require_fp32(self, backend: str) -> None:
-        """Refuse ``precision="fp16"`` for an engine that runs the float32 graph only."""
-        if self.precision == "fp16":
-            raise BackendError(f"the {backend} backend runs the float32 graph only; precision 'fp16' needs a GPU "
-                               "backend (--backend tensorrt or ort-gpu)")
-
+    def resolve_precision(self, backend: str, supported: tuple[Precision, ...]) -> Precision:
+        """The precision ``backend`` runs: ``precision``, or ``supported[0]`` (the backend's default) when it is
+        ``None``; a precision outside ``supported`` raises :class:`BackendError` saying which engine runs it."""
+        if self.precision is None:
+            return supported[0]
+        if self.precision not in supported:
+            where = {"fp16": "a GPU backend (--backend tensorrt or ort-gpu)",
+                     "bf16": "--backend openvino on a CPU with AVX512_BF16 or AMX"}[self.precision]
+            raise BackendError(f"the {backend} backend runs {' or '.join(supported)}, not {self.precision!r}; "
+                               f"{self.precision} needs {where}")
+        return self.precision
 
 __all__ = ["PRECISIONS", "BackendOptions", "Precision"]

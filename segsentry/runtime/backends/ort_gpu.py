@@ -87,7 +87,7 @@ class OrtGpuBackend(BackendBase):
         ``cache_dir``; ignores ``low_memory`` and ``max_batch``."""
         super().__init__(channels=channels, patch_size=patch_size, options=options)
         threads, device_id, cache_dir = options.threads, options.device, options.cache_dir
-        precision = options.precision_or("fp32")
+        precision = options.resolve_precision(self.name, ("fp32", "fp16"))
         self.session = gpu_session(model, device_id=device_id, precision=precision, use_trt_ep=use_trt_ep,
                                    cache_dir=cache_dir, threads=threads)  # the loader: graph, providers, checks
         import onnxruntime as ort  # imported by the loader already

@@ -124,7 +124,7 @@ class TensorrtBackend(BackendBase):
         workspace_bytes: int | None = None,
     ) -> None:
         super().__init__(channels=channels, patch_size=patch_size, options=options)
-        precision = options.precision_or("fp16")
+        precision = options.resolve_precision(self.name, ("fp16", "fp32"))
         max_batch = DEFAULT_MAX_BATCH if options.max_batch is None else options.max_batch
         cache_dir, device_id = options.cache_dir, options.device
         self._buffers: list[tuple[str, Any]] = []  # (kind, pointer) freed by close()

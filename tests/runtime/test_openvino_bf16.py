@@ -1,0 +1,122 @@
+"""OpenVINO's bf16 precision: the network in bf16, the fused Mahalanobis head compiled apart in fp32.
+
+Oracles and tolerances (the shipped 2-fold demo bundle, random patches):
+
+* the head: the bf16 engine's ``distance`` equals onnxruntime's fp32 head run on the features of the bf16
+  network, ``rtol = 1e-5`` (OpenVINO's fp32 head is 1.3e-6 from onnxruntime's; the same head compiled in bf16
+  is 7e-5 off, so a head that slipped into bf16 fails this);
+* what OpenVINO reports it runs (its runtime model): every convolution of the network in bf16, every node of
+  the head in f32;
+* against the fp32 engine: distances ``rtol = 1e-2``, logits ``max |Δ| <= 2e-2 * max |fp32|`` (bf16 keeps 8
+  mantissa bits: 0.0068 of the logit scale measured).
+
+The bf16 tests skip where OpenVINO is missing or the CPU has no native bf16 (AVX512_BF16 / AMX).
+"""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import pytest
+
+from segsentry.bench import network_only
+from segsentry.demo import demo_bundle_path
+from segsentry.errors import BackendError
+from segsentry.runtime.backends import BackendOptions, create_backend
+from segsentry.runtime.bundle import load_bundle
+
+
+def _native_bf16() -> bool:
+    ov = pytest.importorskip("openvino")
+    return "BF16" in [str(c) for c in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")]
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return load_bundle(demo_bundle_path())
+
+
+def _engine(bundle, precision: str | None, name: str = "openvino"):
+    m = bundle.manifest
+    return create_backend(name, bundle.model_bytes, channels=m.num_channels, patch_size=m.patch_size, manifest=m,
+                          options=BackendOptions(precision=precision))
+
+
+def _patches(bundle, n: int = 2) -> np.ndarray:
+    m = bundle.manifest
+    return np.random.default_rng(0).standard_normal((n, m.num_channels, *m.patch_size)).astype(np.float32)
+
+
+def _runtime_precisions(compiled) -> collections.Counter:
+    counts: collections.Counter = collections.Counter()
+    for op in compiled.get_runtime_model().get_ordered_ops():
+        info = op.get_rt_info()
+        counts[(info["layerType"].astype(str), info["runtimePrecision"].astype(str))] += 1
+    return counts
+
+
+def test_bf16_network_with_an_fp32_head(demo):
+    if not _native_bf16():
+        pytest.skip("this CPU has no native bf16 (AVX512_BF16 or AMX)")
+    import onnxruntime as ort
+    import openvino as ov
+
+    from segsentry.runtime.backends.openvino import split_head
+
+    x = _patches(demo)
+    with _engine(demo, "bf16") as engine:
+        assert engine.precision == "bf16"
+        got = engine.run(x)
+        network = _runtime_precisions(engine.compiled)
+        head = _runtime_precisions(engine._head)
+    assert sorted(got) == ["distance", "logits"]
+    assert network[("Convolution", "bf16")] > 0 and network[("Convolution", "f32")] == 0
+    computing = {k: v for k, v in head.items() if k[0] not in ("Input", "Output", "Const")}
+    assert computing and all(precision == "f32" for _, precision in computing), head
+
+    network_graph, head_graph, boundary = split_head(demo.model_bytes)
+    assert boundary == ["features"]
+    core = ov.Core()
+    compiled = core.compile_model(core.read_model(network_graph), "CPU", {"INFERENCE_PRECISION_HINT": "bf16"})
+    result = compiled.create_infer_request().infer({0: x})
+    outputs = {port.get_any_name(): np.array(result[port]) for port in compiled.outputs}
+    np.testing.assert_array_equal(got["logits"], outputs["logits"])
+    head_session = ort.InferenceSession(head_graph, providers=["CPUExecutionProvider"])
+    expected = head_session.run(["distance"], {"features": outputs["features"]})[0]
+    np.testing.assert_allclose(got["distance"], expected, rtol=1e-5)
+
+    with _engine(demo, None) as fp32:
+        assert fp32.precision == "fp32"
+        reference = fp32.run(x)
+    np.testing.assert_allclose(got["distance"], reference["distance"], rtol=1e-2)
+    scale = float(np.abs(reference["logits"]).max())
+    assert float(np.abs(got["logits"] - reference["logits"]).max()) <= 2e-2 * scale
+
+
+def test_split_head_leaves_a_bundle_without_head_whole(demo):
+    from segsentry.runtime.backends.openvino import split_head
+
+    plain = network_only(demo)
+    assert split_head(plain) == (plain, None, [])
+
+
+def test_bf16_is_refused_where_the_cpu_has_no_native_bf16():
+    from segsentry.runtime.backends.openvino import _require_native_bf16
+
+    class NoBf16Core:
+        def get_property(self, device, name):
+            assert (device, name) == ("CPU", "OPTIMIZATION_CAPABILITIES")
+            return ["FP32", "INT8", "BIN", "EXPORT_IMPORT"]
+
+    with pytest.raises(BackendError, match=r"needs a CPU with native bfloat16.*FP32, INT8.*precision 'fp32'"):
+        _require_native_bf16(NoBf16Core())
+
+
+@pytest.mark.parametrize("name", ["onnxruntime", "torch"])
+def test_other_engines_refuse_bf16(demo, name):
+    if name == "torch":
+        pytest.importorskip("torch")
+        pytest.importorskip("dynamic_network_architectures")
+    with pytest.raises(BackendError, match=rf"the {name} backend runs fp32.* not 'bf16'.*--backend openvino"):
+        _engine(demo, "bf16", name=name)
