@@ -56,7 +56,8 @@ def _child(args: argparse.Namespace) -> None:
 
         start = time.perf_counter()
         result = run_batch(args.bundle, [image], out, backend=args.backend, threads=args.threads, qa=False,
-                           low_memory=bool(args.low_memory), mirroring=args.tta)
+                           low_memory=bool(args.low_memory), mirroring=args.tta, precision=args.precision,
+                           batch_size=args.batch_size)
         seconds = time.perf_counter() - start
         assert result.outcomes[0].status == "ok", result.outcomes[0].error
         timings = result.outcomes[0].report.timings_s
@@ -78,6 +79,17 @@ def _measure(variant: str, workdir: Path, run: int, flags: list[str], tag: str =
     return {**json.loads(line[7:]), "out": out}
 
 
+def _option_flags(option: str) -> dict[str, str]:
+    """The child's flags for a ``NAME:option`` backend spec: low-memory, bf16 / fp32 (precision), batchN."""
+    if not option:
+        return {}
+    if option == "low-memory":
+        return {"low_memory": "1"}
+    if option.startswith("batch"):
+        return {"batch_size": option.removeprefix("batch")}
+    return {"precision": option}
+
+
 def _versions() -> dict:
     return package_versions(["segsentry", "numpy", "SimpleITK", "onnx", "onnxruntime", "openvino", "torch",
                              "nnunetv2", "scipy", "scikit-image"])
@@ -93,15 +105,20 @@ def main(argv: list[str] | None = None) -> int:
     child.add_argument("--threads", type=int, default=None)
     child.add_argument("--backend", default="onnxruntime")
     child.add_argument("--low-memory", default=None)
+    child.add_argument("--precision", default=None)
+    child.add_argument("--batch-size", type=int, default=None)
     for p in (parser, child):
         p.add_argument("--folds", type=int, default=1, help="ensemble folds 0..N-1 (default 1: one network)")
         p.add_argument("--tta", action="store_true", help="test-time mirroring in both pipelines")
     parser.add_argument("--shape", type=int, nargs=3, default=None, help="override the preset's volume (z y x)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="small")
+    parser.add_argument("--suffix", default="", help="appended to the result files' names (e.g. the machine)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="backend threads (default: all cores)")
     parser.add_argument("--backends", nargs="+", default=["onnxruntime", "onnxruntime:low-memory", "openvino"],
-                        help="segsentry CPU backends to compare with nnU-Net (NAME or NAME:low-memory)")
+                        help="segsentry CPU backends to compare with nnU-Net (NAME, NAME:low-memory, "
+                             "openvino:bf16 for OpenVINO's bf16 network on a CPU with AVX512_BF16 / AMX, or "
+                             "NAME:batchN for --batch-size N: N tiles and all their flips per engine call)")
     args = parser.parse_args(argv)
     if args.cmd == "child":
         _child(args)
@@ -120,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     setting = {"folds": args.folds, "tta": args.tta}
     tag = "" if (args.folds, args.tta, args.shape) == (1, False, None) else (
         f"_f{args.folds}" + ("_tta" if args.tta else "") + ("_" + "x".join(map(str, shape)) if args.shape else ""))
+    tag += f"_{args.suffix}" if args.suffix else ""
     with tempfile.TemporaryDirectory(prefix="segsentry-bench-") as tmp:
         work = Path(tmp)
         model_dir = nnunet_folder.make_model_folder(work / "results", spec, folds=range(args.folds))
@@ -145,9 +163,9 @@ def main(argv: list[str] | None = None) -> int:
             runs["nnunet"].append(_measure("nnunet", work, r, flags, image=case, model_dir=model_dir))
             for b in args.backends:
                 name, _, option = b.partition(":")
-                low = {"low_memory": "1"} if option == "low-memory" else {}
+                chosen = _option_flags(option)
                 runs[f"segsentry_{b}"].append(_measure("segsentry", work, r, flags, image=case, bundle=bundle,
-                                                       backend=name, tag=b.replace(":", "_"), **low, **extra))
+                                                       backend=name, tag=b.replace(":", "_"), **chosen, **extra))
         ref = sitk.GetArrayFromImage(sitk.ReadImage(str(runs["nnunet"][0]["out"] / "mask.nii.gz")))
         agreement, stages = {}, {}
         for b in args.backends:
@@ -199,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     for b in args.backends:
         k = f"segsentry_{b}"
         name, _, option = b.partition(":")
-        flag = " --low-memory" if option == "low-memory" else ""
+        flag = "".join(f" --{k.replace('_', '-')}" + ("" if k == "low_memory" else f" {v}")
+                       for k, v in _option_flags(option).items())
         md.append(f"| ood-run --backend {name}{flag} (with OOD head) | {med[k]:.2f} | {result['speedup_vs_nnunet'][k]:.2f}x | "
                   f"{rss[k]:.0f} | {result['rss_ratio_vs_nnunet'][k]:.2f}x | {agreement[b]['fraction']:.6f} "
                   f"({agreement[b]['mismatched_voxels']} voxels differ) |")

@@ -277,6 +277,11 @@ def run_command(
     allow_irregular_slices: Annotated[bool, typer.Option(
         "--allow-irregular-slices", help="Process DICOM series with missing or unevenly spaced slices instead of "
         "refusing them; each such case's report carries the warning.")] = False,
+    precision: Annotated[Optional[str], typer.Option(
+        "--precision", help="The network's precision: fp32 (default on the CPU), fp16 (GPU backends; tensorrt's "
+        "default) or bf16 (--backend openvino on a CPU with AVX512_BF16 or AMX; Mahalanobis head kept in fp32). A "
+        "reduced precision is an explicit trade: faster, masks no longer nnU-Net's float32 ones, U's threshold set "
+        "in fp32 (see the README's numbers).")] = None,
     step_size: Annotated[Optional[float], typer.Option(
         "--step-size", help="Tile step as a fraction of the patch (nnU-Net's "
         "-step_size; default the bundle's, 0.5, which U is calibrated at: another step gives an uncalibrated U).")] = None,
@@ -298,6 +303,12 @@ def run_command(
         raise typer.BadParameter("--demo runs here and from scratch: no --ray or --resume")
     if step_size is not None and not 0 < step_size <= 1:
         raise typer.BadParameter(f"--step-size must be in (0, 1], got {step_size}")
+    from segsentry.runtime.backends.options import PRECISIONS
+
+    if precision is not None and precision not in PRECISIONS:
+        raise typer.BadParameter(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if demo and precision is not None:
+        raise typer.BadParameter("--demo runs the embedded model at the backend's default precision: no --precision")
     if ray_workers is not None and ray is None:
         raise typer.BadParameter("--ray-workers needs --ray ADDRESS")
     if not demo and (bundle is None or not inputs):
@@ -331,13 +342,13 @@ def run_command(
                                        batch_size=batch_size, low_memory=low_memory, qa=qa, resume=resume,
                                        on_case=advance, raise_unexpected=debug,
                                        allow_irregular_slices=allow_irregular_slices, step_size=step_size,
-                                       mirroring=not disable_tta)
+                                       mirroring=not disable_tta, precision=precision)
             else:
                 result = run_batch(bundle, inputs, output, backend=backend, batch_size=batch_size, threads=threads,
                                    low_memory=low_memory, qa=qa, on_case=advance, raise_unexpected=debug,
                                    case_hooks=hooks, allow_irregular_slices=allow_irregular_slices, resume=resume,
-                                   step_size=step_size,
-                                   mirroring=not disable_tta, prefetch=prefetch)
+                                   step_size=step_size, mirroring=not disable_tta, prefetch=prefetch,
+                                   precision=precision)
         if as_json:
             typer.echo(json.dumps({
                 "backend": result.backend,

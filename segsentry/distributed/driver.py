@@ -89,6 +89,7 @@ def run_batch_ray(
     allow_irregular_slices: bool = False,
     step_size: float | None = None,
     mirroring: bool = True,
+    precision: str | None = None,
 ) -> BatchResult:
     """:func:`segsentry.runtime.run_batch` on Ray: the same files per case, the same ``CASE.json`` except the
     timings, one ``summary.csv`` and QA page. ``output_dir`` and the inputs must be on storage every node sees
@@ -112,10 +113,9 @@ def run_batch_ray(
     if todo:
         with ray_session(ray_options.address, num_cpus=ray_options.num_cpus) as ray:
             backend_name = _resolve_on_cluster(ray, backend, ray_options)
-            case_opts = replace(case_opts, batch_size=resolve_batch_size(batch_size, backend_name, bundle.manifest,
-                                                                         mirroring=mirroring))
+            case_opts = replace(case_opts, batch_size=resolve_batch_size(batch_size, backend_name))
             _Run(ray, bundle, todo, output_dir, backend_name, ray_options, case_opts, low_memory=low_memory,
-                 on_case=on_case, outcomes=outcomes).run()
+                 precision=precision, on_case=on_case, outcomes=outcomes).run()
     for folder in [output_dir, output_dir / "qa"]:
         for partial in leftover_partials(folder):  # a writer killed mid-write; every writer has finished
             shutil.rmtree(partial, ignore_errors=True)
@@ -144,7 +144,7 @@ class _Run:
     """One batch on the cluster: keeps every actor busy with one case, reads ``prefetch`` cases ahead."""
 
     def __init__(self, ray, bundle, cases: list[CaseInput], output_dir: Path, backend_name: str,  # noqa: ANN001
-                 options: RayOptions, case_opts: CaseOptions, *, low_memory: bool,
+                 options: RayOptions, case_opts: CaseOptions, *, low_memory: bool, precision: str | None,
                  on_case: Callable[[CaseOutcome], None] | None, outcomes: dict[str, CaseOutcome]) -> None:
         from segsentry.distributed import stages
 
@@ -169,7 +169,7 @@ class _Run:
             num_cpus=options.cpus_per_worker, num_gpus=self.gpus, concurrency_groups={"control": 1},
             max_restarts=-1, max_task_retries=options.max_retries)(stages.EngineWorker)
         self.engine_options = BackendOptions(threads=options.cpus_per_worker, low_memory=low_memory,
-                                             cache_dir=bundle.path)
+                                             cache_dir=bundle.path, precision=precision)
 
     def _worker_count(self) -> int:
         resources = self.ray.cluster_resources()

@@ -50,13 +50,11 @@ from segsentry.runtime.pipeline import (
     check_step_size,
     finish_case,
     infer_volume_for_case,
-    mirroring_plan,
 )
 from segsentry.runtime.preprocess import Geometry, preprocess
 from segsentry.runtime.report import CaseReport
 from segsentry.runtime.qa import CaseView, modality_of, render_case, write_qa_page
 from segsentry.runtime.resume import find_complete
-from segsentry.runtime.sliding import mirror_combinations
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +139,7 @@ def run_batch(
     resume: bool = False,
     mirroring: bool = True,
     prefetch: bool = True,
+    precision: str | None = None,
 ) -> BatchResult:
     """Run every case found in ``inputs``; write ``CASE<ending>``, ``CASE_uncertainty<ending>``, ``CASE.json``,
     ``summary.csv`` and (unless ``qa=False``) the QA page ``qa.html`` with its PNGs in ``qa/``, into
@@ -157,19 +156,21 @@ def run_batch(
     and written (at most one case ahead; the CLI's ``--no-prefetch`` turns it off): the outputs, the order of
     the outcomes and of ``on_case`` calls are those of a run without it, and the thread is joined before this
     returns or raises.
+    ``precision`` is the engine's (:class:`~segsentry.runtime.backends.BackendOptions`; None: the backend's
+    default); a reduced one is named in each case's report notes.
     """
     output_dir = Path(output_dir)
     bundle, cases = open_batch(bundle_path, inputs, output_dir)
     manifest = bundle.manifest
     backend_name = resolve_backend_name(backend)
-    options = case_options(bundle, batch_size=resolve_batch_size(batch_size, backend_name, manifest,
-                                                                 mirroring=mirroring),
+    options = case_options(bundle, batch_size=resolve_batch_size(batch_size, backend_name),
                            step_size=step_size, mirroring=mirroring, qa=qa, raise_unexpected=raise_unexpected,
                            allow_irregular_slices=allow_irregular_slices, case_hooks=case_hooks)
     outcomes: list[CaseOutcome] = []
     with create_backend(backend_name, bundle.model_bytes, channels=manifest.num_channels,
                         patch_size=manifest.patch_size, manifest=manifest,
-                        options=BackendOptions(threads=threads, low_memory=low_memory, cache_dir=bundle.path),
+                        options=BackendOptions(threads=threads, low_memory=low_memory, cache_dir=bundle.path,
+                                               precision=precision),
                         ) as engine:  # TensorRT caches its engine beside the bundle
         # the engine holds its own copy of the graph: drop ours (the weights' size: 123 MB for a fullres net)
         bundle = replace(bundle, model_bytes=b"")
@@ -238,13 +239,9 @@ def case_options(bundle: Bundle, *, batch_size: int = 1, step_size: float | None
         bundle_sha256=hashlib.sha256(bundle.model_bytes).hexdigest(), case_hooks=tuple(case_hooks))
 
 
-def resolve_batch_size(batch_size: int | None, backend_name: str, manifest: Manifest, *, mirroring: bool) -> int:
-    """``batch_size``, or (None) the default of the concrete backend ``backend_name`` for this bundle: its
-    patches per call over the patches a tile sends with the flips it is run with (:func:`default_batch_size`)."""
-    if batch_size is not None:
-        return batch_size
-    axes, _ = mirroring_plan(manifest, mirroring=mirroring)
-    return default_batch_size(backend_name, patches_per_tile=len(mirror_combinations(axes)) + 1 if axes else 1)
+def resolve_batch_size(batch_size: int | None, backend_name: str) -> int:
+    """``batch_size``, or (None) the default of the concrete backend ``backend_name`` (:func:`default_batch_size`)."""
+    return default_batch_size(backend_name) if batch_size is None else batch_size
 
 
 def resumed_outcome(case: CaseInput, output_dir: Path, bundle: Bundle, *, qa: bool) -> CaseOutcome | None:

@@ -293,7 +293,7 @@ def test_bench_reports_latency_and_head_overhead(ct_pipeline, test_cases, tmp_pa
     assert r["backend"] == "onnxruntime"
     assert [b["batch"] for b in r["batches"]] == [1, 2]
     # per batch size: with the head, the network alone, the head alone, and mirrored (the test bundle records
-    # mirroring axes: batch x 8 patches in one call) -- each `repeats` timed calls
+    # mirroring axes: the batch and its 7 flips, one call each) -- each `repeats` timed runs
     assert r["mirror_terms"] == 8 and r["n_folds"] == 1
     assert len(raw) == 4 * 2 and all(len(t) == 3 for t in raw)
     assert all(math.isfinite(t) and t > 0 for times in raw for t in times)
@@ -444,3 +444,31 @@ def test_run_step_size_reaches_the_report(ct_pipeline, tmp_path):
     assert report["step_size"] == 0.8
     bad = CliRunner().invoke(cli.run_app, [str(ct_pipeline.ood_onnx), str(case), "-o", str(out), "--step-size", "0"])
     assert bad.exit_code == 2
+
+
+def test_run_precision_reaches_the_engine_and_the_report(ct_pipeline, tmp_path):
+    """--precision bf16 runs OpenVINO's bf16 network and says so in CASE.json's notes; an engine that does not run
+    the asked precision stops the batch with a one-line error before any output; an unknown one is a usage
+    error."""
+    case = sorted(ct_pipeline.images.glob("*_0000.nii.gz"))[0]
+    refused = _run("run", ct_pipeline.ood_onnx, case, "-o", tmp_path / "ort", "--backend", "onnxruntime",
+                   "--precision", "bf16", "--no-qa")
+    assert refused.exit_code == 1
+    assert "the onnxruntime backend runs fp32, not 'bf16'" in _text(refused)
+    assert not list((tmp_path / "ort").glob("*.nii.gz"))
+    assert _run("run", ct_pipeline.ood_onnx, case, "-o", tmp_path / "x", "--precision", "int8").exit_code == 2
+    pytest.importorskip("openvino")
+    import openvino as ov
+
+    if "BF16" not in [str(c) for c in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")]:
+        pytest.skip("this CPU has no native bf16 (AVX512_BF16 or AMX)")
+    out = tmp_path / "bf16"
+    result = _run("run", ct_pipeline.ood_onnx, case, "-o", out, "--backend", "openvino", "--precision", "bf16",
+                  "--no-qa")
+    assert result.exit_code in (0, 3), result.output
+    report = json.loads(next(out.glob("*.json")).read_text())
+    assert report["backend"] == "openvino"
+    assert any("the network ran in bf16" in note for note in report["notes"]), report["notes"]
+    plain = tmp_path / "fp32"
+    assert _run("run", ct_pipeline.ood_onnx, case, "-o", plain, "--backend", "openvino", "--no-qa").exit_code in (0, 3)
+    assert not any("ran in" in note for note in json.loads(next(plain.glob("*.json")).read_text())["notes"])

@@ -35,7 +35,7 @@ def test_masks_do_not_depend_on_the_batch_size(backend, ct_pipeline, test_cases,
         assert reports[1]["score"] == pytest.approx(reports[0]["score"], rel=1e-4)
 
 
-def test_the_default_is_the_backends_patches_per_call_over_a_tiles_flips(monkeypatch):
+def test_the_default_is_the_backends_patches_per_call(monkeypatch):
     import dataclasses
 
     from segsentry.runtime import backends
@@ -46,29 +46,42 @@ def test_the_default_is_the_backends_patches_per_call_over_a_tiles_flips(monkeyp
     monkeypatch.setitem(backends.BACKENDS, "onnxruntime", dataclasses.replace(BACKENDS["onnxruntime"],
                                                                              default_batch_size=4))
     assert default_batch_size("ort") == 4  # names resolve as everywhere
-    assert default_batch_size("onnxruntime", patches_per_tile=2) == 2  # one mirroring axis: a tile and its flip
-    assert default_batch_size("onnxruntime", patches_per_tile=8) == 1  # three axes: 8 patches per tile already
-    with pytest.raises(ValueError, match="patches_per_tile"):
-        default_batch_size("onnxruntime", patches_per_tile=0)
 
 
-@pytest.mark.parametrize(("asked", "mirroring"), [(None, False), (None, True), (2, True)])
+@pytest.mark.parametrize(("asked", "mirroring"), [(None, False), (None, True), (3, True)])
 def test_run_batch_uses_the_default_unless_asked(asked, mirroring, ct_pipeline, test_cases, tmp_path, monkeypatch):
-    from segsentry.runtime import batch
-    from segsentry.runtime.backends import default_batch_size
+    """The batch size is the patches per engine call, mirrored or not: a tile's flips are calls of their own."""
+    import dataclasses
+
+    from segsentry.runtime import backends, batch
     from segsentry.runtime.sliding import mirror_combinations
 
+    monkeypatch.setitem(backends.BACKENDS, "onnxruntime", dataclasses.replace(backends.BACKENDS["onnxruntime"],
+                                                                             default_batch_size=2))
     axes = batch.load_bundle(ct_pipeline.ood_onnx).manifest.tiling.mirror_axes
-    flips = len(mirror_combinations(axes)) + 1 if axes and mirroring else 1
+    terms = len(mirror_combinations(axes)) + 1 if axes and mirroring else 1
     used: list[int] = []
+    calls: list[int] = []
     real = batch.infer_volume_for_case
 
-    def recording(*args, batch_size, **kwargs):
+    class Spy:
+        def __init__(self, engine):
+            self.engine, self.name = engine, engine.name
+
+        def run(self, patches):
+            calls.append(len(patches))
+            return self.engine.run(patches)
+
+    def recording(data, engine, *args, batch_size, **kwargs):
         used.append(batch_size)
-        return real(*args, batch_size=batch_size, **kwargs)
+        return real(data, Spy(engine), *args, batch_size=batch_size, **kwargs)
 
     monkeypatch.setattr(batch, "infer_volume_for_case", recording)
     files = next(iter(test_cases["ct"].values()))
-    run_batch(ct_pipeline.ood_onnx, files, tmp_path / "out", backend="onnxruntime", threads=1, qa=False,
-              batch_size=asked, mirroring=mirroring)
-    assert used == [asked or default_batch_size("onnxruntime", patches_per_tile=flips)]
+    result = run_batch(ct_pipeline.ood_onnx, files, tmp_path / "out", backend="onnxruntime", threads=1, qa=False,
+                       batch_size=asked, mirroring=mirroring)
+    size = asked or 2
+    assert used == [size]
+    n_patches = result.outcomes[0].report.n_patches
+    full, rest = divmod(n_patches, size)
+    assert calls == [size] * (full * terms) + [rest] * (terms if rest else 0)

@@ -73,8 +73,8 @@ class _TorchNet:
 @pytest.mark.parametrize("axes", [(0, 1, 2), (1, 2)])
 def test_mirroring_matches_nnunet(axes):
     """The mirror average equals nnU-Net 2.8.1's ``_internal_maybe_mirror_and_predict`` on the same network
-    (float32, flips in its order); the flips of a batch go to the engine in one call; other outputs are the
-    un-mirrored pass's."""
+    (float32, flips in its order); the batch and each of its flips are one engine call of the batch's size, so
+    mirroring never enlarges a call; other outputs are the un-mirrored pass's."""
     torch = pytest.importorskip("torch")
     predictor = pytest.importorskip("nnunetv2.inference.predict_from_raw_data").nnUNetPredictor
     from types import SimpleNamespace
@@ -85,9 +85,10 @@ def test_mirroring_matches_nnunet(axes):
     data = np.random.default_rng(3).standard_normal((2, 10, 12, 14)).astype(np.float32)
     boxes = tile_boxes(data.shape[1:], (6, 8, 8), 0.5)
     backend = _TorchNet(torch, channels=2, classes=3)
-    batches = list(iterate_patches(data, backend, boxes, batch_size=3, mirror_axes=axes, mirrored=["logits"]))
+    batches = list(iterate_patches(data, backend, boxes, batch_size=4, mirror_axes=axes, mirrored=["logits"]))
     n_terms = len(mirror_combinations(axes)) + 1
-    assert backend.calls == [n_terms * len(b.boxes) for b in batches]
+    assert backend.calls == [len(b.boxes) for b in batches for _ in range(n_terms)]
+    assert len(boxes) % 4 and len(batches[-1].boxes) == len(boxes) % 4  # a short last batch too
     reference = SimpleNamespace(network=backend.net, allowed_mirroring_axes=axes, use_mirroring=True)
     for batch in batches:
         for box, logits, distance in zip(batch.boxes, batch.outputs["logits"], batch.outputs["distance"]):
@@ -97,5 +98,5 @@ def test_mirroring_matches_nnunet(axes):
             assert logits.dtype == np.float32
             np.testing.assert_allclose(logits, expected, rtol=0, atol=1e-6)
             assert distance == patch[0, 0, 0, 0].item()  # the un-mirrored pass's
-    unmirrored = next(iterate_patches(data, backend, boxes, batch_size=3)).outputs["logits"]
+    unmirrored = next(iterate_patches(data, backend, boxes, batch_size=4)).outputs["logits"]
     assert not np.allclose(unmirrored, batches[0].outputs["logits"], atol=1e-3)  # the flips did change the logits

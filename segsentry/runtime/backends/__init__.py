@@ -141,14 +141,11 @@ def resolve_backend_name(name: str) -> str:
     raise BackendError(f"unknown backend '{name}'; choose one of: {', '.join((*AVAILABLE, 'auto'))}")
 
 
-def default_batch_size(name: str, *, patches_per_tile: int = 1) -> int:
+def default_batch_size(name: str) -> int:
     """Tiles per engine call for the backend ``name`` when the user asks for no batch size: its
-    :attr:`BackendSpec.default_batch_size` patches per call, divided by the patches each tile sends
-    (``patches_per_tile``: 1, or with test-time mirroring the tile and its flips, 8 for three axes), at least 1.
-    So a call never holds more patches than the measured default or one mirrored tile, whichever is more."""
-    if patches_per_tile < 1:
-        raise ValueError(f"patches_per_tile must be >= 1, got {patches_per_tile}")
-    return max(1, BACKENDS[resolve_backend_name(name)].default_batch_size // patches_per_tile)
+    :attr:`BackendSpec.default_batch_size`. A mirrored tile's flips are calls of their own
+    (:func:`segsentry.runtime.sliding.iterate_patches`), so a call holds that many patches either way."""
+    return BACKENDS[resolve_backend_name(name)].default_batch_size
 
 
 def _backend_class(name: str, spec: BackendSpec) -> type:
