@@ -87,6 +87,8 @@ def _option_flags(option: str) -> dict[str, str]:
         return {"low_memory": "1"}
     if option.startswith("batch"):
         return {"batch_size": option.removeprefix("batch")}
+    if option == "int8":
+        return {}  # the int8 bundle (segsentry quantize) instead of the float32 one
     return {"precision": option}
 
 
@@ -118,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backends", nargs="+", default=["onnxruntime", "onnxruntime:low-memory", "openvino"],
                         help="segsentry CPU backends to compare with nnU-Net (NAME, NAME:low-memory, "
                              "openvino:bf16 for OpenVINO's bf16 network on a CPU with AVX512_BF16 / AMX, or "
-                             "NAME:batchN for --batch-size N: N tiles and all their flips per engine call)")
+                             "NAME:batchN for --batch-size N, or NAME:int8 for the bundle quantised by "
+                             "segsentry quantize from the calibration phantoms)")
     args = parser.parse_args(argv)
     if args.cmd == "child":
         _child(args)
@@ -155,6 +158,14 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         bundle = calibrate(features, [train], work / "m.ood.onnx").path
         calib_s = time.perf_counter() - t0
+        int8_bundle, quantize_s = None, None
+        if any(b.partition(":")[2] == "int8" for b in args.backends):
+            from segsentry.calib.quantize import quantize_bundle
+
+            t0 = time.perf_counter()
+            int8_bundle = quantize_bundle(bundle, work / "m.int8.ood.onnx", calibration_images=[train],
+                                          max_patches=8).path
+            quantize_s = time.perf_counter() - t0
 
         runs: dict[str, list[dict]] = {"nnunet": [], **{f"segsentry_{b}": [] for b in args.backends}}
         extra = {"threads": args.threads} if args.threads else {}
@@ -164,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
             for b in args.backends:
                 name, _, option = b.partition(":")
                 chosen = _option_flags(option)
-                runs[f"segsentry_{b}"].append(_measure("segsentry", work, r, flags, image=case, bundle=bundle,
+                graph = int8_bundle if option == "int8" else bundle
+                runs[f"segsentry_{b}"].append(_measure("segsentry", work, r, flags, image=case, bundle=graph,
                                                        backend=name, tag=b.replace(":", "_"), **chosen, **extra))
         ref = sitk.GetArrayFromImage(sitk.ReadImage(str(runs["nnunet"][0]["out"] / "mask.nii.gz")))
         agreement, stages = {}, {}
@@ -194,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         "mask_agreement_vs_nnunet": agreement,
         "export_seconds": round(export_s, 2),
         "calibration_seconds": round(calib_s, 2),
+        "quantize_seconds": None if quantize_s is None else round(quantize_s, 2),
         "machine": machine_info(),
         "versions": _versions(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -218,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         k = f"segsentry_{b}"
         name, _, option = b.partition(":")
         flag = "".join(f" --{k.replace('_', '-')}" + ("" if k == "low_memory" else f" {v}")
-                       for k, v in _option_flags(option).items())
+                       for k, v in _option_flags(option).items()) + (" (int8 bundle)" if option == "int8" else "")
         md.append(f"| ood-run --backend {name}{flag} (with OOD head) | {med[k]:.2f} | {result['speedup_vs_nnunet'][k]:.2f}x | "
                   f"{rss[k]:.0f} | {result['rss_ratio_vs_nnunet'][k]:.2f}x | {agreement[b]['fraction']:.6f} "
                   f"({agreement[b]['mismatched_voxels']} voxels differ) |")
