@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -27,24 +26,12 @@ import numpy as np
 
 from segsentry.bench import machine_info, package_versions
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from int8_fidelity import latency_per_patch  # noqa: E402 - the sibling benchmark's timing loop
+
 RESULTS = Path(__file__).resolve().parent / "results"
 DEMO = Path(__file__).resolve().parent.parent / "segsentry" / "models" / "demo_lung.ood.onnx"
 COHORTS = {"id": "ID", "dataset-shift": "DS", "diagnostic-shift": "DX", "far-ood": "FO"}
-
-
-def _latency(engines: dict, patches: np.ndarray, rounds: int) -> dict[str, dict[str, float]]:
-    """Seconds per patch (batch 1) per engine, the engines alternating within every round."""
-    times: dict[str, list[float]] = {name: [] for name in engines}
-    for engine in engines.values():  # warm-up
-        engine.run(patches[:1])
-    for _ in range(rounds):
-        for name, engine in engines.items():
-            start = time.perf_counter()
-            for p in patches:
-                engine.run(p[None])
-            times[name].append((time.perf_counter() - start) / len(patches))
-    return {name: {"median_s": statistics.median(t), "min_s": min(t), "max_s": max(t), "rounds": len(t)}
-            for name, t in times.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
                                              options=BackendOptions(threads=args.threads, precision=precision))
                    for precision in ("fp32", "bf16")}
         try:
-            speed = _latency(engines, patches, args.rounds)
+            speed = latency_per_patch(engines, patches, args.rounds)
         finally:
             for engine in engines.values():
                 engine.close()

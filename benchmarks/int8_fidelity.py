@@ -32,7 +32,7 @@ DEMO = Path(__file__).resolve().parent.parent / "segsentry" / "models" / "demo_l
 COHORTS = {"id": ("ID", 4), "dataset-shift": ("DS", 2), "diagnostic-shift": ("DX", 2), "far-ood": ("FO", 2)}
 
 
-def _latency(backends: dict, patches: np.ndarray, rounds: int) -> dict[str, dict[str, float]]:
+def latency_per_patch(backends: dict, patches: np.ndarray, rounds: int) -> dict[str, dict[str, float]]:
     """Seconds per patch (batch 1) per backend, the backends alternating within every round."""
     times: dict[str, list[float]] = {name: [] for name in backends}
     for backend in backends.values():  # warm-up
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
                                         options=options)
                 opened.append(engine)
                 engines[f"{name} {label}"] = engine
-        speed = _latency(engines, patches, args.rounds)
+        speed = latency_per_patch(engines, patches, args.rounds)
         for engine in opened:
             engine.close()
 
