@@ -262,3 +262,18 @@ def test_an_engine_that_cannot_be_built_stops_the_batch_with_its_reason(ct_pipel
         run_batch_ray(ct_pipeline.ood_onnx, [cohort], tmp_path / "ray", backend="tensorrt",
                       ray_options=RayOptions(workers=1, gpus_per_worker=0))
     assert not (tmp_path / "ray" / "summary.csv").exists()
+
+
+def test_the_precision_reaches_the_engine_workers(ct_pipeline, ray_instance, tmp_path):
+    """--precision goes to the actors' engines: OpenVINO bf16 is named in the report's notes, as in a serial run."""
+    ov = pytest.importorskip("openvino")
+    if "BF16" not in [str(c) for c in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")]:
+        pytest.skip("this CPU has no native bf16 (AVX512_BF16 or AMX)")
+    from segsentry.distributed import RayOptions, run_batch_ray
+
+    case = next(iter(ct_pipeline.cases.values()))
+    result = run_batch_ray(ct_pipeline.ood_onnx, case, tmp_path / "ray", backend="openvino", precision="bf16",
+                           ray_options=RayOptions(workers=1, cpus_per_worker=THREADS), qa=False)
+    (outcome,) = result.outcomes
+    assert outcome.status == "ok", outcome.error
+    assert any("the network ran in bf16" in note for note in outcome.report.notes), outcome.report.notes
