@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "bf16_fidelity", "bundle": args.bundle.name, "n_folds": m.n_folds,
         "mirror_axes": m.tiling.mirror_axes, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine_info(),
         "packages": package_versions(["openvino", "onnxruntime", "onnx", "numpy"]),
-        "fidelity": {k: v for k, v in summary.__dict__.items()}, "fidelity_seconds": fidelity_s, "cases": cases,
+        "fidelity": summary.__dict__, "fidelity_seconds": fidelity_s, "cases": cases,
         "latency_per_patch": speed, "patch_size": list(m.patch_size), "seed": args.seed,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)

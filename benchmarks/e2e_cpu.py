@@ -80,7 +80,8 @@ def _measure(variant: str, workdir: Path, run: int, flags: list[str], tag: str =
 
 
 def _option_flags(option: str) -> dict[str, str]:
-    """The child's flags for a ``NAME:option`` backend spec: low-memory, bf16 / fp32 (precision), batchN."""
+    """The child's flags for a ``NAME:option`` backend spec: low-memory, batchN, int8 (none: the int8 bundle is
+    passed instead), or a precision (bf16 / fp32)."""
     if not option:
         return {}
     if option == "low-memory":

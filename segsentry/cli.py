@@ -46,8 +46,8 @@ VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Log progress 
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show full tracebacks for unexpected errors.")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Patches per backend call.")]
 RunBatchOpt = Annotated[Optional[int], typer.Option(
-    "--batch-size", min=1, help="Tiles per backend call (default: 1 tile, with its flips when mirrored; more saves "
-    "5-20 % on small nets but took 2.2x the memory on a fullres net).")]
+    "--batch-size", min=1, help="Tiles per backend call (default: 1; a mirrored tile's flips are calls of their "
+    "own; more saves 5-20 % on small nets but took 2.2x the memory on a fullres net).")]
 ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads for the backend.")]
 MonitorLogOpt = Annotated[Optional[Path], typer.Option(
     "--monitor-log", help="Append one JSON line per case (time, U, flag, scanner) to this drift-watch log.")]

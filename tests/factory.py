@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pytest
 import SimpleITK as sitk
 
 from segsentry.devtools.nnunet_folder import CT_SPEC, MR_SPEC, REGION_SPEC, ModelSpec, make_model_folder  # noqa: F401
@@ -77,6 +78,16 @@ def run_with_blocked_imports(blocked: list[str], body: str) -> subprocess.Comple
     """
     code = _BLOCKER.format(blocked=blocked) + textwrap.dedent(body)
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+
+
+def skip_without_native_bf16() -> None:
+    """Skip the calling test unless OpenVINO is installed and its CPU device runs bf16 natively (AVX512_BF16 or
+    AMX): what ``--precision bf16`` needs (the backend's own check, ``cpu_capabilities``)."""
+    ov = pytest.importorskip("openvino")
+    from segsentry.runtime.backends.openvino import cpu_capabilities
+
+    if "BF16" not in cpu_capabilities(ov.Core()):
+        pytest.skip("this CPU has no native bf16 (AVX512_BF16 or AMX)")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import SimpleITK as sitk
 from onnx import helper, numpy_helper
 from typer.testing import CliRunner
 
-from factory import write_volume
+from factory import skip_without_native_bf16, write_volume
 from segsentry.cli import app
 from segsentry.runtime.backends import resolve_backend_name
 
@@ -457,11 +457,7 @@ def test_run_precision_reaches_the_engine_and_the_report(ct_pipeline, tmp_path):
     assert "the onnxruntime backend runs fp32, not 'bf16'" in _text(refused)
     assert not list((tmp_path / "ort").glob("*.nii.gz"))
     assert _run("run", ct_pipeline.ood_onnx, case, "-o", tmp_path / "x", "--precision", "int8").exit_code == 2
-    pytest.importorskip("openvino")
-    import openvino as ov
-
-    if "BF16" not in [str(c) for c in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")]:
-        pytest.skip("this CPU has no native bf16 (AVX512_BF16 or AMX)")
+    skip_without_native_bf16()
     out = tmp_path / "bf16"
     result = _run("run", ct_pipeline.ood_onnx, case, "-o", out, "--backend", "openvino", "--precision", "bf16",
                   "--no-qa")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from factory import run_with_blocked_imports
+from factory import run_with_blocked_imports, skip_without_native_bf16
 from segsentry.errors import SegsentryError
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="ray (segsentry[distributed]) "
@@ -266,9 +266,7 @@ def test_an_engine_that_cannot_be_built_stops_the_batch_with_its_reason(ct_pipel
 
 def test_the_precision_reaches_the_engine_workers(ct_pipeline, ray_instance, tmp_path):
     """--precision goes to the actors' engines: OpenVINO bf16 is named in the report's notes, as in a serial run."""
-    ov = pytest.importorskip("openvino")
-    if "BF16" not in [str(c) for c in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")]:
-        pytest.skip("this CPU has no native bf16 (AVX512_BF16 or AMX)")
+    skip_without_native_bf16()
     from segsentry.distributed import RayOptions, run_batch_ray
 
     case = next(iter(ct_pipeline.cases.values()))

@@ -20,16 +20,12 @@ import collections
 import numpy as np
 import pytest
 
+from factory import skip_without_native_bf16
 from segsentry.bench import network_only
 from segsentry.demo import demo_bundle_path
 from segsentry.errors import BackendError
 from segsentry.runtime.backends import BackendOptions, create_backend
 from segsentry.runtime.bundle import load_bundle
-
-
-def _native_bf16() -> bool:
-    ov = pytest.importorskip("openvino")
-    return "BF16" in [str(c) for c in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")]
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +53,7 @@ def _runtime_precisions(compiled) -> collections.Counter:
 
 
 def test_bf16_network_with_an_fp32_head(demo):
-    if not _native_bf16():
-        pytest.skip("this CPU has no native bf16 (AVX512_BF16 or AMX)")
+    skip_without_native_bf16()
     import onnxruntime as ort
     import openvino as ov
 

@@ -59,12 +59,17 @@ def _read_model(core: Any, model: bytes) -> Any:
         os.unlink(path)
 
 
-def _require_native_bf16(core: Any) -> None:
-    """Refuse bf16 where OpenVINO's CPU device has no native bfloat16 (it would emulate it, slower than f32)."""
+def cpu_capabilities(core: Any) -> list[str]:
+    """OpenVINO's ``OPTIMIZATION_CAPABILITIES`` of its CPU device (``"FP32"``, ``"BF16"``, ``"INT8"``, ...)."""
     try:
-        capabilities = [str(c) for c in core.get_property(DEVICE, "OPTIMIZATION_CAPABILITIES")]
+        return [str(c) for c in core.get_property(DEVICE, "OPTIMIZATION_CAPABILITIES")]
     except Exception as exc:
         raise BackendError(f"OpenVINO cannot report its CPU's capabilities: {first_line(exc)}") from exc
+
+
+def _require_native_bf16(core: Any) -> None:
+    """Refuse bf16 where OpenVINO's CPU device has no native bfloat16 (it would emulate it, slower than f32)."""
+    capabilities = cpu_capabilities(core)
     if "BF16" not in capabilities:
         raise BackendError("precision 'bf16' needs a CPU with native bfloat16 (AVX512_BF16 or AMX); OpenVINO lists "
                            f"{', '.join(capabilities) or 'nothing'} for this one: use precision 'fp32'")
