@@ -270,6 +270,9 @@ def run_command(
     prefetch: Annotated[bool, typer.Option(
         "--prefetch/--no-prefetch", help="Read and preprocess the next case in a background thread while this one "
         "is inferred (one case ahead; same outputs). Not used with --ray, which runs its stages apart.")] = True,
+    write_behind: Annotated[bool, typer.Option(
+        "--write-behind/--no-write-behind", help="Write each case's outputs in a background thread while the next "
+        "case is inferred (one case behind; same outputs). Not used with --ray.")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print the case reports as JSON on stdout.")] = False,
     dicom_seg: Annotated[bool, typer.Option("--dicom-seg", help="Also write CASE.seg.dcm (DICOM SEG) and CASE.sr.dcm "
                                             "(SR with the OOD verdict) for DICOM series inputs (segsentry[dicom]).")] = False,
@@ -348,7 +351,7 @@ def run_command(
                                    low_memory=low_memory, qa=qa, on_case=advance, raise_unexpected=debug,
                                    case_hooks=hooks, allow_irregular_slices=allow_irregular_slices, resume=resume,
                                    step_size=step_size, mirroring=not disable_tta, prefetch=prefetch,
-                                   precision=precision)
+                                   write_behind=write_behind, precision=precision)
         if as_json:
             typer.echo(json.dumps({
                 "backend": result.backend,

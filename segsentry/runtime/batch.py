@@ -3,8 +3,9 @@
 A failing case is recorded and the batch goes on; inputs are never overwritten. A case's outputs appear
 together: they are written into one hidden per-case folder and moved into place at the end, ``CASE.json``
 last, so ``CASE.json`` is the completion marker (:func:`completed_cases` reads a folder that way). The next case
-is read and preprocessed in one background thread while the current one is inferred and written
-(``prefetch``); everything a case reports and writes is decided in the calling thread, in case order.
+is read and preprocessed in one background thread while the current one is inferred (``prefetch``), and a
+case's write stage runs in another while the next one is inferred (``write_behind``). Each stage keeps case
+order, a case's outcome is handed out in order, and nothing a case reports or writes depends on either thread.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ from segsentry.runtime.resume import find_complete
 log = logging.getLogger(__name__)
 
 PREFETCH_THREAD = "segsentry-prefetch"  # the name prefix of run_batch's read-ahead thread
+WRITER_THREAD = "segsentry-writer"  # ... and of its write-behind thread
 SUMMARY_FIELDS = ["case", "status", "ood", "uncertainty", "score", "threshold", "n_patches", "seconds", "error"]
 
 
@@ -139,6 +141,7 @@ def run_batch(
     resume: bool = False,
     mirroring: bool = True,
     prefetch: bool = True,
+    write_behind: bool = True,
     precision: str | None = None,
 ) -> BatchResult:
     """Run every case found in ``inputs``; write ``CASE<ending>``, ``CASE_uncertainty<ending>``, ``CASE.json``,
@@ -156,6 +159,10 @@ def run_batch(
     and written (at most one case ahead; the CLI's ``--no-prefetch`` turns it off): the outputs, the order of
     the outcomes and of ``on_case`` calls are those of a run without it, and the thread is joined before this
     returns or raises.
+    ``write_behind`` writes each case (images, hooks, report, QA PNGs: :func:`write_case`) in one background
+    thread while the next case is inferred (at most one case being written; the CLI's ``--no-write-behind``
+    turns it off). The same holds as for ``prefetch``; ``on_case`` hears of a case once it is written, i.e.
+    after the next case's inference.
     ``precision`` is the engine's (:class:`~segsentry.runtime.backends.BackendOptions`; None: the backend's
     default); a reduced one is named in each case's report notes.
     """
@@ -177,11 +184,13 @@ def run_batch(
         start_case = functools.partial(_start_case, bundle=bundle, output_dir=output_dir, options=options,
                                        resume=resume)
         with contextlib.closing(_in_order(cases, start_case, prefetch=prefetch)) as started:
-            for case, ready in started:
-                outcome = _finish_started(case, ready, bundle, engine, output_dir, backend_name, options)
-                outcomes.append(outcome)
-                if on_case is not None:
-                    on_case(outcome)
+            steps = (_infer_started(case, ready, bundle, engine, output_dir, backend_name, options)
+                     for case, ready in started)
+            with contextlib.closing(_written_in_order(steps, write_behind=write_behind)) as finished:
+                for outcome in finished:
+                    outcomes.append(outcome)
+                    if on_case is not None:
+                        on_case(outcome)
     return finish_batch(outcomes, output_dir, bundle, backend_name, qa=qa)
 
 
@@ -297,7 +306,7 @@ def _start_case(case: CaseInput, bundle: Bundle, output_dir: Path, options: Case
                 resume: bool) -> CaseOutcome | PreparedCase | _PrepareFailed:
     """Everything before inference, in whichever thread: the outcome of an earlier run (``resume``), or the case
     read and preprocessed, or why it could not be (turned into the failed outcome in case order, by
-    :func:`_finish_started`). Touches no output but the case's own leftover stage folder."""
+    :func:`_infer_started`). Touches no output but the case's own leftover stage folder."""
     if resume and (done := resumed_outcome(case, output_dir, bundle, qa=options.qa)) is not None:
         return done
     start = time.perf_counter()
@@ -308,10 +317,13 @@ def _start_case(case: CaseInput, bundle: Bundle, output_dir: Path, options: Case
         return _PrepareFailed(exc, time.perf_counter() - start)
 
 
-def _finish_started(case: CaseInput, ready: CaseOutcome | PreparedCase | _PrepareFailed, bundle: Bundle, engine,
-                    output_dir: Path, backend_name: str, options: CaseOptions) -> CaseOutcome:
-    """Inference, scoring, maps back to the input geometry and the case's files (:func:`write_case`). The case's
-    ``total`` time is the sum of its stages' (a prefetched case's wait for the engine is not counted)."""
+def _infer_started(case: CaseInput, ready: CaseOutcome | PreparedCase | _PrepareFailed, bundle: Bundle, engine,
+                   output_dir: Path, backend_name: str,
+                   options: CaseOptions) -> CaseOutcome | Callable[[], CaseOutcome]:
+    """Inference, scoring and the maps back to the input geometry, in the calling thread. Returns the outcome of a
+    case that is done (resumed, or failed so far), else its write stage still to run (:func:`write_case`; it
+    returns the outcome, a failed one included). The case's ``total`` time is the sum of its stages' (a
+    prefetched case's wait for the engine is not counted)."""
     if isinstance(ready, CaseOutcome):
         return ready
     if isinstance(ready, _PrepareFailed):
@@ -326,10 +338,43 @@ def _finish_started(case: CaseInput, ready: CaseOutcome | PreparedCase | _Prepar
         prediction = finish_case(ready.loaded, inference, ready.geometry, bundle.manifest, timings=timings,
                                  mirroring=options.mirroring)
         del inference
-        return write_case(case, ready.loaded, prediction, bundle, output_dir, backend_name, options=options,
-                          read_s=ready.read_s, start=start)
     except Exception as exc:  # noqa: BLE001 - sorted out by failed_outcome
         return failed_outcome(case, output_dir, exc, start, raise_unexpected=options.raise_unexpected)
+    loaded, read_s = ready.loaded, ready.read_s
+
+    def write() -> CaseOutcome:
+        try:
+            return write_case(case, loaded, prediction, bundle, output_dir, backend_name, options=options,
+                              read_s=read_s, start=start)
+        except Exception as exc:  # noqa: BLE001 - sorted out by failed_outcome
+            return failed_outcome(case, output_dir, exc, start, raise_unexpected=options.raise_unexpected)
+
+    return write
+
+
+def _written_in_order(steps: Iterator[CaseOutcome | Callable[[], CaseOutcome]], *,
+                      write_behind: bool) -> Iterator[CaseOutcome]:
+    """The outcome of each of ``steps`` in order: a step is an outcome, or a write stage to run for it. With
+    ``write_behind``, a write stage runs in one background thread while the next step is computed (the next
+    case's inference): at most one case is being written. Close the generator (``contextlib.closing``) so that
+    a write under way is finished and the thread joined when the caller stops early; a write stage not yet
+    started is dropped, so the case writes nothing."""
+    if not write_behind:
+        for step in steps:
+            yield step if isinstance(step, CaseOutcome) else step()
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix=WRITER_THREAD) as pool:
+        writing: Future[CaseOutcome] | None = None
+        for step in steps:
+            if writing is not None:
+                done, writing = writing, None
+                yield done.result()
+            if isinstance(step, CaseOutcome):
+                yield step
+            else:
+                writing = pool.submit(step)
+        if writing is not None:
+            yield writing.result()
 
 
 _Started = TypeVar("_Started")

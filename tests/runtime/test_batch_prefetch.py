@@ -1,6 +1,6 @@
-"""``run_batch(prefetch=True)``: the next case is read and preprocessed in one background thread, and nothing a
-run writes or reports (but its timings) tells the two apart; a bad case stays a failed row in its place, and
-the thread never outlives the batch."""
+"""``run_batch(prefetch=True, write_behind=True)``: the next case is read and preprocessed in one background
+thread, the last one written in another, and nothing a run writes or reports (but its timings) tells them from
+a serial run; a bad case stays a failed row in its place, and no thread outlives the batch."""
 
 from __future__ import annotations
 
@@ -13,13 +13,17 @@ from pathlib import Path
 import pytest
 
 from segsentry.runtime import batch
-from segsentry.runtime.batch import PREFETCH_THREAD, run_batch
+from segsentry.runtime.batch import PREFETCH_THREAD, WRITER_THREAD, run_batch
 
 TIMED = {"timings_s", "seconds", "total_seconds"}
 
 
 def _prefetch_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name.startswith(PREFETCH_THREAD)]
+
+
+def _batch_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith((PREFETCH_THREAD, WRITER_THREAD))]
 
 
 @pytest.fixture()
@@ -45,22 +49,30 @@ def _summary_rows(out: Path) -> list[dict]:
         return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(f)]
 
 
+OVERLAPS = {"serial": (False, False), "prefetch": (True, False), "write-behind": (False, True), "both": (True, True)}
+
+
 def test_outputs_are_the_serial_runs_byte_for_byte(ct_pipeline, inputs, tmp_path):
-    seen: dict[bool, list[str]] = {True: [], False: []}
-    for prefetch in (False, True):
-        run_batch(ct_pipeline.ood_onnx, [inputs], tmp_path / str(prefetch), backend="onnxruntime", threads=1,
-                  prefetch=prefetch, on_case=lambda o, p=prefetch: seen[p].append(o.case_id))
-    serial, ahead = _files(tmp_path / "False"), _files(tmp_path / "True")
-    assert serial.keys() == ahead.keys()
-    assert seen[True] == seen[False] == sorted(ct_pipeline.cases)
-    for name in serial:
-        if name.endswith(".json"):  # the reports name their own folder's files
-            here = json.loads(ahead[name].decode().replace(str(tmp_path / "True"), str(tmp_path / "False")))
-            assert _untimed(here) == _untimed(json.loads(serial[name])), name
-        elif name not in ("summary.csv", "qa.html"):  # masks, maps, QA images
-            assert ahead[name] == serial[name], name
-    assert _summary_rows(tmp_path / "True") == _summary_rows(tmp_path / "False")
+    seen: dict[str, list[str]] = {}
+    for name in ("serial", "write-behind", "both"):
+        prefetch, write_behind = OVERLAPS[name]
+        seen[name] = []
+        run_batch(ct_pipeline.ood_onnx, [inputs], tmp_path / name, backend="onnxruntime", threads=1,
+                  prefetch=prefetch, write_behind=write_behind, on_case=lambda o, n=name: seen[n].append(o.case_id))
+    serial = _files(tmp_path / "serial")
     assert any(n.endswith("_uncertainty.nii.gz") for n in serial) and any(n.endswith(".png") for n in serial)
+    for name in ("write-behind", "both"):
+        overlapped = _files(tmp_path / name)
+        assert overlapped.keys() == serial.keys(), name
+        assert seen[name] == seen["serial"] == sorted(ct_pipeline.cases)
+        for file in serial:
+            if file.endswith(".json"):  # the reports name their own folder's files
+                here = json.loads(overlapped[file].decode().replace(str(tmp_path / name), str(tmp_path / "serial")))
+                assert _untimed(here) == _untimed(json.loads(serial[file])), (name, file)
+            elif file not in ("summary.csv", "qa.html"):  # masks, maps, QA images
+                assert overlapped[file] == serial[file], (name, file)
+        assert _summary_rows(tmp_path / name) == _summary_rows(tmp_path / "serial")
+    assert not _batch_threads()
 
 
 def test_the_next_case_is_read_in_the_background_thread(ct_pipeline, inputs, tmp_path, monkeypatch):
@@ -73,9 +85,63 @@ def test_the_next_case_is_read_in_the_background_thread(ct_pipeline, inputs, tmp
 
         monkeypatch.setattr(batch, "read_stage", read_stage)
         run_batch(ct_pipeline.ood_onnx, [inputs], tmp_path / str(prefetch), backend="onnxruntime", threads=1,
-                  qa=False, prefetch=prefetch)
+                  qa=False, prefetch=prefetch, write_behind=False)
     assert where == {False: {"MainThread"}, True: {PREFETCH_THREAD}}
     assert not _prefetch_threads()
+
+
+def test_a_case_is_written_in_the_writer_thread_while_the_next_is_inferred(ct_pipeline, inputs, tmp_path,
+                                                                           monkeypatch):
+    cases = sorted(ct_pipeline.cases)
+    inferring = {case: threading.Event() for case in cases}
+    real_infer, real_write = batch.infer_volume_for_case, batch.write_case
+    order: list[str] = []
+
+    def infer_volume_for_case(*args, **kwargs):
+        current = cases[sum(e.is_set() for e in inferring.values())]
+        inferring[current].set()
+        order.append(f"infer {current}")
+        return real_infer(*args, **kwargs)
+
+    def write_case(case, *args, **kwargs):
+        order.append(f"write {case.case_id} in {threading.current_thread().name.split('_')[0]}")
+        following = cases.index(case.case_id) + 1
+        if following < len(cases):  # the next case's inference starts while this one is still being written
+            assert inferring[cases[following]].wait(timeout=60), f"{cases[following]} waited for {case.case_id}"
+        return real_write(case, *args, **kwargs)
+
+    monkeypatch.setattr(batch, "infer_volume_for_case", infer_volume_for_case)
+    monkeypatch.setattr(batch, "write_case", write_case)
+    result = run_batch(ct_pipeline.ood_onnx, [inputs], tmp_path / "out", backend="onnxruntime", threads=1,
+                       qa=False, prefetch=False, write_behind=True)
+    assert [o.status for o in result.outcomes] == ["ok"] * len(cases)
+    assert [o.case_id for o in result.outcomes] == cases
+    assert sorted(order, key=lambda e: e.split()[0] == "write") == [f"infer {c}" for c in cases] + [
+        f"write {c} in {WRITER_THREAD}" for c in cases]
+    assert order[:3] == [f"infer {cases[0]}", f"infer {cases[1]}", f"write {cases[0]} in {WRITER_THREAD}"] or \
+        order[:3] == [f"infer {cases[0]}", f"write {cases[0]} in {WRITER_THREAD}", f"infer {cases[1]}"]
+    assert not _batch_threads()
+
+
+def test_a_failing_write_is_its_own_row_in_order(ct_pipeline, inputs, tmp_path):
+    cases = sorted(ct_pipeline.cases)
+    seen: list[str] = []
+
+    def hook(written):
+        if written.case.case_id == cases[1]:
+            raise OSError("disk full")
+        return {}
+
+    result = run_batch(ct_pipeline.ood_onnx, [inputs], tmp_path / "out", backend="onnxruntime", threads=1,
+                       qa=False, write_behind=True, case_hooks=[hook], on_case=lambda o: seen.append(o.case_id))
+    assert [o.case_id for o in result.outcomes] == seen == cases
+    assert [o.status for o in result.outcomes] == ["ok", "failed", "ok", "ok"]
+    assert "disk full" in result.outcomes[1].error
+    out = tmp_path / "out"
+    assert not any(p.name.startswith(cases[1]) for p in out.iterdir())  # nothing of the failed case ...
+    assert not any(p.name.startswith(f".{cases[1]}") for p in out.iterdir())  # ... not even its stage folder
+    assert all((out / f"{c}.json").is_file() for c in cases if c != cases[1])
+    assert not _batch_threads()
 
 
 def test_a_failing_middle_case_is_its_own_row_in_order(ct_pipeline, inputs, tmp_path):
@@ -130,23 +196,26 @@ def test_an_unexpected_error_or_interrupt_leaves_no_thread(ct_pipeline, inputs, 
     monkeypatch.setattr(batch, "preprocess", real)
     with pytest.raises(KeyboardInterrupt):
         run_batch(ct_pipeline.ood_onnx, [inputs], tmp_path / "interrupted", backend="onnxruntime", threads=1,
-                  qa=False, prefetch=True, on_case=interrupt)
-    assert not _prefetch_threads()
-    assert sorted(p.name for p in (tmp_path / "interrupted").glob("*.json")) == [f"{cases[0]}.json"]
+                  qa=False, prefetch=True, write_behind=True, on_case=interrupt)
+    assert not _batch_threads()
+    # the first case was written; the second was inferred meanwhile but never written, not even in part
+    assert sorted(p.name for p in (tmp_path / "interrupted").iterdir()) == sorted(
+        f"{cases[0]}{ending}" for ending in (".json", ".nii.gz", "_uncertainty.nii.gz"))
 
 
-@pytest.mark.parametrize(("flag", "expected"), [([], True), (["--no-prefetch"], False)])
-def test_the_cli_flag(flag, expected, ct_pipeline, inputs, tmp_path, monkeypatch):
+@pytest.mark.parametrize(("flag", "expected"), [
+    ([], (True, True)), (["--no-prefetch"], (False, True)), (["--no-write-behind"], (True, False))])
+def test_the_cli_flags(flag, expected, ct_pipeline, inputs, tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
     import segsentry.runtime
     from segsentry.cli import run_app
 
-    asked: list[bool] = []
+    asked: list[tuple[bool, bool]] = []
 
-    def recording(*args, prefetch, **kwargs):
-        asked.append(prefetch)
-        return run_batch(*args, prefetch=prefetch, **kwargs)
+    def recording(*args, prefetch, write_behind, **kwargs):
+        asked.append((prefetch, write_behind))
+        return run_batch(*args, prefetch=prefetch, write_behind=write_behind, **kwargs)
 
     monkeypatch.setattr(segsentry.runtime, "run_batch", recording)
     result = CliRunner().invoke(run_app, [str(ct_pipeline.ood_onnx), str(inputs), "-o", str(tmp_path / "out"),
