@@ -141,7 +141,7 @@ def run_batch(
     resume: bool = False,
     mirroring: bool = True,
     prefetch: bool = True,
-    write_behind: bool = True,
+    write_behind: bool = False,
     precision: str | None = None,
 ) -> BatchResult:
     """Run every case found in ``inputs``; write ``CASE<ending>``, ``CASE_uncertainty<ending>``, ``CASE.json``,
@@ -160,9 +160,10 @@ def run_batch(
     the outcomes and of ``on_case`` calls are those of a run without it, and the thread is joined before this
     returns or raises.
     ``write_behind`` writes each case (images, hooks, report, QA PNGs: :func:`write_case`) in one background
-    thread while the next case is inferred (at most one case being written; the CLI's ``--no-write-behind``
-    turns it off). The same holds as for ``prefetch``; ``on_case`` hears of a case once it is written, i.e.
-    after the next case's inference.
+    thread while the next case is inferred (at most one case being written; the CLI's ``--write-behind``). The
+    same holds as for ``prefetch``; ``on_case`` hears of a case once it is written, i.e. after the next case's
+    inference. Off by default: on 2 cores it gained nothing measurable on the mirrored demo ensemble and took
+    14 % more peak memory (``benchmarks/results/prefetch_demo_2folds.md``).
     ``precision`` is the engine's (:class:`~segsentry.runtime.backends.BackendOptions`; None: the backend's
     default); a reduced one is named in each case's report notes.
     """

@@ -204,7 +204,7 @@ def test_an_unexpected_error_or_interrupt_leaves_no_thread(ct_pipeline, inputs, 
 
 
 @pytest.mark.parametrize(("flag", "expected"), [
-    ([], (True, True)), (["--no-prefetch"], (False, True)), (["--no-write-behind"], (True, False))])
+    ([], (True, False)), (["--no-prefetch"], (False, False)), (["--write-behind"], (True, True))])
 def test_the_cli_flags(flag, expected, ct_pipeline, inputs, tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
