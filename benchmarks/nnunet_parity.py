@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from segsentry.bench import machine_info, package_versions
+from segsentry.runtime.agreement import dice
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEMO = Path(__file__).resolve().parent.parent / "segsentry" / "models" / "demo_lung.ood.onnx"
@@ -45,8 +46,9 @@ def _checked_folds(manifest, model_folder: Path) -> list[str]:
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float | None:
-    total = int(a.sum()) + int(b.sum())
-    return None if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total
+    """Foreground Dice of two label maps; None when neither has a foreground (nothing to compare)."""
+    a, b = a > 0, b > 0
+    return dice(a, b) if a.any() or b.any() else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
                     row[backend] = {
                         "differing": int(differ.sum()),
                         "agreement": 1.0 - float(differ.mean()),
-                        "dice": _dice(ours > 0, reference > 0),
+                        "dice": _dice(ours, reference),
                         "max_abs_p_minus_half": (float(np.abs(foreground[differ] - 0.5).max())
                                                  if differ.any() else None),
                     }

@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             order = list(variants)
             for r in range(args.repeats):
                 for variant in order if r % 2 == 0 else order[::-1]:
-                    out = work / f"{b}_{variant.replace(' ', '_')}_{r}"
+                    out = work / f"{b}_{variant}_{r}"
                     result = run_tree([sys.executable, "-m", "segsentry.cli", "run", str(args.bundle), str(inputs),
                                        "-o", str(out), "--backend", b, *qa_flags, *VARIANTS[variant]])
                     if result["returncode"] not in (0, 3):  # 3: a case is flagged
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{len(ids)} phantoms ({', '.join('x'.join(map(str, s)) for s, _ in cases)}; {sum(patches)} patches); "
           f"{args.repeats} runs each, alternating, medians; QA page {'on' if args.qa else 'off'}, "
           f"mirroring {mirrored}.", "",
-          "Variants: " + "; ".join(f"{v} = `{' '.join(VARIANTS[v]) or '(defaults)'}`" for v in variants) + ".", "",
+          "Variants: " + "; ".join(f"{v} = `{' '.join(VARIANTS[v])}`" for v in variants) + ".", "",
           "| backend, variant | s (min-max) | cases/min | vs serial | peak RSS MB | RSS vs serial | peak PSS MB |",
           "|---|---|---|---|---|---|---|"]
     for name, s in summary.items():
