@@ -6,7 +6,8 @@
 
 Each measured run is a fresh child process (so peak RSS is per pipeline): nnU-Net = build predictor from the
 model folder, read the image with its SimpleITKIO, predict (step 0.5, CPU; ``--folds N`` ensembles folds
-0..N-1 with different weights, ``--tta`` turns on mirroring in both pipelines), write the mask;
+0..N-1 with different weights, ``--tta`` turns on mirroring in both pipelines, ``--step-size S`` tiles both
+at nnU-Net's ``tile_step_size`` S), write the mask;
 segsentry = ``run_batch`` (load bundle, read, preprocess, sliding window with the fused OOD head, scores,
 write mask + uncertainty map + report). Repeats alternate between the two; medians and ratios are written
 to ``benchmarks/results/e2e_cpu_<preset>.json`` and ``.md``, with machine and package versions.
@@ -47,6 +48,7 @@ def _child(args: argparse.Namespace) -> None:
 
         start = time.perf_counter()
         predictor = make_predictor(Path(args.model_dir), folds=list(range(args.folds)), use_mirroring=args.tta)
+        predictor.tile_step_size = args.step_size  # nnU-Net reads the attribute at every sliding window
         img, props = SimpleITKIO().read_images([str(image)])
         mask = predictor.predict_single_npy_array(img, props)
         SimpleITKIO().write_seg(mask, str(out / "mask.nii.gz"), props)
@@ -57,7 +59,7 @@ def _child(args: argparse.Namespace) -> None:
         start = time.perf_counter()
         result = run_batch(args.bundle, [image], out, backend=args.backend, threads=args.threads, qa=False,
                            low_memory=bool(args.low_memory), mirroring=args.tta, precision=args.precision,
-                           batch_size=args.batch_size)
+                           batch_size=args.batch_size, step_size=args.step_size)
         seconds = time.perf_counter() - start
         assert result.outcomes[0].status == "ok", result.outcomes[0].error
         timings = result.outcomes[0].report.timings_s
@@ -113,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     for p in (parser, child):
         p.add_argument("--folds", type=int, default=1, help="ensemble folds 0..N-1 (default 1: one network)")
         p.add_argument("--tta", action="store_true", help="test-time mirroring in both pipelines")
+        p.add_argument("--step-size", type=float, default=0.5, help="tile step in both pipelines (nnU-Net's "
+                       "-step_size; segsentry's U is calibrated at the bundle's own, 0.5)")
     parser.add_argument("--shape", type=int, nargs=3, default=None, help="override the preset's volume (z y x)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="small")
     parser.add_argument("--suffix", default="", help="appended to the result files' names (e.g. the machine)")
@@ -138,9 +142,10 @@ def main(argv: list[str] | None = None) -> int:
     spec_name, shape = PRESETS[args.preset]
     shape = tuple(args.shape) if args.shape else shape
     spec = getattr(nnunet_folder, spec_name)
-    setting = {"folds": args.folds, "tta": args.tta}
+    setting = {"folds": args.folds, "tta": args.tta, "step_size": args.step_size}
     tag = "" if (args.folds, args.tta, args.shape) == (1, False, None) else (
         f"_f{args.folds}" + ("_tta" if args.tta else "") + ("_" + "x".join(map(str, shape)) if args.shape else ""))
+    tag += "" if args.step_size == 0.5 else f"_step{args.step_size:g}"
     tag += f"_{args.suffix}" if args.suffix else ""
     with tempfile.TemporaryDirectory(prefix="segsentry-bench-") as tmp:
         work = Path(tmp)
@@ -170,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
 
         runs: dict[str, list[dict]] = {"nnunet": [], **{f"segsentry_{b}": [] for b in args.backends}}
         extra = {"threads": args.threads} if args.threads else {}
-        flags = ["--folds", str(args.folds)] + (["--tta"] if args.tta else [])
+        flags = ["--folds", str(args.folds), "--step-size", str(args.step_size)] + (["--tta"] if args.tta else [])
         for r in range(args.repeats):
             runs["nnunet"].append(_measure("nnunet", work, r, flags, image=case, model_dir=model_dir))
             for b in args.backends:
@@ -218,15 +223,16 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"e2e_cpu_{args.preset}{tag}.json").write_text(json.dumps(result, indent=2) + "\n")
     md = [
-        f"# End-to-end CPU, preset `{args.preset}`, {args.folds} fold(s), mirroring {'on' if args.tta else 'off'} "
-        f"({result['date']})",
+        f"# End-to-end CPU, preset `{args.preset}`, {args.folds} fold(s), mirroring {'on' if args.tta else 'off'}, "
+        f"step {args.step_size:g} ({result['date']})",
         "",
         f"{result['machine']['cpu']}, {result['machine']['cores']} cores; volume {list(shape)} (z, y, x), "
         f"{result['n_patches']} patches of {list(spec.patch_size)}; {args.repeats} run(s) each, medians.",
         "",
         "| pipeline | median s | speed-up vs nnU-Net | peak RSS MB | RSS vs nnU-Net | mask agreement |",
         "|---|---|---|---|---|---|",
-        f"| nnUNetPredictor (torch, {args.folds} fold(s), {'mirroring' if args.tta else 'no mirroring'}) | {med['nnunet']:.2f} | 1.00x | {rss['nnunet']:.0f} | 1.00x | – |",
+        f"| nnUNetPredictor (torch, {args.folds} fold(s), {'mirroring' if args.tta else 'no mirroring'}, "
+        f"tile_step_size {args.step_size:g}) | {med['nnunet']:.2f} | 1.00x | {rss['nnunet']:.0f} | 1.00x | – |",
     ]
     for b in args.backends:
         k = f"segsentry_{b}"
