@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bundle", type=Path, default=DEMO)
     parser.add_argument("--steps", type=float, nargs="+", default=[0.5, 0.8])
     parser.add_argument("--seed", type=int, default=900)
+    parser.add_argument("--name", default="step_size_demo", help="result file name (without .json / .md)")
     parser.add_argument("--inplane", type=int, default=160,
                         help="phantom in-plane matrix (160: the demo model's training size; 320 tiles 2-3x more "
                         "but is out of its distribution: U saturates at 1)")
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
                               for s, v in shifts.items()},
            "machine": machine_info(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "step_size_demo.json").write_text(json.dumps(out, indent=2) + "\n")
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(out, indent=2) + "\n")
     md = [f"# Tile step size vs U, {args.bundle.name} ({out['date']})", "",
           f"Calibrated at step {m.tiling.step_size}, threshold U > {out['threshold']:.3f}; onnxruntime; "
           f"{len(rows)} fresh phantoms ({args.inplane} x {args.inplane} slices). U at another step is not "
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     md += [""] + [f"U shift at step {s} vs 0.5: mean {v['mean']:+.4f}, max |shift| {v['max_abs']:.4f}; flags "
                   f"changed: {sum(r['steps'][s]['ood'] != r['steps'][base]['ood'] for r in rows)}"
                   for s, v in out["u_shift_vs_0.5"].items()]
-    (RESULTS / "step_size_demo.md").write_text("\n".join(md) + "\n")
+    (RESULTS / f"{args.name}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     return 0
 
