@@ -148,9 +148,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"{100 * r['volume_rounds_faster_than_batch1']:.0f} % | {'yes' if r['labels_equal_batch1'] else 'NO'} |")
     md += ["", f"Rule: {out['rule']}. By that rule: "
            + ", ".join(f"{k} batch {v}" for k, v in choice.items()) + ".", "",
-           "A batch here is patches per engine call. With test-time mirroring each tile goes with its flips (8 "
-           "patches for three axes), so `BackendSpec.default_batch_size` is divided by that count (at least 1 "
-           "tile): a default never sends more patches per call than measured here or than one mirrored tile."]
+           "A batch here is patches per engine call. With test-time mirroring a batch's flips are calls of their "
+           "own (every tile of the batch flipped alike), so a call holds `batch` patches mirrored or not, and the "
+           "volume's ms per patch is per tile with all its flips."]
     (RESULTS / f"{args.name}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     return 0
