@@ -42,10 +42,19 @@ from segsentry.demo import demo_bundle_path  # noqa: E402
 from segsentry.evaluation.metrics import auc, bootstrap_interval  # noqa: E402
 from segsentry.manifest import Manifest  # noqa: E402
 from segsentry.phantoms import write_cohort  # noqa: E402
+from segsentry.runtime.backends import create_backend  # noqa: E402
+from segsentry.runtime.backends.base import Backend  # noqa: E402
 from segsentry.runtime.bundle import load_bundle  # noqa: E402
 from segsentry.runtime.io import CaseInput, read_case  # noqa: E402
 from segsentry.runtime.preprocess import preprocess  # noqa: E402
-from segsentry.runtime.sliding import crop_box, distance_map, importance_for, pad_to_patch, tile_boxes  # noqa: E402
+from segsentry.runtime.sliding import (  # noqa: E402
+    crop_box,
+    distance_map,
+    importance_for,
+    iterate_patches,
+    pad_to_patch,
+    tile_boxes,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -56,10 +65,9 @@ RESAMPLES = 1000  # as ood-eval
 Case = dict[str, float]
 
 
-def _session(model: bytes, n_folds: int):
-    """onnxruntime session over the bundle with every fold's head parts as extra outputs, and their names."""
+def _head_parts_model(model: bytes, n_folds: int) -> tuple[bytes, list[str]]:
+    """The bundle with every fold's head parts as extra graph outputs, and the names of those outputs."""
     import onnx
-    import onnxruntime as ort
 
     proto = onnx.load_model_from_string(model)
     produced = {o for node in proto.graph.node for o in node.output}
@@ -70,13 +78,10 @@ def _session(model: bytes, n_folds: int):
                          "ood-calib round 2 (re-calibrate older bundles)")
     for name in extra:
         proto.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 2
-    session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    return session, [*extra, "distance"]
+    return proto.SerializeToString(), [*extra, "distance"]
 
 
-def score_case(path: Path, manifest: Manifest, session, names: list[str]) -> Case:
+def score_case(path: Path, manifest: Manifest, engine: Backend, names: list[str]) -> Case:
     """Every candidate raw score of one case: per head tensor the mean of its voxel map, and for the deployed
     distance the other spatial summaries."""
     loaded = read_case(CaseInput(path.name, (path,)), num_channels=manifest.num_channels)
@@ -87,10 +92,9 @@ def score_case(path: Path, manifest: Manifest, session, names: list[str]) -> Cas
     gaussian = importance_for(manifest.patch_size, sigma_scale=manifest.tiling.sigma_scale,
                               value_scaling_factor=manifest.tiling.value_scaling_factor)
     patches: dict[str, list[float]] = {n: [] for n in names}
-    for box in boxes:
-        x = np.ascontiguousarray(padded[(slice(None), *[slice(a, b) for a, b in box])][None], dtype=np.float32)
-        for name, value in zip(names, session.run(names, {session.get_inputs()[0].name: x})):
-            patches[name].append(float(np.asarray(value).reshape(-1)[0]))
+    for batch in iterate_patches(padded, engine, boxes):  # the runtime's tiler, one patch per call, unmirrored
+        for name in names:
+            patches[name].extend(float(v) for v in np.asarray(batch.outputs[name]).reshape(-1))
     aggregation = manifest.calibration.aggregation
     out: Case = {}
     for name in names:
@@ -141,17 +145,18 @@ def main(argv: list[str] | None = None) -> int:
     manifest = bundle.manifest
     if manifest.calibration is None or manifest.n_folds < 2:
         raise SystemExit(f"{args.bundle}: needs a calibrated fold ensemble")
-    session, names = _session(bundle.model_bytes, manifest.n_folds)
+    model, names = _head_parts_model(bundle.model_bytes, manifest.n_folds)
     seeds = SEED_SETS["dev"]
     t0 = time.perf_counter()
     cases: dict[str, list[Case]] = {}
-    with tempfile.TemporaryDirectory(prefix="segsentry-parts-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="segsentry-parts-") as tmp, create_backend(
+            "onnxruntime", model, channels=manifest.num_channels, patch_size=manifest.patch_size) as engine:
         folders = {"calibration": args.calibration_images}
         for cohort in COHORTS:
             write_cohort(Path(tmp) / cohort, cohort=cohort, n=args.n, seed=seeds[cohort], prefix=cohort[:2].upper())
             folders[cohort] = Path(tmp) / cohort / "imagesTr"
         for group, folder in folders.items():
-            cases[group] = [score_case(p, manifest, session, names) for p in sorted(folder.glob("*_0000.nii.gz"))]
+            cases[group] = [score_case(p, manifest, engine, names) for p in sorted(folder.glob("*_0000.nii.gz"))]
             print(f"{group}: {len(cases[group])} cases", flush=True)
     minutes = (time.perf_counter() - t0) / 60
     table = {}
