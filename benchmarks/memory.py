@@ -18,7 +18,8 @@ separates the engine's fixed cost from the volume buffers. Settings (onnxruntime
 * ``no-arena-no-pattern``: both off.
 
 ``--bundle``: ``small`` (build the 1.4 M-parameter benchmark network and calibrate it, as before; needs the
-export extra), ``demo`` (the embedded demo model) or a path. Results: ``benchmarks/results/memory.json/.md``
+export extra), ``fullres`` (the 30.8 M-parameter one), each ``--folds N`` random-weight folds as one ensemble
+bundle (mirrored as ``ood-run`` deploys it), ``demo`` (the embedded demo model) or a path. Results: ``benchmarks/results/memory.json/.md``
 (``--tag`` adds a suffix).
 """
 
@@ -106,25 +107,27 @@ def _child(bundle: str, image: str, out: str, variant: str) -> None:
                                   "status": outcome.status, "error": outcome.error}))
 
 
-def _bundle(which: str, work: Path) -> tuple[Path, str]:
+def _bundle(which: str, work: Path, *, folds: int = 1) -> tuple[Path, str]:
     if which == "demo":
         return DEMO, "demo_lung (embedded demo model)"
-    if which != "small":
+    if which not in ("small", "fullres"):
         return Path(which), Path(which).name
     import SimpleITK as sitk
 
     from segsentry.calib import calibrate
-    from segsentry.devtools.nnunet_folder import SMALL_SPEC, make_model_folder
+    from segsentry.devtools.nnunet_folder import FULLRES_SPEC, SMALL_SPEC, make_model_folder
     from segsentry.export import export_nnunet
     from segsentry.phantoms import make_chest_ct
 
-    model_dir = make_model_folder(work / "results", SMALL_SPEC)
+    spec = SMALL_SPEC if which == "small" else FULLRES_SPEC
+    model_dir = make_model_folder(work / "results", spec, folds=range(folds))
     train = work / "train"
     train.mkdir()
     sitk.WriteImage(make_chest_ct(seed=1).to_sitk()[0], str(train / "t1_0000.nii.gz"))
     sitk.WriteImage(make_chest_ct(seed=2).to_sitk()[0], str(train / "t2_0000.nii.gz"))
-    bundle = calibrate(export_nnunet(model_dir, work / "m.features.onnx").path, [train], work / "m.ood.onnx").path
-    return bundle, f"{SMALL_SPEC.name} (random weights, patch {list(SMALL_SPEC.patch_size)})"
+    features = export_nnunet(model_dir, work / "m.features.onnx", folds=list(range(folds))).path
+    bundle = calibrate(features, [train], work / "m.ood.onnx").path
+    return bundle, f"{spec.name} (random weights, patch {list(spec.patch_size)}, {folds} fold(s), mirrored)"
 
 
 def _fit(points: list[tuple[int, float]]) -> dict[str, float] | None:
@@ -140,7 +143,8 @@ def _fit(points: list[tuple[int, float]]) -> dict[str, float] | None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", type=int, nargs=3, action="append", help="z y x (repeatable)")
-    parser.add_argument("--bundle", default="small", help="small, demo or a bundle path")
+    parser.add_argument("--bundle", default="small", help="small, fullres (30.8 M parameters), demo or a bundle path")
+    parser.add_argument("--folds", type=int, default=1, help="folds of the small / fullres random-weight ensemble")
     parser.add_argument("--variants", nargs="+", default=["arena"], choices=sorted(VARIANTS))
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--tag", default="", help="suffix of the result files (memory<tag>.json)")
@@ -159,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="segsentry-mem-") as tmp:
         work = Path(tmp)
-        bundle, network = _bundle(args.bundle, work)
+        bundle, network = _bundle(args.bundle, work, folds=args.folds)
         images = {}
         for shape in shapes:
             image = work / f"ct{'x'.join(map(str, shape))}_0000.nii.gz"
