@@ -81,16 +81,14 @@ def _head_parts_model(model: bytes, n_folds: int) -> tuple[bytes, list[str]]:
     return proto.SerializeToString(), [*extra, "distance"]
 
 
-def score_case(path: Path, manifest: Manifest, engine: Backend, names: list[str]) -> Case:
-    """Every candidate raw score of one case: per head tensor the mean of its voxel map, and for the deployed
-    distance the other spatial summaries."""
+def score_case(path: Path, manifest: Manifest, engine: Backend, names: list[str], gaussian: np.ndarray) -> Case:
+    """Every candidate raw score of one case: per head tensor the mean of its voxel map (``gaussian``: the
+    bundle's importance map), and for the deployed distance the other spatial summaries."""
     loaded = read_case(CaseInput(path.name, (path,)), num_channels=manifest.num_channels)
     data, _ = preprocess(loaded.image, loaded.spacing, manifest.preprocessing)
     padded, pad_box = pad_to_patch(data, manifest.patch_size)
     shape = padded.shape[1:]
     boxes = tile_boxes(shape, manifest.patch_size, manifest.tiling.step_size)
-    gaussian = importance_for(manifest.patch_size, sigma_scale=manifest.tiling.sigma_scale,
-                              value_scaling_factor=manifest.tiling.value_scaling_factor)
     patches: dict[str, list[float]] = {n: [] for n in names}
     for batch in iterate_patches(padded, engine, boxes):  # the runtime's tiler, one patch per call, unmirrored
         for name in names:
@@ -113,7 +111,8 @@ def rules(n_folds: int, calibration: list[Case]) -> dict[str, Callable[[Case], f
     """Candidate score -> function of a case's raw values (calibration cases supply the z-score scales)."""
     def z(key: str) -> Callable[[Case], float]:
         values = np.array([c[key] for c in calibration])
-        return lambda c: (c[key] - values.mean()) / values.std()
+        mean, std = values.mean(), values.std()
+        return lambda c: (c[key] - mean) / std
 
     folds = [f"ood_head/f{f}/distance" for f in range(n_folds)]
     fold_z = [z(k) for k in folds]
@@ -146,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     if manifest.calibration is None or manifest.n_folds < 2:
         raise SystemExit(f"{args.bundle}: needs a calibrated fold ensemble")
     model, names = _head_parts_model(bundle.model_bytes, manifest.n_folds)
+    gaussian = importance_for(manifest.patch_size, sigma_scale=manifest.tiling.sigma_scale,
+                              value_scaling_factor=manifest.tiling.value_scaling_factor)
     seeds = SEED_SETS["dev"]
     t0 = time.perf_counter()
     cases: dict[str, list[Case]] = {}
@@ -156,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
             write_cohort(Path(tmp) / cohort, cohort=cohort, n=args.n, seed=seeds[cohort], prefix=cohort[:2].upper())
             folders[cohort] = Path(tmp) / cohort / "imagesTr"
         for group, folder in folders.items():
-            cases[group] = [score_case(p, manifest, engine, names) for p in sorted(folder.glob("*_0000.nii.gz"))]
+            cases[group] = [score_case(p, manifest, engine, names, gaussian) for p in sorted(folder.glob("*_0000.nii.gz"))]
             print(f"{group}: {len(cases[group])} cases", flush=True)
     minutes = (time.perf_counter() - t0) / 60
     table = {}
