@@ -258,17 +258,28 @@ def package_versions(packages: Sequence[str]) -> dict[str, str | None]:
 
 
 def machine_info() -> dict:
-    """CPU model, core count, Python and platform, recorded with every benchmark result."""
-    cpu = platform.processor()
+    """CPU model (and, from ``/proc/cpuinfo``, its family / model / stepping numbers, which tell CPU generations
+    apart where the model name is only "AMD EPYC"), core count, Python and platform, recorded with every
+    benchmark result."""
+    cpu, numbers = platform.processor(), {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key == "model name" and not numbers.get("model name"):
+                numbers[key] = value.strip()
+            elif key in ("cpu family", "model", "stepping") and key not in numbers:
+                numbers[key] = value.strip()
+            elif not key and numbers:  # the first processor's block ends
                 break
     except OSError:
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
+    cpu = numbers.pop("model name", cpu)
+    info = {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
             "cpu_flags": cpu_flags()}
+    if numbers:
+        info["cpu_id"] = {k.replace(" ", "_"): int(v) if v.isdigit() else v for k, v in numbers.items()}
+    return info
 
 
 SPEED_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
