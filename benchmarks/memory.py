@@ -12,10 +12,11 @@ reported. ``ood-run`` is one process (onnxruntime's threads share it), so this i
 With two or more shapes, peak = fixed + bytes_per_voxel x voxels is fitted per setting (least squares), which
 separates the engine's fixed cost from the volume buffers. Settings (onnxruntime ``SessionOptions``):
 
-* ``arena``: the CPU memory arena and memory pattern on (onnxruntime's defaults, segsentry's default);
-* ``no-arena``: arena off (``--low-memory``);
-* ``no-pattern``: memory pattern off;
-* ``no-arena-no-pattern``: both off.
+* ``arena``: the CPU memory arena and memory pattern on (onnxruntime's defaults; segsentry's default for patches
+  below 2**19 voxels, and for every patch before the ``memory_pattern_*`` runs);
+* ``no-arena``: arena off, pattern on (``--low-memory`` before those runs);
+* ``no-pattern``: memory pattern off, arena on (segsentry's default since, for patches from 2**19 voxels);
+* ``no-arena-no-pattern``: both off (``--low-memory`` since).
 
 ``--bundle``: ``small`` (build the 1.4 M-parameter benchmark network and calibrate it, as before; needs the
 export extra), ``fullres`` (the 30.8 M-parameter one), each ``--folds N`` random-weight folds as one ensemble
@@ -63,10 +64,8 @@ def _child(bundle: str, image: str, out: str, variant: str) -> None:
 
     original = ort_loader.session_options
 
-    def session_options(ort, *, threads, low_memory=False):  # noqa: ANN001 - the benchmark's one knob
-        options = original(ort, threads=threads, low_memory=not arena)
-        options.enable_mem_pattern = pattern
-        return options
+    def session_options(ort, *, threads, low_memory=False, memory_pattern=True):  # noqa: ANN001 - the knobs
+        return original(ort, threads=threads, low_memory=not arena, memory_pattern=pattern)
 
     ort_loader.session_options = session_options
     load_bundle(bundle)
@@ -192,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
                 "peak_mb_range": [min(x["peak_mb"] for x in at), max(x["peak_mb"] for x in at)],
                 "baseline_mb_median": statistics.median(x["baseline_mb"] for x in at),
                 "seconds_median": statistics.median(x["seconds"] for x in at),
+                "seconds_range": [min(x["seconds"] for x in at), max(x["seconds"] for x in at)],
                 "stage_at_peak": sorted({x["stage_at_peak"] for x in at if x["stage_at_peak"]}),
                 "n_patches": at[0]["n_patches"],
             }
@@ -207,11 +207,13 @@ def main(argv: list[str] | None = None) -> int:
     md = [f"# Runtime memory, {network} ({result['date']})", "",
           f"Peak RSS (VmHWM) of the `ood-run` process, phantom CTs at {spacing[0]} x {spacing[1]} x {spacing[2]} mm, "
           f"{args.repeats} run(s) per setting and shape (medians), onnxruntime, QA off.", "",
-          "| setting | shape (z, y, x) | patches | peak MB | baseline MB | s | peak during |", "|---|---|---|---|---|---|---|"]
+          "| setting | shape (z, y, x) | patches | peak MB | baseline MB | s (min–max) | peak during |",
+          "|---|---|---|---|---|---|---|"]
     for variant, s in summary.items():
         for shape, row in s["shapes"].items():
             md.append(f"| {variant} | {shape} | {row['n_patches']} | {row['peak_mb_median']:.0f} | "
-                      f"{row['baseline_mb_median']:.0f} | {row['seconds_median']:.1f} | "
+                      f"{row['baseline_mb_median']:.0f} | {row['seconds_median']:.1f} "
+                      f"({row['seconds_range'][0]:.1f}–{row['seconds_range'][1]:.1f}) | "
                       f"{', '.join(row['stage_at_peak'])} |")
     fits = [(v, s["fit"]) for v, s in summary.items() if s["fit"]]
     if fits:
