@@ -262,8 +262,8 @@ def run_command(
     batch_size: RunBatchOpt = None,
     threads: ThreadsOpt = None,
     low_memory: Annotated[bool, typer.Option(
-        "--low-memory", help="Lower peak memory for some speed (onnxruntime: no CPU memory arena; ~30 % less RSS, "
-        "2-8 % slower on a fullres net).")] = False,
+        "--low-memory", help="Lower peak memory for some speed (onnxruntime: no CPU memory arena and no memory "
+        "pattern; ~30 % less RSS, 2-8 % slower on a fullres net).")] = False,
     disable_tta: Annotated[bool, typer.Option(
         "--disable-tta", help="No test-time mirroring (nnU-Net's flag): faster, but the masks are no longer "
         "nnU-Net's default predictions. The OOD score does not depend on it.")] = False,

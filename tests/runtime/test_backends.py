@@ -173,6 +173,40 @@ def test_onnxruntime_low_memory_turns_the_arena_off_and_changes_no_output(ct_pip
         np.testing.assert_array_equal(a[name], b[name])
 
 
+def test_onnxruntime_memory_pattern_follows_the_patch_size_and_changes_no_output(ct_pipeline):
+    """onnxruntime's memory pattern stays on for small patches and is off from 2**19 voxels and with
+    ``low_memory`` (ort_loader.cpu_memory_pattern); a session without it returns what a session with
+    onnxruntime's default pattern returns, bit for bit, on two runs (the pattern is planned on the first)."""
+    import onnxruntime as ort
+
+    from segsentry.runtime.backends.ort_loader import PATTERN_MAX_PATCH_VOXELS, cpu_memory_pattern
+
+    assert PATTERN_MAX_PATCH_VOXELS == 2**19
+    assert cpu_memory_pattern((32, 64, 64)) is True  # the demo's patch, 2**17 voxels
+    assert cpu_memory_pattern((32, 128, 127)) is True  # just below the bound
+    assert cpu_memory_pattern((32, 128, 128)) is False  # 2**19
+    assert cpu_memory_pattern((64, 128, 128)) is False  # the fullres net's patch, 2**20
+    assert cpu_memory_pattern((32, 64, 64), low_memory=True) is False
+    bundle = load_bundle(ct_pipeline.ood_onnx)
+    m = bundle.manifest
+    assert np.prod(m.patch_size) < PATTERN_MAX_PATCH_VOXELS
+    rng = np.random.default_rng(5)
+    batches = [rng.normal(size=(2, m.num_channels, *m.patch_size)).astype(np.float32) for _ in range(2)]
+    default = ort.SessionOptions()
+    assert default.enable_mem_pattern is True  # onnxruntime's default
+    reference = ort.InferenceSession(bundle.model_bytes, sess_options=default, providers=["CPUExecutionProvider"])
+    for options, pattern in ((BackendOptions(), True), (BackendOptions(low_memory=True), False)):
+        with create_backend("onnxruntime", bundle.model_bytes, channels=m.num_channels, patch_size=m.patch_size,
+                            options=options) as engine:
+            assert engine.session.get_session_options().enable_mem_pattern is pattern
+            for batch in batches:
+                ours = engine.run(batch)
+                theirs = dict(zip(engine.output_names,
+                                  reference.run(engine.output_names, {engine.input_name: batch})))
+                for name in ours:
+                    np.testing.assert_array_equal(ours[name], theirs[name])
+
+
 def test_backend_input_checks_are_shared(ct_pipeline):
     _requires("openvino")
     bundle = load_bundle(ct_pipeline.ood_onnx)

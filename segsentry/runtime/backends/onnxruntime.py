@@ -4,7 +4,9 @@
 reuse; over a sliding window on a 3d_fullres-sized network it grew the process's peak RSS by ~615 MB (1985 vs
 1369 MB on a 120 x 384 x 384 CT, 30.8 M-parameter net, 72 patches, ``benchmarks/results/e2e_cpu_fullres.*``)
 for a run 1.5 % shorter there (380 vs 386 s) and 7.7 % shorter in a second measurement (363 vs 391 s).
-Arena on by default (speed first); ``low_memory`` for memory-bound machines.
+Arena on by default (speed first); ``low_memory`` for memory-bound machines. onnxruntime's memory pattern (one
+planned block per run) stays on for small patches only and is off with ``low_memory``:
+:func:`~segsentry.runtime.backends.ort_loader.cpu_memory_pattern` has the measurements.
 """
 
 from __future__ import annotations
@@ -33,11 +35,12 @@ class OnnxruntimeBackend(BackendBase):
         input_name: str = "image",
         options: BackendOptions = BackendOptions(),
     ) -> None:
-        """Uses ``options.threads`` and ``options.low_memory``; runs ``precision="fp32"`` only; ignores the rest."""
+        """Uses ``options.threads`` and ``options.low_memory`` (and ``patch_size`` for the memory pattern); runs
+        ``precision="fp32"`` only; ignores the rest."""
         super().__init__(channels=channels, patch_size=patch_size, options=options)
         options.resolve_precision(self.name, ("fp32",))
         self.low_memory = options.low_memory
-        self.session = cpu_session(model, options)
+        self.session = cpu_session(model, options, patch_size=self.patch_size)
         self.input_name = input_name
         self.output_names = [o.name for o in self.session.get_outputs()]
 

@@ -5,7 +5,8 @@ harmless; one that running anyway would contradict is refused with a :class:`~se
 
 * ``threads``: onnxruntime and ort-gpu intra-op threads; openvino ``INFERENCE_NUM_THREADS``; torch
   ``torch.set_num_threads`` (process-wide); ignored by tensorrt.
-* ``low_memory``: onnxruntime turns its CPU memory arena off; ignored by the others (no such switch).
+* ``low_memory``: onnxruntime turns its CPU memory arena and its memory pattern off; ignored by the others (no
+  such switch).
 * ``cache_dir``: tensorrt's engine cache; ort-gpu's TensorRT-provider engine cache (with ``use_trt_ep``);
   ignored by the CPU engines (they build nothing worth caching).
 * ``device``: the CUDA device of ort-gpu and tensorrt, and of torch with ``cuda=True``; ignored on the CPU.
