@@ -257,26 +257,31 @@ def package_versions(packages: Sequence[str]) -> dict[str, str | None]:
     return found
 
 
+def _first_cpu() -> dict[str, str]:
+    """The first processor's block of ``/proc/cpuinfo`` as ``key -> value``; empty where there is none."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {}
+    block: dict[str, str] = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if not key.strip():
+            if block:  # the blank line after the first processor
+                break
+            continue
+        block.setdefault(key.strip(), value.strip())
+    return block
+
+
 def machine_info() -> dict:
     """CPU model (and, from ``/proc/cpuinfo``, its family / model / stepping numbers, which tell CPU generations
     apart where the model name is only "AMD EPYC"), core count, Python and platform, recorded with every
     benchmark result."""
-    cpu, numbers = platform.processor(), {}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            key = key.strip()
-            if key == "model name" and not numbers.get("model name"):
-                numbers[key] = value.strip()
-            elif key in ("cpu family", "model", "stepping") and key not in numbers:
-                numbers[key] = value.strip()
-            elif not key and numbers:  # the first processor's block ends
-                break
-    except OSError:
-        pass
-    cpu = numbers.pop("model name", cpu)
-    info = {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
-            "cpu_flags": cpu_flags()}
+    cpu = _first_cpu()
+    info = {"cpu": cpu.get("model name") or platform.processor(), "cores": os.cpu_count(),
+            "python": platform.python_version(), "platform": platform.platform(), "cpu_flags": cpu_flags()}
+    numbers = {k: cpu[k] for k in ("cpu family", "model", "stepping") if k in cpu}
     if numbers:
         info["cpu_id"] = {k.replace(" ", "_"): int(v) if v.isdigit() else v for k, v in numbers.items()}
     return info
@@ -288,9 +293,8 @@ SPEED_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx
 def cpu_flags() -> dict[str, bool]:
     """Which of :data:`SPEED_FLAGS` (the instructions INT8 / BF16 / FP32 kernels use) ``/proc/cpuinfo`` lists;
     empty where there is no ``/proc/cpuinfo``."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
+    cpu = _first_cpu()
+    if not cpu:
         return {}
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    flags = cpu.get("flags", "").split()
     return {f: f in flags for f in SPEED_FLAGS}
