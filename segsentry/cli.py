@@ -263,7 +263,7 @@ def run_command(
     threads: ThreadsOpt = None,
     low_memory: Annotated[bool, typer.Option(
         "--low-memory", help="Lower peak memory for some speed (onnxruntime: no CPU memory arena and no memory "
-        "pattern; ~30 % less RSS, 2-8 % slower on a fullres net).")] = False,
+        "pattern; on a fullres net 7-16 % less peak RSS than the default, 8-9 % slower).")] = False,
     disable_tta: Annotated[bool, typer.Option(
         "--disable-tta", help="No test-time mirroring (nnU-Net's flag): faster, but the masks are no longer "
         "nnU-Net's default predictions. The OOD score does not depend on it.")] = False,
