@@ -55,6 +55,8 @@ SEED_SETS = {
     "dev": {"id": 61_001, "dataset-shift": 62_001, "diagnostic-shift": 63_001, "far-ood": 64_001, "shift": 65_001},
     "holdout": {"id": 71_001, "dataset-shift": 72_001, "diagnostic-shift": 73_001, "far-ood": 74_001,
                 "shift": 75_001},
+    # drawn after the holdout set had been looked at: confirms choices made on dev and holdout (subject score)
+    "fresh": {"id": 81_001, "dataset-shift": 82_001, "diagnostic-shift": 83_001, "far-ood": 84_001, "shift": 85_001},
 }
 VARIANTS = {  # name -> calibrate() keywords
     "paper": {"score_folds": 1, "threshold_rule": "paper"},
@@ -83,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", nargs="+", default=[], metavar="LAYER",
                         help="feature layers to add, each calibrated as 'conformal' (e.g. encoder.stages.3)")
     parser.add_argument("--seeds", choices=list(SEED_SETS), default="dev",
-                        help="which cohorts: 'dev' (the choices were made on them) or 'holdout' (confirmation)")
+                        help="which cohorts: 'dev' (the choices were made on them), 'holdout' (confirmation) or "
+                             "'fresh' (drawn after holdout had been used)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     variant_args = (args.model_folder, args.train_images, args.calibration_images)

@@ -22,7 +22,7 @@ from rich.logging import RichHandler
 from rich.markup import escape
 from rich.table import Table
 
-from segsentry.contract import Aggregation, EnsembleScore, Estimator, FeatureNorm, ThresholdRule
+from segsentry.contract import Aggregation, EnsembleScore, Estimator, FeatureNorm, SubjectScore, ThresholdRule
 from segsentry.errors import BackendError, SegsentryError
 
 console = Console(stderr=True)
@@ -199,6 +199,7 @@ def calib_command(
     alpha: Annotated[float, typer.Option("--alpha", callback=_open_unit_interval, help="False-alarm rate the conformal threshold holds (needs >= 1/alpha - 1 calibration cases).")] = 0.05,
     calibration_images: Annotated[Optional[list[Path]], typer.Option("--calibration-images", help="Unlabelled in-distribution scans the Gaussian never sees, to set the threshold (repeatable; default: the cross-fitted training scores).")] = None,
     ensemble_score: Annotated[Optional[EnsembleScore], typer.Option("--ensemble-score", help="Fold ensembles: fused (U also holds the folds' disagreement; needs --calibration-images; the default with them) or distance (the folds' mean distance alone; the default without).")] = None,
+    subject_score: Annotated[SubjectScore, typer.Option("--subject-score", help="How a case's patch distances become its score: mean (the paper: mean of the voxel map), patch-min (its most typical patch) or lower-half (mean of the smaller half).")] = SubjectScore.MEAN,
     backend: BackendOpt = "auto",
     batch_size: BatchOpt = 1,
     threads: ThreadsOpt = None,
@@ -227,12 +228,13 @@ def calib_command(
                                threads=threads, score_folds=score_folds, feature_norm=feature_norm,
                                threshold_rule=threshold_rule,
                                alpha=alpha, calibration_images=calibration_images,
-                               ensemble_score=ensemble_score, on_case=on_case)
+                               ensemble_score=ensemble_score, subject_score=subject_score, on_case=on_case)
         c = result.calibration
         console.print(f"[green]wrote[/] {escape(str(result.path))}: {c.n_patches} patches from {c.n_cases} cases, D="
                       f"{result.fit.n_features}, {c.estimator} (shrinkage {c.shrinkage:.4g}, rank {c.rank}), "
                       f"train scores [{c.train_score_min:.4g}, {c.train_score_max:.4g}], "
-                      f"threshold U > {c.threshold:.4f} ({c.aggregation}; training scores {c.score_fit})",
+                      f"threshold U > {c.threshold:.4f} ({c.aggregation}, subject score {c.subject_score}; training "
+                      f"scores {c.score_fit})",
                       highlight=False)
         rule = (f"conformal, alpha {c.alpha:g}: false alarms <= {100 * c.false_alarm_bound:.1f} % on new "
                 "in-distribution cases" if c.threshold_rule == ThresholdRule.CONFORMAL

@@ -12,7 +12,7 @@ from typing import TypeVar
 
 __all__ = [
     "HEAD_SCOPE", "INPUT_IMAGE", "L2_EPS", "Aggregation", "EnsembleScore", "Estimator", "FeatureNorm",
-    "HeadInitializer", "Output", "ThresholdRule", "choice",
+    "HeadInitializer", "Output", "SubjectScore", "ThresholdRule", "choice",
 ]
 
 E = TypeVar("E", bound=Enum)
@@ -107,6 +107,17 @@ class ThresholdRule(str, Enum):
 
     CONFORMAL = "conformal"  # split-conformal: the ceil((n + 1)(1 - alpha))-th smallest calibration score; default
     PAPER = "paper"  # the authors' 95 % TPR boundary: sorted, index floor((n - 1) * 0.95), mean with the next
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class SubjectScore(str, Enum):
+    """How a case's patch distances become its raw subject score u (before the min/2-max normalisation to U)."""
+
+    MEAN = "mean"  # the paper (design.md step 6): the mean of the voxel map over the preprocessed volume
+    PATCH_MIN = "patch-min"  # the smallest patch distance: a case is as far as its most typical patch
+    LOWER_HALF = "lower-half"  # the mean of the smaller half of the patch distances
 
     def __str__(self) -> str:
         return self.value

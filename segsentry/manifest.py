@@ -149,6 +149,9 @@ class Calibration:
     # A fold ensemble whose U also holds the folds' disagreement (None: U is the distance's alone). Then
     # ``threshold`` is on the combined U; ``calibration_scores`` stay the raw distance scores u.
     fusion: DisagreementFusion | None = None
+    # SubjectScore: how the patch distances become the raw score u (older bundles: the voxel map's mean).
+    # Training scores, calibration scores, range and threshold are all on this score.
+    subject_score: str = "mean"
 
     def combined_uncertainty(self, distance_uncertainty: float, fold_agreement: float | None) -> float:
         """The deployed U from the distance U and, for a fused bundle, the folds' agreement."""

@@ -41,7 +41,7 @@ from segsentry.calib.gaussian import (
     squared_mahalanobis,
 )
 from segsentry.calib.head import fold_ensemble_head, fold_mahalanobis_head
-from segsentry.contract import EnsembleScore, FeatureNorm, Output, ThresholdRule, choice
+from segsentry.contract import EnsembleScore, FeatureNorm, Output, SubjectScore, ThresholdRule, choice
 from segsentry.errors import BundleError, CalibrationError, SegsentryError
 from segsentry.manifest import Calibration, DisagreementFusion, Manifest, write_manifest
 from segsentry.runtime.backends import BackendOptions, create_backend
@@ -56,9 +56,9 @@ from segsentry.runtime.scoring import (
     conformal_threshold,
     min_calibration_cases,
     normalise_score,
-    subject_score,
     tpr95_threshold,
 )
+from segsentry.runtime.scoring import subject_score as case_score
 from segsentry.runtime.sliding import AGGREGATIONS, Box, crop_box, distance_map, importance_for
 
 log = logging.getLogger(__name__)
@@ -104,6 +104,7 @@ def calibrate(
     alpha: float = DEFAULT_ALPHA,
     calibration_images: Sequence[str | Path] | None = None,
     ensemble_score: EnsembleScore | str | None = None,
+    subject_score: SubjectScore | str = SubjectScore.MEAN,
     on_case: Callable[[str, int, str | None], None] | None = None,
 ) -> CalibrationResult:
     """Calibrate ``features_bundle`` (from ood-export) on the training ``images`` and write ``output``.
@@ -125,6 +126,10 @@ def calibrate(
     ``None`` (default) is ``fused`` for an ensemble calibrated with ``calibration_images`` (it won on the phantom
     benchmark, ``benchmarks/results/phantom_ood_2folds``), else ``distance``.
 
+    ``subject_score`` (:class:`~segsentry.contract.SubjectScore`) is how each case's patch distances become
+    its raw score, for the training, calibration and deployed cases alike: ``mean`` (the paper's mean of the
+    voxel map), ``patch-min`` or ``lower-half``.
+
     ``on_case(case_id, n_patches, error)`` is called after each training and calibration case (for progress
     display).
     """
@@ -132,6 +137,7 @@ def calibrate(
     if ensemble_score is not None:
         ensemble_score = choice(EnsembleScore, ensemble_score, what="ensemble score", error=CalibrationError)
     feature_norm = choice(FeatureNorm, feature_norm, what="feature normalisation", error=CalibrationError)
+    subject_score = choice(SubjectScore, subject_score, what="subject score", error=CalibrationError)
     check_alpha(alpha)
     if estimator not in ESTIMATORS:
         raise CalibrationError(f"unknown estimator '{estimator}'; choose one of {', '.join(ESTIMATORS)}")
@@ -205,7 +211,7 @@ def calibrate(
             d = np.mean([squared_mahalanobis(case_fits[f][c], np.asarray(features[f][case.rows], dtype=np.float64))
                          for f in range(n_folds)], axis=0)
             voxel_map = distance_map(case.padded_shape, case.boxes, d, gaussian, aggregation=aggregation)
-            scores.append(subject_score(crop_box(voxel_map, case.pad_box)))
+            scores.append(case_score(crop_box(voxel_map, case.pad_box), d, rule=subject_score))
         n_patches = stores[0].n_samples
         held_out: list[float] = []
         agreements: list[float] = []
@@ -218,7 +224,7 @@ def calibrate(
             d = np.mean([squared_mahalanobis(fit, normalise_features(z, feature_norm))
                          for fit, z in zip(fits, _fold_features(inference.features, n_folds))], axis=0)
             voxel_map = distance_map(inference.padded_shape, inference.boxes, d, gaussian, aggregation=aggregation)
-            held_out.append(subject_score(crop_box(voxel_map, inference.pad_box)))
+            held_out.append(case_score(crop_box(voxel_map, inference.pad_box), d, rule=subject_score))
     fit = fits[0]
 
     train_min, train_max = float(min(scores)), float(max(scores))
@@ -259,6 +265,7 @@ def calibrate(
         fold_shrinkage=[float(f.shrinkage) for f in fits] if n_folds > 1 else [],
         fold_rank=[int(f.rank) for f in fits] if n_folds > 1 else [],
         fusion=fusion,
+        subject_score=subject_score.value,
     )
     model = onnx.load_model_from_string(bundle.model_bytes)
     if n_folds > 1:

@@ -1,4 +1,9 @@
-"""The Mahalanobis head in the form bundles stored before the compact head, for tests and benchmarks.
+"""The Mahalanobis head in the form bundles stored before the compact head, for tests and benchmarks, and a
+calibrated bundle turned back into the features bundle it was calibrated from.
+
+:func:`features_bundle` removes the fused head and the calibration from a calibrated bundle: its network with
+the ``logits`` and ``features`` outputs, as ``ood-export`` wrote it, so that a shipped bundle can be calibrated
+again (another subject score, other calibration cases) without its training folder.
 
 :func:`older_head_form` rewrites every compact head of a model (``basis`` + ``span_scale``, see
 :class:`segsentry.contract.HeadInitializer`) into the older layout: ``components_t = basis * span_scale`` stored
@@ -16,7 +21,30 @@ from onnx import numpy_helper
 
 from segsentry.contract import HEAD_SCOPE, HeadInitializer
 
-__all__ = ["older_head_form"]
+__all__ = ["features_bundle", "older_head_form"]
+
+
+def features_bundle(model_bytes: bytes) -> bytes:
+    """The features bundle of the calibrated bundle ``model_bytes``: the graph pruned to the network's ``logits``
+    and the head's input (the ``features`` tensor), the manifest without calibration, sealed anew. Raises
+    ``ValueError`` for a bundle without a head or with a reduced-precision network."""
+    from segsentry.contract import Output
+    from segsentry.graph import GraphIndex, extract, head_boundary
+    from segsentry.manifest import read_manifest, write_manifest
+
+    manifest = read_manifest(model_bytes)
+    if manifest.quantization is not None:
+        raise ValueError("the bundle's network is quantised; calibrate its float32 source instead")
+    model = onnx.load_model_from_string(model_bytes)
+    inputs, outputs = head_boundary(model.graph)
+    if manifest.calibration is None or len(inputs) != 1 or not outputs:
+        raise ValueError("the bundle has no fused Mahalanobis head reading one features tensor")
+    logits = manifest.output_name(Output.LOGITS)
+    network = extract(model, GraphIndex(model.graph).inputs, [logits, inputs[0]])
+    network.graph.name = model.graph.name
+    del network.metadata_props[:]
+    return write_manifest(network, manifest.replace(
+        calibration=None, outputs={Output.LOGITS.value: logits, Output.FEATURES.value: inputs[0]}))
 
 
 def older_head_form(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -190,7 +190,8 @@ def _layer_verdict(data: np.ndarray, engine: Backend, manifest: Manifest, loaded
     variant takes the folds' agreement of the main run (same network, same mirroring: the same masks)."""
     calibration = manifest.calibration
     inference = infer_volume(data, engine, manifest, accumulate_logits=False, aggregation=calibration.aggregation)
-    decision = verdict(inference.distance_map, calibration, loaded, fold_agreement=fold_agreement)
+    decision = verdict(inference.distance_map, calibration, loaded, distances=inference.distances,
+                       fold_agreement=fold_agreement)
     return decision.uncertainty, bool(decision.ood)
 
 

@@ -442,7 +442,8 @@ def write_case(case: CaseInput, loaded: LoadedCase, prediction: CasePrediction, 
             aggregation=calibration.aggregation if calibration else None, timings=timings, backend=backend_name,
             model_sha256=bundle.weights_sha256, bundle=str(bundle.path),
             outputs={k: str(v) for k, v in outputs.items()}, warnings=loaded.warnings,
-            bundle_sha256=options.bundle_sha256, input_ids=input_fingerprints(case))
+            bundle_sha256=options.bundle_sha256, input_ids=input_fingerprints(case),
+            subject_score=calibration.subject_score if calibration else None)
         for hook in options.case_hooks:
             written = WrittenCase(case=case, mask=prediction.mask, report=report, output_dir=stage,
                                   manifest=bundle.manifest, bundle_path=bundle.path, dicom_files=loaded.dicom_files)

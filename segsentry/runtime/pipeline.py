@@ -322,13 +322,14 @@ class Verdict:
 
 
 def verdict(distance_map: np.ndarray | None, calibration: Calibration | None, loaded: LoadedCase, *,
-            fold_agreement: float | None = None) -> Verdict:
-    """The deployed decision: ``U > threshold`` (U from the voxel map as in design.md steps 6-7, for a fused
-    ensemble bundle averaged with the folds' disagreement, :meth:`Calibration.combined_uncertainty`) or an input
-    outside the training cases' content range (:mod:`segsentry.runtime.guard`, when the bundle records one)."""
+            distances: np.ndarray | None = None, fold_agreement: float | None = None) -> Verdict:
+    """The deployed decision: ``U > threshold`` (U from the voxel map or the patch ``distances`` by the
+    bundle's ``subject_score``, design.md steps 6-7; for a fused ensemble bundle averaged with the folds'
+    disagreement, :meth:`Calibration.combined_uncertainty`) or an input outside the training cases' content
+    range (:mod:`segsentry.runtime.guard`, when the bundle records one)."""
     if calibration is None or distance_map is None:
         return Verdict()
-    score = subject_score(distance_map)
+    score = subject_score(distance_map, distances, rule=calibration.subject_score)
     u_distance = normalise_score(score, train_min=calibration.train_score_min, train_max=calibration.train_score_max)
     u = calibration.combined_uncertainty(u_distance, fold_agreement)
     parts = (f" (distance U {u_distance:.3f}, fold agreement {fold_agreement:.3f})"
@@ -359,7 +360,8 @@ def finish_case(
     timings = dict(timings or {})
     t0 = time.perf_counter()
     fold_agreement = fold_agreement_of(inference, manifest)
-    decision = verdict(inference.distance_map, manifest.calibration, loaded, fold_agreement=fold_agreement)
+    decision = verdict(inference.distance_map, manifest.calibration, loaded, distances=inference.distances,
+                       fold_agreement=fold_agreement)
     timings["scoring"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

@@ -50,12 +50,14 @@ class CaseReport:
     fold_agreement: float | None = None
     # the distance's own U; differs from ``uncertainty`` when the bundle fuses the folds' disagreement into U
     distance_uncertainty: float | None = None
+    subject_score: str | None = None  # how the patch distances became ``score`` (the bundle's SubjectScore)
 
     @classmethod
     def from_prediction(cls, prediction: CasePrediction, *, inputs: list[str], aggregation: str | None,
                         timings: dict[str, float], backend: str, model_sha256: str, bundle: str,
                         outputs: dict[str, str], warnings: list[str] | None = None, bundle_sha256: str = "",
-                        input_ids: list[dict[str, str]] | None = None) -> CaseReport:
+                        input_ids: list[dict[str, str]] | None = None,
+                        subject_score: str | None = None) -> CaseReport:
         return cls(
             case=prediction.case_id,
             inputs=inputs,
@@ -82,6 +84,7 @@ class CaseReport:
             notes=list(prediction.notes),
             fold_agreement=prediction.fold_agreement,
             distance_uncertainty=prediction.distance_uncertainty,
+            subject_score=subject_score,
         )
 
     @property

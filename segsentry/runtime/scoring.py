@@ -1,5 +1,8 @@
 """Subject-level scores (design.md, method steps 6-7): raw score, min/2·max normalisation, thresholds.
 
+The raw score is the paper's mean of the voxel map or, as a bundle's calibration records (``subject_score``),
+a reduction of the patch distances.
+
 Two threshold rules: the authors' 95 % TPR boundary, and split-conformal (design.md, "Conformal threshold").
 """
 
@@ -10,12 +13,29 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from segsentry.errors import CalibrationError
+from segsentry.contract import SubjectScore, choice
+from segsentry.errors import BundleError, CalibrationError
 
 
-def subject_score(voxel_map: np.ndarray) -> float:
-    """Raw score ``u``: mean of the voxel distance map over the preprocessed (unpadded) volume (float64 sum)."""
-    return float(np.mean(voxel_map, dtype=np.float64))
+def subject_score(voxel_map: np.ndarray | None, distances: Sequence[float] | np.ndarray | None = None, *,
+                  rule: SubjectScore | str = SubjectScore.MEAN) -> float:
+    """Raw score ``u`` of one case by ``rule`` (:class:`~segsentry.contract.SubjectScore`).
+
+    ``mean`` (the paper): mean of the voxel distance map over the preprocessed (unpadded) volume (float64 sum).
+    ``patch-min``: the smallest of the case's patch distances; ``lower-half``: the mean of the smaller half of
+    them (of one patch: that patch). Each needs what it reads: the voxel map or the patch distances.
+    """
+    rule = choice(SubjectScore, rule, what="subject score", error=BundleError)
+    if rule is SubjectScore.MEAN:
+        if voxel_map is None:
+            raise BundleError("the mean subject score needs the voxel distance map")
+        return float(np.mean(voxel_map, dtype=np.float64))
+    d = np.sort(np.asarray(distances if distances is not None else [], dtype=np.float64).reshape(-1))
+    if d.size == 0:
+        raise BundleError(f"the {rule.value} subject score needs the case's patch distances")
+    if rule is SubjectScore.PATCH_MIN:
+        return float(d[0])
+    return float(np.mean(d[:max(1, d.size // 2)]))
 
 
 def normalise_score(u: float, *, train_min: float, train_max: float) -> float:

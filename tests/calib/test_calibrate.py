@@ -59,6 +59,75 @@ def test_l2_feature_norm_is_recorded_and_deployed(ct_pipeline, test_cases, tmp_p
         calibrate(ct_pipeline.features_onnx, [ct_pipeline.images], tmp_path / "x.onnx", feature_norm="l3")
 
 
+def test_subject_score_rule_is_recorded_and_shared_by_calibration_and_runtime(ct_pipeline, test_cases, tmp_path):
+    """A patch reduction as the subject score: calibrate's in-sample training scores are the reduction of the
+    patch distances the deployed head computes for those cases (float64 numpy vs the float32 head, rtol 1e-4),
+    and ood-run's score of a new case is the reduction of its patch distances (rtol 1e-12); the paper's voxel-map
+    mean lies between the smallest and the largest patch distance."""
+    from segsentry.runtime import run_batch
+    from segsentry.runtime.backends import create_backend
+    from segsentry.runtime.io import CaseInput, collect_cases, read_case
+    from segsentry.runtime.pipeline import infer_volume
+    from segsentry.runtime.preprocess import preprocess
+
+    bundles = {rule: calibrate(ct_pipeline.features_onnx, [ct_pipeline.images], tmp_path / f"{rule}.onnx",
+                               score_folds=1, threshold_rule="paper", subject_score=rule)
+               for rule in ("mean", "patch-min", "lower-half")}
+    m = load_bundle(tmp_path / "patch-min.onnx").manifest
+
+    def patch_distances(files) -> np.ndarray:
+        loaded = read_case(CaseInput("c", tuple(files)), num_channels=m.num_channels)
+        data, _ = preprocess(loaded.image, loaded.spacing, m.preprocessing)
+        with create_backend("onnxruntime", load_bundle(tmp_path / "patch-min.onnx").model_bytes,
+                            channels=m.num_channels, patch_size=m.patch_size, manifest=m) as engine:
+            return infer_volume(data, engine, m, accumulate_logits=False).distances
+
+    training = [patch_distances(c.files) for c in collect_cases([ct_pipeline.images], num_channels=1)]
+    assert min(len(d) for d in training) >= 2  # a reduction over one patch would test nothing
+    for rule, reduce in (("patch-min", np.min), ("lower-half", lambda d: np.mean(np.sort(d)[:len(d) // 2]))):
+        c = load_bundle(tmp_path / f"{rule}.onnx").manifest.calibration
+        assert c.subject_score == rule and bundles[rule].calibration.subject_score == rule
+        np.testing.assert_allclose(c.train_scores, [reduce(d) for d in training], rtol=1e-4)
+    assert load_bundle(tmp_path / "mean.onnx").manifest.calibration.subject_score == "mean"
+    case = next(iter(test_cases["ct"].values()))
+    d = patch_distances(case)
+    reports = {rule: run_batch(tmp_path / f"{rule}.onnx", case, tmp_path / f"out-{rule}", backend="onnxruntime",
+                               qa=False).outcomes[0].report for rule in bundles}
+    assert reports["patch-min"].score == pytest.approx(float(d.min()), rel=1e-12)
+    assert reports["patch-min"].subject_score == "patch-min"
+    assert d.min() <= reports["mean"].score <= d.max() and d.min() < d.max()
+    assert reports["lower-half"].score == pytest.approx(float(np.mean(np.sort(d)[:d.size // 2])), rel=1e-12)
+    with pytest.raises(CalibrationError, match="subject score"):
+        calibrate(ct_pipeline.features_onnx, [ct_pipeline.images], tmp_path / "x.onnx", subject_score="median")
+
+
+def test_a_calibrated_bundle_turns_back_into_its_features_bundle(ct_pipeline, tmp_path):
+    """devtools.features_bundle (how the shipped demo is recalibrated without its training folder): the
+    calibrated bundle without its head computes the exported features bundle's logits and features bit for bit,
+    has no calibration, and calibrates again to the same training scores and threshold (rtol 1e-9)."""
+    from segsentry.devtools.head_forms import features_bundle
+    from segsentry.runtime.backends import create_backend
+
+    first = calibrate(ct_pipeline.features_onnx, [ct_pipeline.images], tmp_path / "a.ood.onnx")
+    stripped = tmp_path / "b.features.onnx"
+    stripped.write_bytes(features_bundle((tmp_path / "a.ood.onnx").read_bytes()))
+    exported, back = load_bundle(ct_pipeline.features_onnx), load_bundle(stripped)
+    assert back.manifest.calibration is None and set(back.manifest.outputs) == {"logits", "features"}
+    m = exported.manifest
+    batch = np.random.default_rng(3).standard_normal((2, m.num_channels, *m.patch_size)).astype(np.float32)
+    with create_backend("onnxruntime", exported.model_bytes, channels=m.num_channels, patch_size=m.patch_size) as a, \
+            create_backend("onnxruntime", back.model_bytes, channels=m.num_channels, patch_size=m.patch_size) as b:
+        want, got = a.run(batch), b.run(batch)
+    assert set(got) == {"logits", "features"}
+    for name in got:
+        np.testing.assert_array_equal(got[name], want[name])
+    again = calibrate(stripped, [ct_pipeline.images], tmp_path / "c.ood.onnx").calibration
+    np.testing.assert_allclose(again.train_scores, first.calibration.train_scores, rtol=1e-9)
+    assert again.threshold == pytest.approx(first.calibration.threshold, rel=1e-9)
+    with pytest.raises(ValueError, match="no fused Mahalanobis head"):
+        features_bundle(stripped.read_bytes())
+
+
 def _training_folder_with_bad_cases(pipeline, folder):
     """The pipeline's four training cases plus four that cannot be used, each for another reason."""
     folder.mkdir()

@@ -189,17 +189,19 @@ def test_cohort_choices_are_the_generator_cohorts():
 
 
 def test_calib_threshold_rules_from_the_cli(ct_pipeline, tmp_path):
-    """--threshold-rule paper reproduces the authors' boundary; conformal with held-out calibration images
+    """--threshold-rule paper reproduces the authors' boundary (on a --subject-score other than the paper's,
+    recorded and printed); conformal with held-out calibration images
     takes their largest score when n is below 1/alpha - 1, and says which bound it holds."""
     from segsentry.runtime import load_bundle
     from segsentry.runtime.scoring import normalise_score, tpr95_threshold
 
     paper = tmp_path / "paper.onnx"
     result = _run("calib", ct_pipeline.features_onnx, ct_pipeline.images, "-o", paper, "--threshold-rule",
-                  "paper", "--score-folds", "2")
+                  "paper", "--score-folds", "2", "--subject-score", "lower-half")
     assert result.exit_code == 0, _text(result)
     c = load_bundle(paper).manifest.calibration
     assert c.threshold_rule == "paper" and c.alpha is None
+    assert c.subject_score == "lower-half" and "subject score lower-half" in _text(result)
     assert c.threshold == pytest.approx(tpr95_threshold(c.train_uncertainties), abs=0)
 
     held_out = tmp_path / "held_out"

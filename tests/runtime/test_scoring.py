@@ -41,6 +41,22 @@ def test_subject_score_is_float64_mean():
     assert subject_score(voxel_map) == pytest.approx(1e4 + 1.0, rel=1e-12)
 
 
+def test_patch_reductions_on_hand_worked_distances():
+    d = np.array([9.0, 1.0, 4.0, 16.0, 25.0])  # sorted 1, 4, 9, 16, 25; the smaller half: 1, 4
+    assert subject_score(None, d, rule="patch-min") == 1.0
+    assert subject_score(None, d, rule="lower-half") == pytest.approx(2.5, rel=1e-15)
+    assert subject_score(None, d[:1], rule="lower-half") == 9.0  # one patch: that patch
+    assert subject_score(np.full((2, 2, 2), 7.0), d, rule="mean") == 7.0  # mean reads the voxel map only
+    from segsentry.errors import BundleError
+
+    with pytest.raises(BundleError, match="patch distances"):
+        subject_score(np.ones((2, 2, 2)), None, rule="patch-min")
+    with pytest.raises(BundleError, match="voxel distance map"):
+        subject_score(None, d, rule="mean")
+    with pytest.raises(BundleError, match="subject score"):
+        subject_score(np.ones((2, 2, 2)), d, rule="median")
+
+
 # ------------------------------------------------------------------------------------- conformal threshold
 
 
