@@ -132,12 +132,17 @@ def main(argv: list[str] | None = None) -> int:
                 "uncertainty": prediction.uncertainty_score, "ood": bool(prediction.ood),
                 "agreement": prediction.fold_agreement, "dice": case_dice}
 
+    counts = {"computed": 0, "cached": 0}
+
     def cached(spec: dict, compute: Callable[[Path], object]) -> list:  # per phantom folder and bundle
         images = _cohort(args.work, spec)
         store = images[0].parent.parent / f"{compute.__name__}_{bundle.weights_sha256[:12]}.json"
         if store.exists():
-            return json.loads(store.read_text())
+            values = json.loads(store.read_text())
+            counts["cached"] += len(values)
+            return values
         values = [compute(f) for f in images]
+        counts["computed"] += len(values)
         store.write_text(json.dumps(values))
         return values
 
@@ -202,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
             cells.append(ci(k / n, wilson_interval(k, n)))
         lines.append(f"| {name} | {thresholds[name]:.4f} | " + " | ".join(cells) + " |")
     lines += ["", *table(groups, dices, {**scores, **raw}), "",
-              f"{time.perf_counter() - t_start:.0f} s on {machine_info()['cpu']}."]
+              f"{time.perf_counter() - t_start:.0f} s on {machine_info()['cpu']}: {counts['computed']} cases run, "
+              f"{counts['cached']} read from the cache of an earlier run (`--work`)."]
     out = args.out or RESULTS / f"subject_score_{args.seeds}.md"
     out.write_text("\n".join(lines) + "\n")
     out.with_suffix(".json").write_text(json.dumps({
