@@ -59,8 +59,8 @@ COHORTS = ("id", "dataset-shift", "diagnostic-shift", "far-ood")
 Reduction = Callable[[np.ndarray], float]
 REDUCTIONS: dict[str, Reduction] = {  # per-patch squared distances -> raw subject score
     "patch max": lambda d: float(np.max(d)),
-    "patch min": lambda d: float(np.min(d)),
-    "lower half": lambda d: float(np.mean(np.sort(d)[:max(1, len(d) // 2)])),
+    "patch min": lambda d: subject_score(None, d, rule="patch-min"),
+    "lower half": lambda d: subject_score(None, d, rule="lower-half"),
 }
 
 
