@@ -46,11 +46,10 @@ from segsentry.evaluation.metrics import dice, wilson_interval  # noqa: E402
 from segsentry.phantoms import write_cohort  # noqa: E402
 from segsentry.runtime import load_bundle, preprocess, read_case  # noqa: E402
 from segsentry.runtime.backends import BackendOptions, create_backend  # noqa: E402
-from segsentry.runtime.io import CaseInput  # noqa: E402
-from segsentry.runtime.pipeline import finish_case, infer_volume_for_case  # noqa: E402
+from segsentry.runtime.io import CaseInput, LoadedCase  # noqa: E402
+from segsentry.runtime.pipeline import finish_case, infer_volume_for_case, verdict  # noqa: E402
 from segsentry.manifest import Calibration  # noqa: E402
-from segsentry.runtime.guard import ContentStats, content_reasons, content_stats  # noqa: E402
-from segsentry.runtime.scoring import normalise_score, subject_score  # noqa: E402
+from segsentry.runtime.scoring import subject_score  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CALIBRATION = {"cohort": "id", "seed": 500, "n": 40, "prefix": "CAL"}  # train_demo_model.py's --seed + 500
@@ -83,21 +82,14 @@ def _same_computation(a: bytes, b: bytes) -> bool:
             and sorted(i.SerializeToString() for i in x.initializer) == sorted(i.SerializeToString() for i in y.initializer))
 
 
-def _content(image: Path, channels: int) -> ContentStats:
-    loaded = read_case(CaseInput(image.name, (image,)), num_channels=channels)
-    return content_stats(loaded.image, loaded.spacing)
-
-
-def _verdict(calibration: Calibration, case: dict, stats: ContentStats) -> tuple[float, bool]:
-    """What :func:`segsentry.runtime.pipeline.verdict` decides for a cached case under ``calibration`` (its
-    subject score, range, fusion, threshold and input guard): the patch distances and the folds' agreement do
-    not depend on the calibration of the same head, the voxel-map mean is cached as the case's raw score."""
-    raw = (case["score"] if calibration.subject_score == "mean"
-           else subject_score(None, case["d"], rule=calibration.subject_score))
-    u = calibration.combined_uncertainty(
-        normalise_score(raw, train_min=calibration.train_score_min, train_max=calibration.train_score_max),
-        case["agreement"])
-    return u, bool(u > calibration.threshold or content_reasons(stats, calibration.input_range))
+def _verdict(calibration: Calibration, case: dict, loaded: LoadedCase) -> tuple[float, bool]:
+    """U and flag of a cached case under ``calibration``, decided by ood-run's own
+    :func:`~segsentry.runtime.pipeline.verdict` (subject score, range, fusion, threshold, input guard). The patch
+    distances and the folds' agreement do not depend on the calibration of the same head; the voxel-map mean is
+    cached as the case's raw score, so a one-voxel map holding it stands in for the map (its mean is that value)."""
+    decision = verdict(np.array([case["score"]], dtype=np.float64), calibration, loaded,
+                       distances=np.asarray(case["d"], dtype=np.float64), fold_agreement=case["agreement"])
+    return float(decision.uncertainty), bool(decision.ood)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -172,11 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         raw[f"{name}, distance alone (raw)"] = np.array([reduce(np.asarray(c["d"])) for c in every])
     folders = {g: _cohort(args.work, {"cohort": g, "seed": seeds[g], "n": args.n, "prefix": "SS"})[0].parent
                for g in COHORTS}
-    stats = [_content(folders[g] / c["case"], manifest.num_channels) for g in COHORTS for c in cases[g]]
-    mine = [_verdict(calibration, c, st) for c, st in zip(every, stats)]  # the shipped bundle, recomputed
-    if not all(math.isclose(u, c["uncertainty"], rel_tol=1e-9, abs_tol=1e-12) and f == c["ood"]
-               for (u, f), c in zip(mine, every)):
-        raise SystemExit("recomputing the shipped bundle's verdict from the cache does not give ood-run's")
+    judged = {"shipped": calibration}  # name -> calibration whose verdict is recomputed
     for path in args.recalibrated:
         other_bundle = load_bundle(path)
         other = other_bundle.manifest
@@ -184,11 +172,21 @@ def main(argv: list[str] | None = None) -> int:
                 or other.calibration.input_range != calibration.input_range):
             raise SystemExit(f"{path} is not a recalibration of {bundle_path.name} (other weights, head or training "
                              "cases): its patch distances are not the cached ones")
-        name = f"{path.name} ({other.calibration.subject_score}, deployed)"
-        verdicts = [_verdict(other.calibration, c, st) for c, st in zip(every, stats)]
+        judged[f"{path.name} ({other.calibration.subject_score}, deployed)"] = other.calibration
+    decided = {name: [] for name in judged}
+    for g in COHORTS:
+        for c in cases[g]:
+            image = folders[g] / c["case"]
+            loaded = read_case(CaseInput(image.name, (image,)), num_channels=manifest.num_channels)
+            for name, cal_ in judged.items():
+                decided[name].append(_verdict(cal_, c, loaded))
+    if not all(math.isclose(u, c["uncertainty"], rel_tol=1e-9, abs_tol=1e-12) and f == c["ood"]
+               for (u, f), c in zip(decided.pop("shipped"), every)):
+        raise SystemExit("recomputing the shipped bundle's verdict from the cache does not give ood-run's")
+    for name, verdicts in decided.items():
         scores[name] = np.array([u for u, _ in verdicts])
         flagged[name] = np.array([f for _, f in verdicts])
-        thresholds[name] = other.calibration.threshold
+        thresholds[name] = judged[name].threshold
 
     lines = [f"# Offline: subject-level reductions of the patch distances ({args.seeds} seeds)", "",
              f"`{bundle_path.name}` and its recalibrations, {args.n} cases per cohort (seeds "

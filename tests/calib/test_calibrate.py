@@ -73,13 +73,14 @@ def test_subject_score_rule_is_recorded_and_shared_by_calibration_and_runtime(ct
     bundles = {rule: calibrate(ct_pipeline.features_onnx, [ct_pipeline.images], tmp_path / f"{rule}.onnx",
                                score_folds=1, threshold_rule="paper", subject_score=rule)
                for rule in ("mean", "patch-min", "lower-half")}
-    m = load_bundle(tmp_path / "patch-min.onnx").manifest
+    bundle = load_bundle(tmp_path / "patch-min.onnx")
+    m = bundle.manifest
 
     def patch_distances(files) -> np.ndarray:
         loaded = read_case(CaseInput("c", tuple(files)), num_channels=m.num_channels)
         data, _ = preprocess(loaded.image, loaded.spacing, m.preprocessing)
-        with create_backend("onnxruntime", load_bundle(tmp_path / "patch-min.onnx").model_bytes,
-                            channels=m.num_channels, patch_size=m.patch_size, manifest=m) as engine:
+        with create_backend("onnxruntime", bundle.model_bytes, channels=m.num_channels, patch_size=m.patch_size,
+                            manifest=m) as engine:
             return infer_volume(data, engine, m, accumulate_logits=False).distances
 
     training = [patch_distances(c.files) for c in collect_cases([ct_pipeline.images], num_channels=1)]
