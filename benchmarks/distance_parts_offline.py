@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
               "calibration_cases": len(cases["calibration"]), "minutes": round(minutes, 1), "auc": table,
               "cases": cases, "machine": machine_info(), "versions": package_versions(("numpy", "onnxruntime", "SimpleITK")),
               "date": time.strftime("%Y-%m-%d %H:%M:%S")}
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    args.out.parent.joinpath(args.out.name + ".json").write_text(json.dumps(result, indent=1))
     groups = (*COHORTS[1:], "calibration")
     lines = [f"# Subject-score alternatives from the shipped ensemble's distances (dev seeds; {result['date']})", "",
              f"`{result['bundle']}` ({manifest.n_folds} folds, its own Gaussians), {args.n} new cases per cohort from "
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     mean = {g: float(np.mean([c["distance"] for c in cases[g]])) for g in ("id", *groups)}
     lines += ["", "Mean raw score (deployed form) per set: " + ", ".join(f"{g} {v:.0f}" for g, v in mean.items())
               + f"; patches per case {np.mean([c['patches'] for g in COHORTS for c in cases[g]]):.1f}."]
-    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    args.out.parent.joinpath(args.out.name + ".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

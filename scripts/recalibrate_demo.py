@@ -2,6 +2,7 @@
 
     python scripts/recalibrate_demo.py --subject-score patch-min        # rewrites segsentry/models/demo_lung.ood.onnx
     python scripts/recalibrate_demo.py --out /tmp/check.ood.onnx        # same choices: reproduces the shipped one
+    python scripts/recalibrate_demo.py --layer decoder.stages.2 --out /tmp/dec2.ood.onnx   # another feature tap
 
 The training folder of ``scripts/train_demo_model.py`` is not kept (nnU-Net's checkpoints are large), but its
 phantoms are seeded: this regenerates the training cohort (seed ``--seed``, 60 cases) and the unlabelled
@@ -9,8 +10,9 @@ calibration cohort (seed ``--seed`` + 500, 40 cases), takes the network out of t
 (:func:`segsentry.devtools.head_forms.features_bundle`: the graph without its fused head, as ``ood-export``
 wrote it) and runs ``ood-calib``'s :func:`~segsentry.calib.calibrate` with the recipe's settings (Ledoit-Wolf,
 cross-fit training scores, conformal threshold on the calibration cohort, the folds' disagreement fused) and
-``--subject-score``. It then compares the new calibration with the old one: with the old choices the scores
-must come back (relative difference printed; engines differ in the last digits).
+``--subject-score``; ``--layer`` taps another layer of the network first (:func:`segsentry.devtools.retap.retap`:
+the features ``ood-export --layer`` gives). It then compares the new calibration with the old one: with the old
+choices the scores must come back (relative difference printed; engines differ in the last digits).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     from segsentry.calib import calibrate
     from segsentry.contract import SubjectScore
     from segsentry.devtools.head_forms import features_bundle
+    from segsentry.devtools.retap import retap
     from segsentry.phantoms import write_cohort
     from segsentry.runtime import load_bundle
 
@@ -43,13 +46,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE, help="the calibrated bundle to start from")
     parser.add_argument("--out", type=Path, default=DEFAULT_BUNDLE)
     parser.add_argument("--subject-score", choices=[s.value for s in SubjectScore], default="mean")
+    parser.add_argument("--layer", help="tap this layer (a dotted module path, e.g. decoder.stages.2) instead of "
+                                            "the bundle's own")
     parser.add_argument("--seed", type=int, default=0, help="train_demo_model.py's --seed")
     parser.add_argument("--cases", type=int, default=60)
     parser.add_argument("--calibration-cases", type=int, default=40)
     parser.add_argument("--work", type=Path, help="phantom folder (default: a temporary one)")
     args = parser.parse_args(argv)
 
-    old = load_bundle(args.bundle).manifest.calibration
+    shipped = load_bundle(args.bundle).manifest
+    old, old_layer = shipped.calibration, shipped.features.layer
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
         train, cal = work / "train", work / "calibration"
@@ -59,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
                 write_cohort(folder, cohort="id", n=n, seed=seed, prefix=prefix)
         features = work / "demo_lung.features.onnx"
         features.write_bytes(features_bundle(args.bundle.read_bytes()))
+        if args.layer and args.layer != load_bundle(features).manifest.features.layer:
+            features.write_bytes(retap(features.read_bytes(), args.layer))
         staged = work / "recalibrated.ood.onnx"
         result = calibrate(features, [train / "imagesTr"], staged, estimator="ledoit-wolf",
                            calibration_images=[cal / "imagesTr"], subject_score=args.subject_score,
@@ -66,7 +74,9 @@ def main(argv: list[str] | None = None) -> int:
         new = result.calibration
         args.out.parent.mkdir(parents=True, exist_ok=True)
         write_bytes_atomic(args.out, staged.read_bytes())
-    same = new.subject_score == old.subject_score
+    layer = load_bundle(args.out).manifest.features.layer
+    print(f"feature layer {layer} (was {old_layer})")
+    same = new.subject_score == old.subject_score and layer == old_layer
     print(f"wrote {args.out}: subject score {new.subject_score}, threshold U > {new.threshold:.4f} "
           f"(was {old.threshold:.4f}, {old.subject_score}); training range [{new.train_score_min:.6g}, "
           f"{new.train_score_max:.6g}]")
