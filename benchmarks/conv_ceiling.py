@@ -44,28 +44,30 @@ def graph_arithmetic(model_bytes: bytes, patch_size: list[int], channels: int) -
     other tensors' producers (InstanceNormalization, LeakyRelu, Concat, ...), from ONNX shape inference."""
     import onnx
 
+    from segsentry.graph import GraphIndex, infer_types
+
     model = onnx.load_model_from_string(model_bytes)
     dims = model.graph.input[0].type.tensor_type.shape.dim
     for dim, size in zip(dims, [1, channels, *patch_size]):
         dim.Clear()
         dim.dim_value = size
-    model = onnx.shape_inference.infer_shapes(model, strict_mode=True)
-    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
-              for v in [*model.graph.value_info, *model.graph.output, *model.graph.input]}
-    weights = {i.name: list(i.dims) for i in model.graph.initializer}
+    index = GraphIndex(infer_types(model, message="cannot infer the network's tensor shapes").graph)
+
+    def shape(name: str) -> list[int] | None:
+        info = index.value_info(name)
+        return None if info is None else [d.dim_value for d in info.type.tensor_type.shape.dim]
+
     conv = transposed = 0
     other: dict[str, int] = {}
     for node in model.graph.node:
         if node.op_type == "Conv":
-            w = weights[node.input[1]]  # (Cout, Cin/group, *k)
-            out = shapes[node.output[0]]
-            conv += 2 * math.prod(out) * w[1] * math.prod(w[2:])
+            w = index.initializer(node.input[1]).dims  # (Cout, Cin/group, *k)
+            conv += 2 * math.prod(shape(node.output[0])) * w[1] * math.prod(w[2:])
         elif node.op_type == "ConvTranspose":
-            w = weights[node.input[1]]  # (Cin, Cout/group, *k)
-            inp = shapes[node.input[0]]
-            transposed += 2 * math.prod(inp) * w[1] * math.prod(w[2:])
-        elif node.output and node.output[0] in shapes:
-            other[node.op_type] = other.get(node.op_type, 0) + math.prod(shapes[node.output[0]])
+            w = index.initializer(node.input[1]).dims  # (Cin, Cout/group, *k)
+            transposed += 2 * math.prod(shape(node.input[0])) * w[1] * math.prod(w[2:])
+        elif node.output and shape(node.output[0]) is not None:
+            other[node.op_type] = other.get(node.op_type, 0) + math.prod(shape(node.output[0]))
     return {"conv_flops": conv, "conv_transpose_flops": transposed, "flops": conv + transposed,
             "other_elements": other}
 

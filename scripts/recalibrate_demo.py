@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
                 write_cohort(folder, cohort="id", n=n, seed=seed, prefix=prefix)
         features = work / "demo_lung.features.onnx"
         features.write_bytes(features_bundle(args.bundle.read_bytes()))
-        if args.layer and args.layer != load_bundle(features).manifest.features.layer:
+        if args.layer and args.layer != old_layer:
             features.write_bytes(retap(features.read_bytes(), args.layer))
         staged = work / "recalibrated.ood.onnx"
         result = calibrate(features, [train / "imagesTr"], staged, estimator="ledoit-wolf",
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         new = result.calibration
         args.out.parent.mkdir(parents=True, exist_ok=True)
         write_bytes_atomic(args.out, staged.read_bytes())
-    layer = load_bundle(args.out).manifest.features.layer
+    layer = args.layer or old_layer
     print(f"feature layer {layer} (was {old_layer})")
     same = new.subject_score == old.subject_score and layer == old_layer
     print(f"wrote {args.out}: subject score {new.subject_score}, threshold U > {new.threshold:.4f} "

@@ -32,18 +32,23 @@ def _scopes(node: onnx.NodeProto) -> list[str]:
     return []
 
 
-def _layer_output(graph: onnx.GraphProto, scope: str) -> str:
-    """The output of the last node (graph order) whose recorded module scopes include ``scope``."""
-    last = None
+def _layer_outputs(graph: onnx.GraphProto, scopes: list[str]) -> list[str]:
+    """For each of ``scopes``, the output of the last node (graph order) whose recorded module scopes include it;
+    one pass over the graph's metadata."""
+    last: dict[str, onnx.NodeProto] = {}
     for node in graph.node:
-        if scope in _scopes(node):
-            last = node
-    if last is None:
-        raise ValueError(f"no node of the graph records the module scope '{scope}' (torch's exporter writes "
-                         f"{SCOPES_KEY}; give the layer as a canonical dotted path, e.g. decoder.stages.2)")
-    if len(last.output) != 1:
-        raise ValueError(f"module '{scope}' ends in a node with {len(last.output)} outputs; expected one tensor")
-    return last.output[0]
+        for scope in set(_scopes(node)).intersection(scopes):
+            last[scope] = node
+    outputs = []
+    for scope in scopes:
+        if scope not in last:
+            raise ValueError(f"no node of the graph records the module scope '{scope}' (torch's exporter writes "
+                             f"{SCOPES_KEY}; give the layer as a canonical dotted path, e.g. decoder.stages.2)")
+        if len(last[scope].output) != 1:
+            raise ValueError(f"module '{scope}' ends in a node with {len(last[scope].output)} outputs; expected one "
+                             "tensor")
+        outputs.append(last[scope].output[0])
+    return outputs
 
 
 def retap(features_bundle: bytes, layer: str) -> bytes:
@@ -66,7 +71,7 @@ def retap(features_bundle: bytes, layer: str) -> bytes:
     logits = manifest.output_name(Output.LOGITS)
     n_folds = manifest.n_folds
     prefixes = [f"taps.{i}.network." for i in range(n_folds)] if n_folds > 1 else ["network."]
-    taps = [_layer_output(graph, prefix + layer) for prefix in prefixes]
+    taps = _layer_outputs(graph, [prefix + layer for prefix in prefixes])
     typed = infer_types(model, message="cannot infer the bundle's tensor shapes")
     index = GraphIndex(typed.graph)
     shapes = []
@@ -81,7 +86,7 @@ def retap(features_bundle: bytes, layer: str) -> bytes:
     kernels, dim = pooling_plan(shapes[0])
 
     names = NameAllocator.for_graph(graph)
-    producer = next(node for node in graph.node if features in node.output)
+    producer = graph.node[GraphIndex(graph).producer(features)]
     producer.output[list(producer.output).index(features)] = names.fresh("retap_replaced_features")
     flat: list[str] = []
     for tensor in taps:
