@@ -1,9 +1,15 @@
 """OpenVINO CPU backend (the ``openvino`` extra).
 
 The bundle bytes are read by OpenVINO's ONNX frontend (from memory, or from a temporary file where the
-installed OpenVINO cannot read ONNX bytes), the input is reshaped to ``(?, channels, *patch_size)`` (dynamic
-batch, static patch) and compiled for ``CPU`` with f32 inference precision, so results match onnxruntime
-on CPUs where OpenVINO would otherwise default to bf16 (AMX / AVX512-BF16).
+installed OpenVINO cannot read ONNX bytes), the input is reshaped to ``(1, channels, *patch_size)`` and compiled
+for ``CPU`` with f32 inference precision, so results match onnxruntime on CPUs where OpenVINO would otherwise
+default to bf16 (AMX / AVX512-BF16).
+
+One patch per inference, a fully static shape: OpenVINO then plans the activations' memory once. On the 30.8 M-
+parameter fullres net (64 × 128 × 128) that peaks 90 MB lower than a dynamic batch axis (909 vs 999 MB for the
+process, the same seconds per patch, outputs equal bit for bit); on the demo net batches of 4 gained nothing over
+single patches. A batch of ``n`` patches is ``n`` inferences on the one request (latency hint) or on the
+asynchronous queue (throughput hint), outputs stacked in batch order.
 
 ``precision="bf16"`` (an explicit choice, never the default) compiles the network with bf16 inference
 precision and the fused Mahalanobis head apart, in f32: OpenVINO has one precision per compiled model and ran
@@ -150,10 +156,10 @@ class OpenvinoBackend(BackendBase):
         if input_name not in inputs:
             raise BackendError(f"the bundle has no input '{input_name}' (inputs: {', '.join(sorted(inputs))})")
         try:
-            network.reshape({input_name: ov.PartialShape([-1, self.channels, *self.patch_size])})
+            network.reshape({input_name: ov.PartialShape([1, self.channels, *self.patch_size])})
         except Exception as exc:
             raise BackendError(
-                f"OpenVINO cannot give input '{input_name}' the shape (?, {self.channels}, "
+                f"OpenVINO cannot give input '{input_name}' the shape (1, {self.channels}, "
                 f"{', '.join(map(str, self.patch_size))}): {first_line(exc)}"
             ) from exc
         config: dict[str, str] = {
@@ -204,13 +210,22 @@ class OpenvinoBackend(BackendBase):
             if self._queue is not None and batch.shape[0] > 1:
                 outputs = self._run_async(batch)
             else:
-                results = self._request.infer({self._input: batch})
-                outputs = {name: np.array(results[port], dtype=np.float32, copy=True) for name, port in self._outputs}
+                outputs = self._run_each(batch)
             return self._run_head(outputs)
         except BackendError:
             raise
         except Exception as exc:
             raise BackendError(f"OpenVINO inference failed: {first_line(exc)}") from exc
+
+    def _run_each(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """The patches one after another on the one request (the engine's shape is one patch)."""
+        parts = []
+        for i in range(batch.shape[0]):
+            results = self._request.infer({self._input: batch[i:i + 1]})
+            parts.append({name: np.array(results[port], dtype=np.float32, copy=True) for name, port in self._outputs})
+        if len(parts) == 1:
+            return parts[0]
+        return {name: np.concatenate([p[name] for p in parts]) for name, _ in self._outputs}
 
     def _run_head(self, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """With a head compiled apart (bf16): run it on the network's boundary tensors, return the graph outputs."""
