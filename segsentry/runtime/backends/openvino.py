@@ -221,8 +221,17 @@ class OpenvinoBackend(BackendBase):
         """The patches one after another on the one request (the engine's shape is one patch)."""
         parts = []
         for i in range(batch.shape[0]):
-            results = self._request.infer({self._input: batch[i:i + 1]})
-            parts.append({name: np.array(results[port], dtype=np.float32, copy=True) for name, port in self._outputs})
+            self._request.infer({self._input: batch[i:i + 1]})
+            parts.append(self._copy_outputs(self._request))
+        return self._stacked(parts)
+
+    def _copy_outputs(self, request: Any) -> dict[str, np.ndarray]:
+        """The request's output tensors, copied out as float32 (the request is reused for the next patch)."""
+        return {name: np.array(request.get_tensor(port).data, dtype=np.float32, copy=True)
+                for name, port in self._outputs}
+
+    def _stacked(self, parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        """One patch's outputs per part, in batch order, stacked along the batch axis (one part: as it is)."""
         if len(parts) == 1:
             return parts[0]
         return {name: np.concatenate([p[name] for p in parts]) for name, _ in self._outputs}
@@ -243,8 +252,7 @@ class OpenvinoBackend(BackendBase):
 
         def done(request: Any, index: int) -> None:
             try:
-                parts[index] = {name: np.array(request.get_tensor(port).data, dtype=np.float32, copy=True)
-                                for name, port in self._outputs}
+                parts[index] = self._copy_outputs(request)
             except Exception as exc:  # noqa: BLE001 - reported below, in the calling thread
                 errors.append(exc)
 
@@ -255,7 +263,7 @@ class OpenvinoBackend(BackendBase):
         if errors or any(p is None for p in parts):
             raise BackendError(f"OpenVINO asynchronous inference failed: "
                                f"{first_line(errors[0]) if errors else 'a request returned nothing'}")
-        return {name: np.concatenate([p[name] for p in parts]) for name, _ in self._outputs}
+        return self._stacked(parts)
 
     def close(self) -> None:
         self._queue = None
