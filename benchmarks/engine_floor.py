@@ -64,11 +64,11 @@ def _child(bundle_path: str, engine: str) -> None:
                                   "after_patch_mb": after, "peak_mb": peak_rss_mb()}))
 
 
-def _machine_line() -> str:
-    m = machine_info()
-    flags = ", ".join(k for k, v in m.get("cpu_flags", {}).items() if v)
-    return f"{m.get('cpu', '')}, {m.get('cores')} cores, cpu family/model {m.get('cpu_id', {}).get('cpu_family')}/" \
-           f"{m.get('cpu_id', {}).get('model')} ({flags})."
+def _machine_line(machine: dict) -> str:
+    cpu_id = machine.get("cpu_id", {})
+    flags = ", ".join(k for k, v in machine.get("cpu_flags", {}).items() if v)
+    return (f"{machine.get('cpu', '')}, {machine.get('cores')} cores, cpu family/model {cpu_id.get('cpu_family')}/"
+            f"{cpu_id.get('model')} ({flags}).")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,29 +103,32 @@ def main(argv: list[str] | None = None) -> int:
     for engine in args.engines:
         mine = [x for x in runs if x["engine"] == engine]
         med = {k: statistics.median(x[k] for x in mine) for k in ("imports_mb", "built_mb", "build_peak_mb", "peak_mb")}
-        med["first_patch_adds_mb"] = statistics.median(x["after_patch_mb"][0] - x["built_mb"] for x in mine)
+        med["held_after_first_patch_mb"] = statistics.median(x["after_patch_mb"][0] - x["built_mb"] for x in mine)
         med["peak_mb_range"] = [min(x["peak_mb"] for x in mine), max(x["peak_mb"] for x in mine)]
         if reference:
             med["vs_nnunet"] = med["peak_mb"] / reference["nnunet_peak_mb"]
         summary[engine] = med
+    machine = machine_info()
     result = {"benchmark": "engine_floor", "bundle": network, "repeats": args.repeats, "reference": reference,
-              "summary": summary, "runs": runs, "machine": machine_info(), "versions": package_versions(["segsentry", "numpy", "onnxruntime", "openvino"])}
+              "summary": summary, "runs": runs, "machine": machine,
+              "versions": package_versions(["segsentry", "numpy", "onnxruntime", "openvino"])}
     RESULTS.mkdir(exist_ok=True)
     stem = f"engine_floor{args.tag}"
     (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [f"# Engine memory floor: {network}", "",
              f"One patch of random input through segsentry's backend, nothing else in the process; medians of "
-             f"{args.repeats} fresh processes (MB, VmRSS / VmHWM). {_machine_line()}", ""]
+             f"{args.repeats} fresh processes (MB, VmRSS / VmHWM). {_machine_line(machine)}", ""]
     if reference:
         budget = 0.5 * reference["nnunet_peak_mb"]
         lines += [f"nnU-Net's end-to-end peak on this net (`{reference['file']}`): "
                   f"{reference['nnunet_peak_mb']:.0f} MB, so 0.5x allows {budget:.0f} MB for the whole process.", ""]
-    lines += ["| engine | imports | built | build peak | held after patch 1 − built | peak (range) | peak vs nnU-Net |",
+    lines += ["| engine | imports | built | build peak | held after patch 1 − built | peak (range) "
+              "| peak vs nnU-Net |",
               "|---|---|---|---|---|---|---|"]
     for engine, s in summary.items():
         ratio = f"{s['vs_nnunet']:.2f}x" if "vs_nnunet" in s else "–"
         lines.append(f"| {engine} | {s['imports_mb']:.0f} | {s['built_mb']:.0f} | {s['build_peak_mb']:.0f} | "
-                     f"{s['first_patch_adds_mb']:.0f} | {s['peak_mb']:.0f} ({s['peak_mb_range'][0]:.0f}–"
+                     f"{s['held_after_first_patch_mb']:.0f} | {s['peak_mb']:.0f} ({s['peak_mb_range'][0]:.0f}–"
                      f"{s['peak_mb_range'][1]:.0f}) | {ratio} |")
     (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
