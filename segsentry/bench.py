@@ -79,7 +79,8 @@ def network_only(bundle: Bundle) -> bytes:
 
 
 def head_only(bundle: Bundle) -> bytes | None:
-    """The fused Mahalanobis head alone (``features`` -> ``distance``), or None for an uncalibrated bundle."""
+    """The fused Mahalanobis head alone (``features`` -> ``distance``; every tap's where several are fused), or
+    None for an uncalibrated bundle."""
     import onnx
 
     from segsentry.graph import extract, head_boundary
@@ -126,7 +127,7 @@ def bench_backend(
         import onnxruntime as ort
 
         head_session = ort.InferenceSession(head, providers=["CPUExecutionProvider"])
-        head_input = head_session.get_inputs()[0].name  # the features tensor
+        head_inputs = head_session.get_inputs()  # the features tensor (one per fused tap)
     with create_backend(name, bundle.model_bytes, channels=m.num_channels, patch_size=m.patch_size,
                         options=BackendOptions(threads=threads, cache_dir=bundle.path), manifest=m) as full, \
             create_backend(name, plain, channels=m.num_channels, patch_size=m.patch_size,
@@ -137,9 +138,9 @@ def bench_backend(
             without = _timed(lambda b=batch: bare.run(b), warmup=warmup, repeats=repeats)
             head_p50 = None
             if head is not None:
-                shape = (n, m.n_folds, m.features.dim) if m.n_folds > 1 else (n, m.features.dim)
-                z = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
-                head_p50 = statistics.median(_timed(lambda z=z: head_session.run(None, {head_input: z}),
+                z = {x.name: np.random.default_rng(0).standard_normal(
+                        [d if isinstance(d, int) else n for d in x.shape]).astype(np.float32) for x in head_inputs}
+                head_p50 = statistics.median(_timed(lambda z=z: head_session.run(None, z),
                                                     warmup=warmup, repeats=repeats))
             mirrored_p50 = None
             if mirror_terms > 1:

@@ -598,6 +598,65 @@ def quantize_command(
     _guarded(debug, body)
 
 
+def fuse_taps_command(
+    first: Annotated[Path, typer.Argument(help="A calibrated .ood.onnx: its tap, scale, guard and threshold rule lead.")],
+    others: Annotated[list[Path], typer.Argument(help="Calibrated .ood.onnx of the same network at other layers (ood-export --layer, then ood-calib with the same options and --calibration-images).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output .ood.onnx holding every tap.")],
+    verbose: VerboseOpt = False,
+    debug: DebugOpt = False,
+    version: VersionOpt = False,
+) -> None:
+    """Fuse several feature taps of one network into one bundle: one Gaussian each, one U, one threshold."""
+    _setup_logging(verbose)
+
+    def body() -> int:
+        from segsentry.calib.taps import fuse_taps
+
+        result = fuse_taps(first, others, output)
+        c = result.calibration
+        layers = ", ".join(t.features.layer for t in c.taps)
+        console.print(f"[green]wrote[/] {escape(str(result.path))}: U = mean of the first tap's U and {escape(layers)} "
+                      f"mapped onto its scale; threshold U > {c.threshold:.4f} ({c.threshold_rule}"
+                      + (f", false alarms <= {100 * c.false_alarm_bound:.1f} %" if c.false_alarm_bound is not None
+                         else "") + f"); distances equal the tap bundles' within {result.max_rel_error:.1g}",
+                      highlight=False)
+        return EXIT_OK
+
+    _guarded(debug, body)
+
+
+def retap_command(
+    bundle: Annotated[Path, typer.Argument(help="A .features.onnx from ood-export (not calibrated).")],
+    layer: Annotated[str, typer.Option("--layer", help="The module to tap instead, as a dotted path (e.g. decoder.stages.2).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output .features.onnx tapped at --layer.")],
+    verbose: VerboseOpt = False,
+    debug: DebugOpt = False,
+    version: VersionOpt = False,
+) -> None:
+    """Tap the same network graph at another layer (no torch needed), e.g. a second tap for fuse-taps."""
+    _setup_logging(verbose)
+
+    def body() -> int:
+        from segsentry._atomic import write_bytes_atomic
+        from segsentry.devtools.retap import retap
+        from segsentry.errors import BundleError
+        from segsentry.runtime.bundle import load_bundle
+
+        if output.resolve() == bundle.resolve():
+            raise BundleError("the output must not overwrite the input bundle; choose another -o")
+        try:
+            data = retap(load_bundle(bundle).model_bytes, layer)
+        except ValueError as exc:
+            raise BundleError(str(exc)) from exc
+        write_bytes_atomic(output, data)
+        spec = load_bundle(output).manifest.features
+        console.print(f"[green]wrote[/] {escape(str(output))}: features of {escape(spec.layer)} "
+                      f"{spec.layer_shape} pooled to D={spec.dim}", highlight=False)
+        return EXIT_OK
+
+    _guarded(debug, body)
+
+
 def phantoms_command(
     output: Annotated[Path, typer.Argument(help="Folder for the nnU-Net raw layout (imagesTr/, labelsTr/, dataset.json).")],
     cohort: Annotated[Cohort, typer.Option("--cohort", help="Which cohort to generate.")] = Cohort.ID,
@@ -713,6 +772,8 @@ app.command("phantoms")(phantoms_command)
 app.command("monitor")(monitor_command)
 app.command("serve")(serve_command)
 app.command("quantize")(quantize_command)
+app.command("retap")(retap_command)
+app.command("fuse-taps")(fuse_taps_command)
 
 
 def _single(command: Callable[..., None]) -> typer.Typer:

@@ -110,6 +110,28 @@ class DisagreementFusion:
 
 
 @dataclass(frozen=True)
+class TapScore:
+    """A further feature tap of the same network whose U joins the bundle's (``segsentry fuse-taps``).
+
+    The tap has its own Gaussians (one per fold) in the graph, read from the graph output ``output`` (its
+    patch distance, as ``distance`` is the first tap's), and its own ``calibration``, exactly as the
+    single-tap bundle it came from was calibrated (training range, calibration scores, disagreement fusion,
+    its own threshold). Its U is mapped onto the first tap's scale, ``offset + scale * U_tap``, by matching
+    the median and the 95th percentile of both on the shared calibration cases; the deployed U is the mean
+    of the first tap's U and every mapped tap U, and the bundle's ``threshold`` is on that mean."""
+
+    features: FeatureSpec
+    output: str
+    calibration: Calibration
+    offset: float
+    scale: float
+
+    def uncertainty(self, tap_uncertainty: float) -> float:
+        """This tap's U on the first tap's scale."""
+        return float(self.offset + self.scale * tap_uncertainty)
+
+
+@dataclass(frozen=True)
 class InputRange:
     """Plain statistics of the training cases (``segsentry.runtime.guard``): per-channel minimum intensity
     standard deviation, and the minimum physical extent in mm of the sides sorted ascending."""
@@ -152,6 +174,9 @@ class Calibration:
     # SubjectScore: how the patch distances become the raw score u (older bundles: the voxel map's mean).
     # Training scores, calibration scores, range and threshold are all on this score.
     subject_score: str = "mean"
+    # Further feature taps fused into U (``segsentry fuse-taps``); then ``threshold`` and ``false_alarm_bound``
+    # are on the mean of this calibration's U and theirs (each tap's own threshold stays in its calibration).
+    taps: list[TapScore] = field(default_factory=list)
 
     def combined_uncertainty(self, distance_uncertainty: float, fold_agreement: float | None) -> float:
         """The deployed U from the distance U and, for a fused bundle, the folds' agreement."""
@@ -282,8 +307,10 @@ class Manifest:
 def _calibration(raw: dict[str, Any]) -> Calibration:
     content = raw.pop("input_range", None)
     fusion = raw.pop("fusion", None)
+    taps = [TapScore(features=FeatureSpec(**t.pop("features")), calibration=_calibration(t.pop("calibration")), **t)
+            for t in raw.pop("taps", [])]
     return Calibration(**raw, input_range=InputRange(**content) if content else None,
-                       fusion=DisagreementFusion(**fusion) if fusion else None)
+                       fusion=DisagreementFusion(**fusion) if fusion else None, taps=taps)
 
 
 def _quantization(raw: dict[str, Any]) -> Quantization:

@@ -26,8 +26,10 @@ __all__ = ["features_bundle", "older_head_form"]
 
 def features_bundle(model_bytes: bytes) -> bytes:
     """The features bundle of the calibrated bundle ``model_bytes``: the graph pruned to the network's ``logits``
-    and the head's input (the ``features`` tensor), the manifest without calibration, sealed anew. Raises
-    ``ValueError`` for a bundle without a head or with a reduced-precision network."""
+    and the head's input (the ``features`` tensor), the manifest without calibration, sealed anew. A bundle
+    fusing several feature taps (``segsentry fuse-taps``) gives its first tap's: that head comes first in the
+    graph, the further taps' are appended behind it. Raises ``ValueError`` for a bundle without a head or with a
+    reduced-precision network."""
     from segsentry.contract import Output
     from segsentry.graph import GraphIndex, extract, head_boundary
     from segsentry.manifest import read_manifest, write_manifest
@@ -37,7 +39,8 @@ def features_bundle(model_bytes: bytes) -> bytes:
         raise ValueError("the bundle's network is quantised; calibrate its float32 source instead")
     model = onnx.load_model_from_string(model_bytes)
     inputs, outputs = head_boundary(model.graph)
-    if manifest.calibration is None or len(inputs) != 1 or not outputs:
+    taps = len(manifest.calibration.taps) if manifest.calibration is not None else 0
+    if manifest.calibration is None or len(inputs) != 1 + taps or not outputs:
         raise ValueError("the bundle has no fused Mahalanobis head reading one features tensor")
     logits = manifest.output_name(Output.LOGITS)
     network = extract(model, GraphIndex(model.graph).inputs, [logits, inputs[0]])

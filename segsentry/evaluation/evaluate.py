@@ -191,7 +191,8 @@ def _layer_verdict(data: np.ndarray, engine: Backend, manifest: Manifest, loaded
     calibration = manifest.calibration
     inference = infer_volume(data, engine, manifest, accumulate_logits=False, aggregation=calibration.aggregation)
     decision = verdict(inference.distance_map, calibration, loaded, distances=inference.distances,
-                       fold_agreement=fold_agreement)
+                       fold_agreement=fold_agreement, tap_maps=inference.tap_distance_maps,
+                       tap_distances=inference.tap_distances)
     return decision.uncertainty, bool(decision.ood)
 
 

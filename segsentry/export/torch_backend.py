@@ -134,6 +134,10 @@ class TorchBackend(BackendBase):
         if threads:
             torch.set_num_threads(int(threads))
 
+        if manifest.calibration is not None and manifest.calibration.taps:
+            raise BackendError(f"the torch backend scores one feature tap; this bundle fuses "
+                               f"{1 + len(manifest.calibration.taps)} (segsentry fuse-taps): run it with "
+                               "--backend onnxruntime or openvino")
         source = manifest.source
         folds = [f.fold for f in manifest.folds] if manifest.n_folds > 1 else [source.get("fold", 0)]
         initializers = bundle_initializers(model)

@@ -73,6 +73,9 @@ class VolumeInference:
     step_size: float = 0.5
     fold_labels: np.ndarray | None = None
     precision: str = "fp32"
+    # a bundle with further feature taps (``Calibration.taps``): each tap's voxel map and patch distances, in order
+    tap_distance_maps: list[np.ndarray] = field(default_factory=list)
+    tap_distances: list[np.ndarray] = field(default_factory=list)
 
 
 def check_step_size(step_size: float) -> float:
@@ -140,6 +143,9 @@ def infer_volume(
     logit_accs = [LogitAccumulator(manifest.num_classes, shape, gaussian)
                   for _ in range(n_folds)] if accumulate_logits else []
     dist_acc = DistanceAccumulator(shape, gaussian, aggregation=aggregation) if aggregation else None
+    tap_names = [t.output for t in manifest.calibration.taps] if aggregation and manifest.calibration else []
+    tap_accs = [DistanceAccumulator(shape, gaussian, aggregation=aggregation) for _ in tap_names]
+    tap_distances: list[list[np.ndarray]] = [[] for _ in tap_names]
     distances: list[np.ndarray] = []
     features: list[np.ndarray] = []
     mirror = list(mirror_axes) if mirror_axes and logits_name is not None else None
@@ -157,6 +163,12 @@ def infer_volume(
             if dist_acc is not None:
                 for box, d in zip(batch.boxes, distances[-1]):
                     dist_acc.add(box, float(d))
+        for name, acc, kept in zip(tap_names, tap_accs, tap_distances):
+            if name not in batch.outputs:
+                raise BundleError(f"the bundle's feature tap '{name}' is not among the engine's outputs")
+            kept.append(np.asarray(batch.outputs[name], dtype=np.float64).reshape(-1))
+            for box, d in zip(batch.boxes, kept[-1]):
+                acc.add(box, float(d))
         if collect_features:
             features.append(np.asarray(batch.outputs[features_name], dtype=np.float32))
     logits, fold_labels = None, None
@@ -177,6 +189,8 @@ def infer_volume(
         features=np.concatenate(features) if features else None,
         step_size=step_size,
         precision=str(getattr(backend, "precision", "fp32")),
+        tap_distance_maps=[crop_box(acc.result(), pad_box) for acc in tap_accs],
+        tap_distances=[np.concatenate(kept) for kept in tap_distances],
     )
 
 
@@ -206,6 +220,7 @@ class CasePrediction:
     fold_agreement: float | None = None
     disagreement: np.ndarray | None = None
     distance_uncertainty: float | None = None  # the distance's own U (== uncertainty_score unless fused)
+    tap_uncertainties: dict[str, float] = field(default_factory=dict)  # several feature taps: layer -> its U
     notes: list[str] = field(default_factory=list)  # how the case was run, where it differs from nnU-Net's default
 
     @property
@@ -319,26 +334,52 @@ class Verdict:
     ood: bool | None = None
     reasons: list[str] = field(default_factory=list)
     distance_uncertainty: float | None = None
+    tap_uncertainties: dict[str, float] = field(default_factory=dict)  # several taps: layer -> U on one scale
+
+
+def tap_uncertainty(calibration: Calibration, distance_map: np.ndarray, distances: np.ndarray | None,
+                    fold_agreement: float | None) -> tuple[float, float, float]:
+    """``(u, distance U, U)`` of one feature tap by its own calibration: raw subject score, its normalised
+    distance U, and that U combined with the folds' disagreement where the calibration fuses it."""
+    score = subject_score(distance_map, distances, rule=calibration.subject_score)
+    u_distance = normalise_score(score, train_min=calibration.train_score_min, train_max=calibration.train_score_max)
+    return score, u_distance, calibration.combined_uncertainty(u_distance, fold_agreement)
 
 
 def verdict(distance_map: np.ndarray | None, calibration: Calibration | None, loaded: LoadedCase, *,
-            distances: np.ndarray | None = None, fold_agreement: float | None = None) -> Verdict:
+            distances: np.ndarray | None = None, fold_agreement: float | None = None,
+            tap_maps: Sequence[np.ndarray] = (), tap_distances: Sequence[np.ndarray | None] = (),
+            first_layer: str | None = None) -> Verdict:
     """The deployed decision: ``U > threshold`` (U from the voxel map or the patch ``distances`` by the
     bundle's ``subject_score``, design.md steps 6-7; for a fused ensemble bundle averaged with the folds'
-    disagreement, :meth:`Calibration.combined_uncertainty`) or an input outside the training cases' content
-    range (:mod:`segsentry.runtime.guard`, when the bundle records one)."""
+    disagreement, :meth:`Calibration.combined_uncertainty`; for a bundle with further feature taps averaged with
+    each tap's U mapped onto the first's scale, ``tap_maps`` / ``tap_distances`` in ``calibration.taps`` order)
+    or an input outside the training cases' content range (:mod:`segsentry.runtime.guard`, when the bundle
+    records one)."""
     if calibration is None or distance_map is None:
         return Verdict()
-    score = subject_score(distance_map, distances, rule=calibration.subject_score)
-    u_distance = normalise_score(score, train_min=calibration.train_score_min, train_max=calibration.train_score_max)
-    u = calibration.combined_uncertainty(u_distance, fold_agreement)
+    score, u_distance, u = tap_uncertainty(calibration, distance_map, distances, fold_agreement)
     parts = (f" (distance U {u_distance:.3f}, fold agreement {fold_agreement:.3f})"
              if calibration.fusion is not None else "")
+    if calibration.taps:
+        if len(tap_maps) != len(calibration.taps):
+            raise BundleError(f"the bundle fuses {len(calibration.taps)} further feature tap(s) into U, but "
+                              f"{len(tap_maps)} tap distance map(s) were computed")
+        mapped = [tap.uncertainty(tap_uncertainty(tap.calibration, m, d, fold_agreement)[2])
+                  for tap, m, d in zip(calibration.taps, tap_maps, list(tap_distances) or [None] * len(tap_maps))]
+        parts = (f" (first tap U {u:.3f}; " + ", ".join(f"{tap.features.layer} U {v:.3f}"
+                                                      for tap, v in zip(calibration.taps, mapped))
+                 + (f"; fold agreement {fold_agreement:.3f}" if calibration.fusion is not None else "") + ")")
+        layers = [tap.features.layer for tap in calibration.taps]
+        tap_u = dict(zip([first_layer or "first tap", *layers], [u, *mapped]))
+        u = float(np.mean([u, *mapped]))
+    else:
+        tap_u = {}
     reasons = [f"U {u:.3f} > threshold {calibration.threshold:.3f}{parts}"] if u > calibration.threshold else []
     if calibration.input_range is not None:
         reasons += content_reasons(content_stats(loaded.image, loaded.spacing), calibration.input_range)
     return Verdict(score=score, uncertainty=u, threshold=calibration.threshold, ood=bool(reasons), reasons=reasons,
-                   distance_uncertainty=u_distance)
+                   distance_uncertainty=u_distance, tap_uncertainties=tap_u)
 
 
 def fold_agreement_of(inference: VolumeInference, manifest: Manifest) -> float | None:
@@ -361,7 +402,8 @@ def finish_case(
     t0 = time.perf_counter()
     fold_agreement = fold_agreement_of(inference, manifest)
     decision = verdict(inference.distance_map, manifest.calibration, loaded, distances=inference.distances,
-                       fold_agreement=fold_agreement)
+                       fold_agreement=fold_agreement, tap_maps=inference.tap_distance_maps,
+                       tap_distances=inference.tap_distances, first_layer=manifest.features.layer)
     timings["scoring"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -399,6 +441,7 @@ def finish_case(
         score=decision.score,
         uncertainty_score=decision.uncertainty,
         distance_uncertainty=decision.distance_uncertainty,
+        tap_uncertainties=dict(decision.tap_uncertainties),
         ood=decision.ood,
         threshold=decision.threshold,
         tiles=inference.boxes,

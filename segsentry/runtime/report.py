@@ -51,6 +51,9 @@ class CaseReport:
     # the distance's own U; differs from ``uncertainty`` when the bundle fuses the folds' disagreement into U
     distance_uncertainty: float | None = None
     subject_score: str | None = None  # how the patch distances became ``score`` (the bundle's SubjectScore)
+    # a bundle fusing several feature taps (segsentry fuse-taps): each tap's U on the first tap's scale, by layer;
+    # ``uncertainty`` is their mean. Empty for one tap.
+    tap_uncertainties: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def from_prediction(cls, prediction: CasePrediction, *, inputs: list[str], aggregation: str | None,
@@ -85,6 +88,7 @@ class CaseReport:
             fold_agreement=prediction.fold_agreement,
             distance_uncertainty=prediction.distance_uncertainty,
             subject_score=subject_score,
+            tap_uncertainties=dict(prediction.tap_uncertainties),
         )
 
     @property
