@@ -141,6 +141,18 @@ def test_openvino_runs_the_fused_bundle_as_onnxruntime_does(taps):
         np.testing.assert_allclose(outs["openvino"][key], outs["onnxruntime"][key], rtol=1e-3)
 
 
+def test_the_torch_backend_refuses_a_fused_bundle_by_name(taps):
+    """The torch reference scores one tap; a fused bundle is refused before anything is loaded, naming the
+    backends that run it."""
+    from segsentry.errors import BackendError
+
+    _, _, _, result = taps
+    bundle = load_bundle(result.path)
+    m = bundle.manifest
+    with pytest.raises(BackendError, match="fuses 2 .*onnxruntime or openvino"):
+        create_backend("torch", bundle.model_bytes, channels=1, patch_size=m.patch_size, manifest=m)
+
+
 def test_fuse_taps_refuses_what_is_not_one_network_calibrated_alike(taps, tmp_path):
     from factory import CT_SPEC, make_model_folder
 
