@@ -6,6 +6,7 @@
     python benchmarks/phantom_ood.py --seeds final --levels none --backend openvino \\
         --bundle /tmp/dec2.ood.onnx --out benchmarks/results/phantom_ood_final_decoder2
     python benchmarks/tap_fusion_offline.py --seeds final --decoder-bundle /tmp/dec2.ood.onnx
+    python benchmarks/tap_fusion_offline.py --seeds final   # since it ships: both taps from the fused bundle
 
 Each tap alone is a whole bundle, the same network and folds with its own Gaussians, calibrated by the same
 recipe (training and calibration phantoms regenerated from their seeds), whose deployed U is the distance U
@@ -26,6 +27,7 @@ its dataset-shift detection rate at most 5 points lower, and its false alarms at
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import csv
 import json
 import sys
@@ -34,11 +36,12 @@ from pathlib import Path
 
 import numpy as np
 
+from segsentry.calib.taps import calibration_uncertainties
 from segsentry.demo import demo_bundle_path
 from segsentry.evaluation.metrics import auc, bootstrap_interval, e_aurc, wilson_interval
 from segsentry.manifest import Calibration
 from segsentry.runtime.bundle import load_bundle
-from segsentry.runtime.scoring import conformal_threshold, normalise_score
+from segsentry.runtime.scoring import conformal_threshold
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -70,13 +73,26 @@ def read_run(folder: Path) -> dict[str, dict[str, np.ndarray]]:
 
 def calibration_u(calibration: Calibration) -> np.ndarray:
     """The deployed U of the bundle's calibration cases, from its manifest (the threshold's own scores)."""
-    fusion = calibration.fusion
-    if fusion is None:
+    if calibration.fusion is None:
         raise SystemExit("the bundles must fuse the folds' disagreement (ood-calib --ensemble-score fused)")
-    u = [normalise_score(s, train_min=calibration.train_score_min, train_max=calibration.train_score_max)
-         for s in calibration.calibration_scores]
-    return np.array([0.5 * (d + fusion.offset + fusion.scale * x)
-                     for d, x in zip(u, fusion.calibration_disagreements)])
+    return calibration_uncertainties(calibration)
+
+
+def tap_calibrations(encoder_bundle: Path, decoder_bundle: Path | None) -> tuple[Calibration, Calibration,
+                                                                                   Calibration | None]:
+    """``(encoder tap, decoder tap, shipped fused)`` calibrations: from two single-tap bundles, or from the
+    fused bundle shipped since the fusion was adopted (``segsentry fuse-taps``), which holds both; its first
+    tap's own threshold, overwritten by the fused one, is recomputed by the same rule."""
+    encoder = load_bundle(encoder_bundle).manifest.calibration
+    if not encoder.taps:
+        if decoder_bundle is None:
+            raise SystemExit(f"{encoder_bundle} holds one tap: give --decoder-bundle")
+        return encoder, load_bundle(decoder_bundle).manifest.calibration, None
+    (tap,) = encoder.taps
+    if tap.features.layer != "decoder.stages.2":
+        raise SystemExit(f"{encoder_bundle}'s second tap is {tap.features.layer}, not decoder.stages.2")
+    own, _ = conformal_threshold(calibration_u(encoder), alpha=encoder.alpha or ALPHA)
+    return dataclasses.replace(encoder, taps=[], threshold=float(own)), tap.calibration, encoder
 
 
 def onto_scale(values: np.ndarray, source: np.ndarray, target: np.ndarray) -> np.ndarray:
@@ -121,13 +137,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", choices=list(RUNS), default="dev")
     parser.add_argument("--encoder-bundle", type=Path, default=demo_bundle_path())
-    parser.add_argument("--decoder-bundle", type=Path, required=True,
-                        help="the shipped network recalibrated at decoder.stages.2 (scripts/recalibrate_demo.py)")
+    parser.add_argument("--decoder-bundle", type=Path,
+                        help="the shipped network recalibrated at decoder.stages.2 (scripts/recalibrate_demo.py); "
+                             "not needed when --encoder-bundle fuses both taps, as the shipped bundle does")
     args = parser.parse_args(argv)
     encoder_dir, decoder_dir = (RESULTS / name for name in RUNS[args.seeds])
     runs = {"encoder": read_run(encoder_dir), "decoder": read_run(decoder_dir)}
-    calibrations = {"encoder": load_bundle(args.encoder_bundle).manifest.calibration,
-                    "decoder": load_bundle(args.decoder_bundle).manifest.calibration}
+    encoder, decoder, shipped = tap_calibrations(args.encoder_bundle, args.decoder_bundle)
+    calibrations = {"encoder": encoder, "decoder": decoder}
     cal = {tap: calibration_u(c) for tap, c in calibrations.items()}
     for tap, c in calibrations.items():  # the manifests must reproduce each bundle's own threshold and flags
         threshold, _ = conformal_threshold(cal[tap], alpha=c.alpha or ALPHA)
@@ -144,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     fused = {g: 0.5 * (runs["encoder"][g]["u"] + mapped[g]) for g in dice}
     fused_cal = 0.5 * (cal["encoder"] + onto_scale(cal["decoder"], cal["decoder"], cal["encoder"]))
     fused_threshold, bound = conformal_threshold(fused_cal, alpha=ALPHA)
+    if shipped is not None and abs(fused_threshold - shipped.threshold) > 1e-6:
+        raise SystemExit(f"the fused threshold {fused_threshold} is not the shipped bundle's {shipped.threshold}")
     table = {
         "encoder.stages.4 (shipped, as deployed)": summary({g: r["u"] for g, r in runs["encoder"].items()},
                                                            calibrations["encoder"].threshold, dice),

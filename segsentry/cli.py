@@ -600,7 +600,7 @@ def quantize_command(
 
 def fuse_taps_command(
     first: Annotated[Path, typer.Argument(help="A calibrated .ood.onnx: its tap, scale, guard and threshold rule lead.")],
-    others: Annotated[list[Path], typer.Argument(help="Calibrated .ood.onnx of the same network at other layers (ood-export --layer, then ood-calib with the same options and --calibration-images).")],
+    others: Annotated[list[Path], typer.Argument(help="Calibrated .ood.onnx of the same network graph at other layers (segsentry retap of the first's features bundle, then ood-calib with the same options and --calibration-images).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Output .ood.onnx holding every tap.")],
     verbose: VerboseOpt = False,
     debug: DebugOpt = False,

@@ -35,20 +35,32 @@ def test_network_only_is_the_bundle_without_its_head():
 
 
 def test_head_only_computes_the_contract_formula_and_is_none_without_a_head():
+    """The shipped bundle fuses two taps: the head alone reads both features tensors and gives both distances,
+    each the mean over the folds of the contract formula with that tap's own initializers."""
     bundle = load_bundle(demo_bundle_path())
     head = head_only(bundle)
     model = onnx.load_model_from_string(head)
-    assert [i.name for i in model.graph.input] == ["features"] and [o.name for o in model.graph.output] == ["distance"]
+    taps = [("features", "distance", HEAD_SCOPE, bundle.manifest.features.dim)] + [
+        (f"tap{i}/features", tap.output, f"{HEAD_SCOPE}tap{i}/", tap.features.dim)
+        for i, tap in enumerate(bundle.manifest.calibration.taps, start=1)]
+    assert len(taps) == 2
+    assert [i.name for i in model.graph.input] == [t[0] for t in taps]
+    assert [o.name for o in model.graph.output] == [t[1] for t in taps]
     values = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     folds = bundle.manifest.n_folds
-    scopes = [HEAD_SCOPE] if folds == 1 else [f"{HEAD_SCOPE}f{i}/" for i in range(folds)]  # one head per fold
-    means = [values[scope + HeadInitializer.MEAN.value] for scope in scopes]
-    z = np.random.default_rng(1).normal(size=(3, folds, bundle.manifest.features.dim)).astype(np.float32) + means
-    per_fold = [head_distance({name.removeprefix(scope): v for name, v in values.items() if name.startswith(scope)},
-                              z[:, i]) for i, scope in enumerate(scopes)]
-    expected = np.mean(per_fold, axis=0)  # the ensemble's distance: the folds' mean
-    np.testing.assert_allclose(_session(head).run(None, {"features": z if folds > 1 else z[:, 0]})[0], expected,
-                               rtol=1e-5)
+    feeds, expected = {}, {}
+    for k, (features, distance, base, dim) in enumerate(taps):
+        scopes = [base] if folds == 1 else [f"{base}f{i}/" for i in range(folds)]  # one head per fold
+        means = [values[scope + HeadInitializer.MEAN.value] for scope in scopes]
+        z = np.random.default_rng(k).normal(size=(3, folds, dim)).astype(np.float32) + means
+        per_fold = [head_distance({name.removeprefix(scope): v for name, v in values.items()
+                                   if name.startswith(scope) and "/" not in name.removeprefix(scope)}, z[:, i])
+                    for i, scope in enumerate(scopes)]
+        feeds[features] = z if folds > 1 else z[:, 0]
+        expected[distance] = np.mean(per_fold, axis=0)  # the ensemble's distance: the folds' mean
+    got = dict(zip([t[1] for t in taps], _session(head).run(None, feeds)))
+    for distance, want in expected.items():
+        np.testing.assert_allclose(got[distance], want, rtol=1e-5, err_msg=distance)
     uncalibrated = dataclasses.replace(bundle, model_bytes=network_only(bundle))
     assert head_only(uncalibrated) is None
 

@@ -368,22 +368,29 @@ def test_demo_runs_the_embedded_model(tmp_path):
     assert _run("run", "--demo", "some.onnx", "-o", tmp_path / "x").exit_code == 2
 
 
-def test_the_embedded_model_is_a_fused_two_fold_ensemble_under_40_mb():
-    """What the README says ships: folds 0 and 1 behind one input, U fused with their disagreement, each fold's
-    head storing its basis once (no components_t beside it), the file within the repository's 40 MB."""
+def test_the_embedded_model_is_a_two_fold_ensemble_with_two_fused_taps():
+    """What the README says ships: folds 0 and 1 behind one input, U fused with their disagreement, a second
+    feature tap (decoder.stages.2) fused into U, every fold's head of both taps storing its basis once (no
+    components_t beside it). The file is 45.2 MB, over the 40 MB issue 9 suggested (README, Numbers): the bound
+    here keeps it from growing further unnoticed."""
     import onnx
 
+    from segsentry.calib.taps import tap_output_name
     from segsentry.contract import HEAD_SCOPE, HeadInitializer
     from segsentry.demo import demo_bundle_path
     from segsentry.runtime.bundle import load_bundle
 
     path = demo_bundle_path()
-    assert path.stat().st_size <= 40e6
+    assert path.stat().st_size <= 46e6
     manifest = load_bundle(path).manifest
     assert [f.fold for f in manifest.folds] == ["0", "1"] and manifest.calibration.fusion is not None
+    assert manifest.features.layer == "encoder.stages.4"
+    (tap,) = manifest.calibration.taps
+    assert tap.features.layer == "decoder.stages.2" and tap.output == tap_output_name(1)
     graph = onnx.load(path, load_external_data=False).graph
+    assert tap.output in {o.name for o in graph.output}
     heads = {i.name for i in graph.initializer if i.name.startswith(HEAD_SCOPE)}
-    for fold in ("f0/", "f1/"):
+    for fold in ("f0/", "f1/", "tap1/f0/", "tap1/f1/"):
         assert {HEAD_SCOPE + fold + r.value for r in (HeadInitializer.BASIS, HeadInitializer.SPAN_SCALE)} <= heads
         assert HEAD_SCOPE + fold + HeadInitializer.COMPONENTS_T.value not in heads
 

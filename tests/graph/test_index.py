@@ -50,4 +50,4 @@ def test_index_matches_a_brute_force_scan_of_the_demo_bundle():
         producers = [i for i, node in enumerate(graph.node) if t in node.output]
         assert index.producer(t) == (producers[0] if producers else None), t
         assert index.consumers(t) == [i for i, node in enumerate(graph.node) if t in node.input], t
-    assert index.inputs == ["image"] and index.outputs == ["logits", "distance"]
+    assert index.inputs == ["image"] and index.outputs == ["logits", "distance", "distance_tap1"]

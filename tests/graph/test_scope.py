@@ -33,4 +33,5 @@ def test_demo_bundle_head():
     graph = onnx.load(demo_bundle_path()).graph
     members = head_nodes(graph)
     assert members and all(graph.node[i].name.startswith(HEAD_SCOPE) for i in members)
-    assert head_boundary(graph) == (["features"], ["distance"])
+    # two fused taps: each reads its own features tensor and gives its own distance
+    assert head_boundary(graph) == (["features", "tap1/features"], ["distance", "distance_tap1"])

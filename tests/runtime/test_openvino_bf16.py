@@ -65,13 +65,13 @@ def test_bf16_network_with_an_fp32_head(demo):
         got = engine.run(x)
         network = _runtime_precisions(engine.compiled)
         head = _runtime_precisions(engine._head)
-    assert sorted(got) == ["distance", "logits"]
+    assert sorted(got) == ["distance", "distance_tap1", "logits"]  # the shipped bundle fuses two taps
     assert network[("Convolution", "bf16")] > 0 and network[("Convolution", "f32")] == 0
     computing = {k: v for k, v in head.items() if k[0] not in ("Input", "Output", "Const")}
     assert computing and all(precision == "f32" for _, precision in computing), head
 
     network_graph, head_graph, boundary = split_head(demo.model_bytes)
-    assert boundary == ["features"]
+    assert boundary == ["features", "tap1/features"]
     core = ov.Core()
     model = core.read_model(network_graph)
     model.reshape({model.inputs[0].get_any_name(): ov.PartialShape([1, *x.shape[1:]])})  # the engine's shape
@@ -84,13 +84,15 @@ def test_bf16_network_with_an_fp32_head(demo):
     outputs = {name: np.concatenate([p[name] for p in per_patch]) for name in per_patch[0]}
     np.testing.assert_array_equal(got["logits"], outputs["logits"])
     head_session = ort.InferenceSession(head_graph, providers=["CPUExecutionProvider"])
-    expected = head_session.run(["distance"], {"features": outputs["features"]})[0]
-    np.testing.assert_allclose(got["distance"], expected, rtol=1e-5)
+    expected = head_session.run(["distance", "distance_tap1"], {name: outputs[name] for name in boundary})
+    np.testing.assert_allclose(got["distance"], expected[0], rtol=1e-5)
+    np.testing.assert_allclose(got["distance_tap1"], expected[1], rtol=1e-5)
 
     with _engine(demo, None) as fp32:
         assert fp32.precision == "fp32"
         reference = fp32.run(x)
-    np.testing.assert_allclose(got["distance"], reference["distance"], rtol=1e-2)
+    for name in ("distance", "distance_tap1"):
+        np.testing.assert_allclose(got[name], reference[name], rtol=1e-2, err_msg=name)
     scale = float(np.abs(reference["logits"]).max())
     assert float(np.abs(got["logits"] - reference["logits"]).max()) <= 2e-2 * scale
 
