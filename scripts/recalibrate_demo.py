@@ -70,9 +70,8 @@ def main(argv: list[str] | None = None) -> int:
             if not (folder / "dataset.json").exists():
                 write_cohort(folder, cohort="id", n=n, seed=seed, prefix=prefix)
         features = work / "demo_lung.features.onnx"
-        features.write_bytes(features_bundle(args.bundle.read_bytes()))
-        if args.layer and args.layer != old_layer:
-            features.write_bytes(retap(features.read_bytes(), args.layer))
+        network = features_bundle(args.bundle.read_bytes())  # at the bundle's own layer; every retap starts here
+        features.write_bytes(retap(network, args.layer) if args.layer and args.layer != old_layer else network)
         staged = work / "recalibrated.ood.onnx"
 
         def recipe(features_path: Path, out: Path):
@@ -87,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             extra = []
             for layer in args.fuse_layers:
                 tapped = work / f"{layer}.features.onnx"
-                tapped.write_bytes(retap(features_bundle(args.bundle.read_bytes()), layer))
+                tapped.write_bytes(retap(network, layer))
                 extra.append(recipe(tapped, work / f"{layer}.ood.onnx").path)
             fused = fuse_taps(staged, extra, work / "fused.ood.onnx")
             print(f"fused {', '.join(args.fuse_layers)} into U: threshold U > {fused.calibration.threshold:.4f} "

@@ -110,6 +110,11 @@ def _timed(call: Callable[[], object], *, warmup: int, repeats: int) -> list[flo
     return times
 
 
+def _calls_per_patch(mirror_axes: Sequence[int] | None) -> int:
+    """Engine calls per patch: one, and one per flip with mirroring (runtime.sliding.iterate_patches)."""
+    return len(mirror_combinations(mirror_axes)) + 1 if mirror_axes else 1
+
+
 def bench_backend(
     bundle: Bundle, backend: str, *, batch_sizes: Sequence[int], warmup: int, repeats: int, threads: int | None,
     volume: Path | None,
@@ -119,7 +124,7 @@ def bench_backend(
     name = resolve_backend_name(backend)
     rng = np.random.default_rng(0)
     # a mirrored batch is one call per flip (runtime.sliding.iterate_patches): time the whole tile too
-    mirror_terms = len(mirror_combinations(m.tiling.mirror_axes)) + 1 if m.tiling.mirror_axes else 1
+    mirror_terms = _calls_per_patch(m.tiling.mirror_axes)
     result: dict = {"backend": name, "n_folds": m.n_folds, "mirror_axes": m.tiling.mirror_axes,
                     "mirror_terms": mirror_terms, "batches": []}
     gpu_before = gpu_memory_used_mb() if name in GPU_BACKENDS else None
@@ -205,7 +210,7 @@ def bench_volume(bundle: Bundle, backend: str, volume: Path, *, threads: int | N
             stages = {"read": read_s, **prediction.timings, "write": time.perf_counter() - t0,
                       "total": time.perf_counter() - case_start}
         total = time.perf_counter() - start
-    calls = len(mirror_combinations(prediction.mirror_axes)) + 1 if prediction.mirror_axes else 1
+    calls = _calls_per_patch(prediction.mirror_axes)
     out = {"volume": str(volume), "n_patches": prediction.n_patches, "wall_s": total,
            "n_folds": m.n_folds, "mirror_axes": prediction.mirror_axes, "engine_calls_per_patch": calls,
            "stages_s": {k: round(v, 4) for k, v in stages.items()}}

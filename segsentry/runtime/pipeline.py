@@ -78,6 +78,15 @@ class VolumeInference:
     tap_distances: list[np.ndarray] = field(default_factory=list)
 
 
+def _keep_distances(values: np.ndarray, boxes: Sequence[Box], kept: list[np.ndarray],
+                    acc: DistanceAccumulator | None) -> None:
+    """Keep a batch's patch distances (float64, one per box) and add each to its tile of the voxel map."""
+    kept.append(np.asarray(values, dtype=np.float64).reshape(-1))
+    if acc is not None:
+        for box, d in zip(boxes, kept[-1]):
+            acc.add(box, float(d))
+
+
 def check_step_size(step_size: float) -> float:
     """``step_size`` as a float in (0, 1] (nnU-Net's ``-step_size``), else a :class:`SegsentryError`."""
     value = float(step_size)
@@ -159,16 +168,11 @@ def infer_volume(
                 for acc, fold_logits in zip(logit_accs, logits):  # (folds, k, z, y, x)
                     acc.add(box, fold_logits)
         if distance_name is not None and distance_name in batch.outputs:
-            distances.append(np.asarray(batch.outputs[distance_name], dtype=np.float64).reshape(-1))
-            if dist_acc is not None:
-                for box, d in zip(batch.boxes, distances[-1]):
-                    dist_acc.add(box, float(d))
+            _keep_distances(batch.outputs[distance_name], batch.boxes, distances, dist_acc)
         for name, acc, kept in zip(tap_names, tap_accs, tap_distances):
             if name not in batch.outputs:
                 raise BundleError(f"the bundle's feature tap '{name}' is not among the engine's outputs")
-            kept.append(np.asarray(batch.outputs[name], dtype=np.float64).reshape(-1))
-            for box, d in zip(batch.boxes, kept[-1]):
-                acc.add(box, float(d))
+            _keep_distances(batch.outputs[name], batch.boxes, kept, acc)
         if collect_features:
             features.append(np.asarray(batch.outputs[features_name], dtype=np.float32))
     logits, fold_labels = None, None
