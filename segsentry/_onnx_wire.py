@@ -31,30 +31,52 @@ def _varint(data: bytes | memoryview, pos: int) -> tuple[int, int]:
 
 def iter_fields(data: bytes | memoryview) -> Iterator[tuple[int, int, memoryview | int]]:
     """Yield ``(field_number, wire_type, value)``; LEN values are memoryviews into ``data``."""
+    for number, wire, value, _ in iter_spans(data):
+        yield number, wire, value
+
+
+def iter_spans(data: bytes | memoryview) -> Iterator[tuple[int, int, memoryview | int, memoryview]]:
+    """:func:`iter_fields` plus each field's whole encoding (key, length and value) as a memoryview into
+    ``data``, so a message can be rewritten by copying the fields it keeps."""
     view = memoryview(data)
     pos = 0
     while pos < len(view):
+        start = pos
         key, pos = _varint(view, pos)
         number, wire = key >> 3, key & 7
         if wire == 0:
             value, pos = _varint(view, pos)
-            yield number, wire, value
         elif wire == 1:
-            pos += 8
-            yield number, wire, 0
+            pos, value = pos + 8, 0
         elif wire == 2:
             length, pos = _varint(view, pos)
             if pos + length > len(view):
                 raise ValueError("truncated length-delimited field")
-            yield number, wire, view[pos:pos + length]
-            pos += length
+            value, pos = view[pos:pos + length], pos + length
         elif wire == 5:
-            pos += 4
-            yield number, wire, 0
+            pos, value = pos + 4, 0
         else:
             raise ValueError(f"unsupported wire type {wire}")
+        if pos > len(view):
+            raise ValueError("truncated fixed-width field")
+        yield number, wire, value, view[start:pos]
     if pos != len(view):
         raise ValueError("trailing bytes")
+
+
+def encode_varint(value: int) -> bytes:
+    """``value`` (>= 0) as a protobuf varint."""
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def encode_len_field(number: int, payload: bytes | memoryview) -> bytes:
+    """One length-delimited field (wire type 2): key, length, ``payload``."""
+    return encode_varint(number << 3 | 2) + encode_varint(len(payload)) + bytes(payload)
 
 
 def graph_bytes(model_bytes: bytes) -> memoryview:

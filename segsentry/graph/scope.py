@@ -9,16 +9,11 @@ from __future__ import annotations
 
 import onnx
 
-from segsentry.contract import HEAD_SCOPE
+from segsentry._head_split import head_inputs, head_positions, in_head_scope
 from segsentry.graph.index import GraphIndex
 from segsentry.graph.names import all_names
 
-__all__ = ["has_head", "head_boundary", "head_nodes", "in_head_scope"]
-
-
-def in_head_scope(name: str) -> bool:
-    """Whether a node, tensor or initializer name belongs to the head's scope (``ood_head/...``)."""
-    return name.startswith(HEAD_SCOPE)
+__all__ = ["has_head", "head_boundary", "head_nodes", "head_positions", "in_head_scope"]
 
 
 def has_head(graph: onnx.GraphProto) -> bool:
@@ -28,15 +23,7 @@ def has_head(graph: onnx.GraphProto) -> bool:
 
 def head_nodes(graph: onnx.GraphProto) -> set[int]:
     """Positions in ``graph.node`` of the head's nodes (see the module docstring); empty without a head."""
-    nodes = graph.node
-    head = {i for i, node in enumerate(nodes)
-            if in_head_scope(node.name) or any(in_head_scope(x) for x in node.input)}
-    tainted = {out for i in head for out in nodes[i].output}
-    for i, node in enumerate(nodes):  # topological order: one sweep reaches everything downstream
-        if i not in head and any(x in tainted for x in node.input):
-            head.add(i)
-            tainted.update(node.output)
-    return head
+    return head_positions(graph.node)
 
 
 def head_boundary(graph: onnx.GraphProto) -> tuple[list[str], list[str]]:
@@ -45,9 +32,5 @@ def head_boundary(graph: onnx.GraphProto) -> tuple[list[str], list[str]]:
     index = GraphIndex(graph)
     members = head_nodes(graph)
     produced = {out for i in members for out in graph.node[i].output}
-    inputs: dict[str, None] = {}
-    for i in sorted(members):
-        for x in graph.node[i].input:
-            if x and x not in produced and not index.is_initializer(x):
-                inputs.setdefault(x)
-    return list(inputs), [name for name in index.outputs if name in produced]
+    initializers = {x for i in members for x in graph.node[i].input if index.is_initializer(x)}
+    return head_inputs(graph.node, members, initializers), [name for name in index.outputs if name in produced]
