@@ -16,7 +16,8 @@ holds ``batch_size`` patches whether or not the case is mirrored, so mirroring c
 flips of a tile in one call took 813 instead of 319 MB peak on a mirrored 2-fold case,
 ``e2e_cpu_small_f2_tta_24x96x96.md``). Only the logits
 are averaged; every other output (distance, features) is the un-mirrored pass's, because the Gaussian was fit on
-un-mirrored patches.
+un-mirrored patches. So the flips go through ``backend.run_network``: an engine that holds the fused head apart
+(onnxruntime, OpenVINO) skips it there, the others run their whole graph.
 """
 
 from __future__ import annotations
@@ -118,7 +119,7 @@ def iterate_patches(
         if combos:
             sums = {name: np.array(outputs[name], dtype=np.float32) for name in mirrored}
             for axes in combos:
-                flipped = backend.run(np.ascontiguousarray(np.flip(batch, _spatial(axes))))
+                flipped = backend.run_network(np.ascontiguousarray(np.flip(batch, _spatial(axes))))
                 for name in mirrored:
                     sums[name] += np.flip(flipped[name], _spatial(axes))
             for name in mirrored:

@@ -99,6 +99,8 @@ def test_calibration_patches_are_the_sliding_window_patches(ct_pipeline):
             return {"logits": np.zeros((n, manifest.num_classes, *manifest.patch_size), np.float32),
                     "distance": np.zeros(n, np.float32)}
 
+        run_network = run  # mirrored flips
+
     for case in collect_cases([ct_pipeline.images], num_channels=1):
         data, _ = preprocess(*(lambda c: (c.image, c.spacing))(read_case(case, num_channels=1)),
                              manifest.preprocessing)

@@ -207,6 +207,38 @@ def test_onnxruntime_memory_pattern_follows_the_patch_size_and_changes_no_output
                     np.testing.assert_array_equal(ours[name], theirs[name])
 
 
+@pytest.mark.parametrize("bundle_attr", ["ood_onnx", "features_onnx"])
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_run_network_skips_the_head_where_the_engine_holds_it_apart(backend, bundle_attr, ct_pipeline):
+    """The CPU engines hold a calibrated bundle's head apart: ``run`` equals one onnxruntime session of the whole
+    bundle (onnxruntime: rtol 1e-6, bit-identical measured; OpenVINO: the parity tolerances above) and
+    ``run_network`` (mirrored flips) returns the same logits, the pooled features and no distance. A bundle
+    without a head is one engine and ``run_network`` is ``run``."""
+    import onnxruntime as ort
+
+    _requires(backend)
+    bundle = load_bundle(getattr(ct_pipeline, bundle_attr))
+    m = bundle.manifest
+    batch = np.random.default_rng(5).standard_normal((2, m.num_channels, *m.patch_size)).astype(np.float32)
+    whole = ort.InferenceSession(bundle.model_bytes, providers=["CPUExecutionProvider"])
+    expected = dict(zip((o.name for o in whole.get_outputs()), whole.run(None, {"image": batch})))
+    calibrated = bundle_attr == "ood_onnx"
+    with _engine(backend, bundle) as engine:
+        assert engine.head_apart is calibrated
+        got, network = engine.run(batch), engine.run_network(batch)
+    if backend == "onnxruntime":
+        assert list(got) == list(expected)
+        for name in expected:
+            np.testing.assert_allclose(got[name], expected[name], rtol=1e-6, atol=0, err_msg=name)
+    else:
+        assert_outputs_match(got, expected, where=f"{backend}/{bundle_attr}")
+    np.testing.assert_array_equal(network["logits"], got["logits"])
+    if calibrated:
+        assert "distance" not in network and network["features"].shape[0] == 2
+    else:
+        assert sorted(network) == sorted(got)
+
+
 def test_backend_input_checks_are_shared(ct_pipeline):
     _requires("openvino")
     bundle = load_bundle(ct_pipeline.ood_onnx)

@@ -72,6 +72,10 @@ def test_run_batch_uses_the_default_unless_asked(asked, mirroring, ct_pipeline, 
             calls.append(len(patches))
             return self.engine.run(patches)
 
+        def run_network(self, patches):
+            calls.append(len(patches))
+            return self.engine.run_network(patches)
+
     def recording(data, engine, *args, batch_size, **kwargs):
         used.append(batch_size)
         return real(data, Spy(engine), *args, batch_size=batch_size, **kwargs)

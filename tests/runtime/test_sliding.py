@@ -64,17 +64,23 @@ class _TorchNet:
         self.calls: list[int] = []
 
     def run(self, batch):
-        self.calls.append(batch.shape[0])
+        self.calls.append(("run", batch.shape[0]))
+        return {"logits": self._logits(batch), "distance": batch[:, 0, 0, 0, 0].copy()}
+
+    def run_network(self, batch):  # a flip: the logits alone, as an engine that holds its head apart returns
+        self.calls.append(("run_network", batch.shape[0]))
+        return {"logits": self._logits(batch)}
+
+    def _logits(self, batch):
         with self.torch.no_grad():
-            logits = self.net(self.torch.from_numpy(np.ascontiguousarray(batch))).numpy()
-        return {"logits": logits, "distance": batch[:, 0, 0, 0, 0].copy()}
+            return self.net(self.torch.from_numpy(np.ascontiguousarray(batch))).numpy()
 
 
 @pytest.mark.parametrize("axes", [(0, 1, 2), (1, 2)])
 def test_mirroring_matches_nnunet(axes):
     """The mirror average equals nnU-Net 2.8.1's ``_internal_maybe_mirror_and_predict`` on the same network
     (float32, flips in its order); the batch and each of its flips are one engine call of the batch's size, so
-    mirroring never enlarges a call; other outputs are the un-mirrored pass's."""
+    mirroring never enlarges a call, the flips through ``run_network``; other outputs are the un-mirrored pass's."""
     torch = pytest.importorskip("torch")
     predictor = pytest.importorskip("nnunetv2.inference.predict_from_raw_data").nnUNetPredictor
     from types import SimpleNamespace
@@ -87,7 +93,9 @@ def test_mirroring_matches_nnunet(axes):
     backend = _TorchNet(torch, channels=2, classes=3)
     batches = list(iterate_patches(data, backend, boxes, batch_size=4, mirror_axes=axes, mirrored=["logits"]))
     n_terms = len(mirror_combinations(axes)) + 1
-    assert backend.calls == [len(b.boxes) for b in batches for _ in range(n_terms)]
+    # the batch through run, then each flip through run_network (no distance is read from a flip)
+    assert backend.calls == [(method, len(b.boxes)) for b in batches
+                             for method in ["run"] + ["run_network"] * (n_terms - 1)]
     assert len(boxes) % 4 and len(batches[-1].boxes) == len(boxes) % 4  # a short last batch too
     reference = SimpleNamespace(network=backend.net, allowed_mirroring_axes=axes, use_mirroring=True)
     for batch in batches:

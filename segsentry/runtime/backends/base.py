@@ -26,11 +26,17 @@ from segsentry.runtime.backends.options import BackendOptions
 
 @runtime_checkable
 class Backend(Protocol):
-    """Runs ``(batch, channels, z, y, x)`` float32 patches; returns named float32 outputs with a batch axis."""
+    """Runs ``(batch, channels, z, y, x)`` float32 patches; returns named float32 outputs with a batch axis.
+
+    ``run_network`` is for calls whose distances nobody reads (nnU-Net's mirrored flips): it returns at least the
+    network's outputs (logits); an engine that holds the fused head apart skips it there (``head_apart``).
+    """
 
     name: str
 
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]: ...
+
+    def run_network(self, batch: np.ndarray) -> dict[str, np.ndarray]: ...
 
     def close(self) -> None: ...
 
@@ -70,6 +76,8 @@ class BackendBase:
     name = "base"
     #: the precision the engine runs the network in (a subclass that offers others sets it from its options)
     precision = "fp32"
+    #: whether :meth:`run_network` skips the fused head; engines that cannot prune a graph per call run it whole
+    head_apart = False
 
     def __init__(self, *, channels: int, patch_size: Sequence[int], options: BackendOptions) -> None:
         self.channels = channels
@@ -78,6 +86,10 @@ class BackendBase:
 
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         return self._run(check_batch(batch, channels=self.channels, patch_size=self.patch_size))
+
+    def run_network(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """The network's outputs for a batch whose distances nobody reads; here the whole graph, as :meth:`run`."""
+        return self.run(batch)
 
     def _run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         raise NotImplementedError

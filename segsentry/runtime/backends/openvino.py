@@ -39,7 +39,7 @@ import numpy as np
 
 from segsentry import _onnx_wire
 from segsentry.errors import BackendError, first_line
-from segsentry.runtime.backends.base import BackendBase, import_optional
+from segsentry.runtime.backends.base import BackendBase, check_batch, import_optional
 from segsentry.runtime.backends.options import BackendOptions
 
 log = logging.getLogger(__name__)
@@ -81,31 +81,64 @@ def _require_native_bf16(core: Any) -> None:
                            f"{', '.join(capabilities) or 'nothing'} for this one: use precision 'fp32'")
 
 
-def split_head(model: bytes) -> tuple[bytes, bytes | None, list[str]]:
-    """``(network, head, boundary)``: the bundle cut where its fused head reads the network.
+def split_head(ov: Any, model: Any) -> tuple[Any, Any | None, list[str]]:
+    """``(network, head, boundary)``: the OpenVINO ``model`` read from a bundle, cut where its fused head reads
+    the network, as two ``ov.Model`` s built on the same nodes (no copy of the graph or its weights is made).
 
-    ``network`` computes every graph output outside the head plus the ``boundary`` tensors the head reads (the
-    pooled features); ``head`` computes the head's graph outputs (``distance``, per-fold distances) from them.
-    A bundle without a head comes back whole: ``(model, None, [])``.
+    The head is what :mod:`segsentry.graph.scope` calls the head, found in OpenVINO's graph (its ONNX frontend
+    keeps the ONNX names): every node named in :data:`segsentry.contract.HEAD_SCOPE` or reading such a tensor,
+    and every node downstream of those. ``network`` computes every graph output outside the head plus the
+    ``boundary`` tensors the head reads (the pooled features, in order of first use); ``head`` computes the
+    head's graph outputs (``distance``, per-tap distances) from one parameter per boundary tensor, its batch
+    axis left open. ``model`` itself is rewired and must not be used afterwards. A model without a head comes
+    back whole: ``(model, None, [])``.
     """
-    import onnx  # a core dependency; imported here so ``import segsentry.runtime`` reads no graph code
+    from segsentry._head_split import in_head_scope
 
-    from segsentry.graph import GraphIndex, extract, head_boundary, infer_types
-
-    proto = onnx.load_model_from_string(model)
-    boundary, head_outputs = head_boundary(proto.graph)
-    if not head_outputs:
+    opset = import_optional("openvino.opset13", package="openvino", extra="openvino", purpose="The OpenVINO backend")
+    head: set[int] = set()
+    for op in model.get_ordered_ops():  # topological order: one sweep reaches everything downstream
+        if op.get_type_name() in ("Parameter", "Result"):
+            continue
+        sources = [port.get_source_output() for port in op.inputs()]
+        if (in_head_scope(op.get_friendly_name())
+                or any(in_head_scope(name) for src in sources for name in src.get_names())
+                or any(src.get_node().get_instance_id() in head for src in sources)):
+            head.add(op.get_instance_id())
+    if not head:
         return model, None, []
-    typed = infer_types(proto, message="OpenVINO bf16: cannot infer the bundle's tensor types", error=BackendError)
-    index = GraphIndex(typed.graph)
-    if any(name in index.inputs for name in boundary):
-        raise BackendError("OpenVINO bf16: the bundle's head reads a graph input directly; it cannot be compiled "
-                           "apart from the network")
-    outputs = [name for name in index.outputs if name not in head_outputs]
-    outputs += [name for name in boundary if name not in outputs]
-    network = extract(typed, index.inputs, outputs)
-    head = extract(typed, boundary, head_outputs)
-    return network.SerializeToString(), head.SerializeToString(), list(boundary)
+    boundary: dict[tuple[int, int], Any] = {}  # (node, port) -> the network tensor the head reads
+    readers: list[tuple[Any, tuple[int, int]]] = []
+    for op in model.get_ordered_ops():
+        if op.get_instance_id() not in head:
+            continue
+        for port in op.inputs():
+            src = port.get_source_output()
+            node = src.get_node()
+            if node.get_instance_id() in head or node.get_type_name() == "Constant":
+                continue
+            if node.get_type_name() == "Parameter":
+                raise BackendError("OpenVINO: the bundle's head reads a graph input directly; it cannot be "
+                                   "compiled apart from the network")
+            key = (node.get_instance_id(), src.get_index())
+            boundary.setdefault(key, src)
+            readers.append((port, key))
+    names = [src.get_any_name() for src in boundary.values()]
+    results = list(model.get_results())
+    in_head = [r.input(0).get_source_output().get_node().get_instance_id() in head for r in results]
+    network_results = [r for r, h in zip(results, in_head) if not h]
+    network_results += [opset.result(src) for src in boundary.values()]
+    parameters = {}
+    for key, src in boundary.items():
+        shape = src.get_partial_shape()
+        parameters[key] = opset.parameter(ov.PartialShape([ov.Dimension(), *list(shape)[1:]]), src.get_element_type(),
+                                          name=src.get_any_name())
+        parameters[key].output(0).set_names({src.get_any_name()})
+    for port, key in readers:
+        port.replace_source_output(parameters[key].output(0))
+    network = ov.Model(network_results, list(model.get_parameters()), "network")
+    head_model = ov.Model([r for r, h in zip(results, in_head) if h], list(parameters.values()), "ood_head")
+    return network, head_model, names
 
 
 class OpenvinoBackend(BackendBase):
@@ -147,11 +180,9 @@ class OpenvinoBackend(BackendBase):
             raise BackendError(f"OpenVINO backend: not a valid ONNX model ({exc})") from exc
 
         core = ov.Core()
-        network_graph, head_graph, self._boundary = model, None, []
         if self.precision == "bf16":
             _require_native_bf16(core)
-            network_graph, head_graph, self._boundary = split_head(model)
-        network = _read_model(core, network_graph)
+        network = _read_model(core, model)
         inputs = {name for port in network.inputs for name in port.get_names()}
         if input_name not in inputs:
             raise BackendError(f"the bundle has no input '{input_name}' (inputs: {', '.join(sorted(inputs))})")
@@ -162,6 +193,13 @@ class OpenvinoBackend(BackendBase):
                 f"OpenVINO cannot give input '{input_name}' the shape (1, {self.channels}, "
                 f"{', '.join(map(str, self.patch_size))}): {first_line(exc)}"
             ) from exc
+        try:
+            network, head_model, self._boundary = split_head(ov, network)
+        except BackendError:
+            raise
+        except Exception as exc:
+            raise BackendError(f"OpenVINO cannot cut the bundle at its head: {first_line(exc)}") from exc
+        self.head_apart = head_model is not None
         config: dict[str, str] = {
             "PERFORMANCE_HINT": performance_hint.upper(),
             "INFERENCE_PRECISION_HINT": "bf16" if self.precision == "bf16" else "f32",
@@ -173,11 +211,11 @@ class OpenvinoBackend(BackendBase):
         try:
             self.compiled = core.compile_model(network, DEVICE, config)
             self._head = None
-            if head_graph is not None:
+            if head_model is not None:
                 head_config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
                 if threads:
                     head_config["INFERENCE_NUM_THREADS"] = str(int(threads))
-                self._head = core.compile_model(_read_model(core, head_graph), DEVICE, head_config)
+                self._head = core.compile_model(head_model, DEVICE, head_config)
                 self._head_request = self._head.create_infer_request()
                 self._head_outputs = [(port.get_any_name(), port) for port in self._head.outputs]
             produced = {name for port in self.compiled.outputs for name in port.get_names()}
@@ -204,14 +242,19 @@ class OpenvinoBackend(BackendBase):
                   self.requests)
 
     def _run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        return self._run_head(self._run_network(batch))
+
+    def run_network(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """The network's graph outputs (logits) and the boundary tensors, without running the head."""
+        return self._run_network(check_batch(batch, channels=self.channels, patch_size=self.patch_size))
+
+    def _run_network(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         if self._request is None:
             raise BackendError("the OpenVINO backend was closed")
         try:
             if self._queue is not None and batch.shape[0] > 1:
-                outputs = self._run_async(batch)
-            else:
-                outputs = self._run_each(batch)
-            return self._run_head(outputs)
+                return self._run_async(batch)
+            return self._run_each(batch)
         except BackendError:
             raise
         except Exception as exc:
@@ -237,10 +280,13 @@ class OpenvinoBackend(BackendBase):
         return {name: np.concatenate([p[name] for p in parts]) for name, _ in self._outputs}
 
     def _run_head(self, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """With a head compiled apart (bf16): run it on the network's boundary tensors, return the graph outputs."""
+        """The head (compiled apart) on the network's boundary tensors; returns the graph outputs."""
         if self._head is None:
             return outputs
-        results = self._head_request.infer({name: outputs[name] for name in self._boundary})
+        try:
+            results = self._head_request.infer({name: outputs[name] for name in self._boundary})
+        except Exception as exc:
+            raise BackendError(f"OpenVINO inference failed in the head: {first_line(exc)}") from exc
         outputs.update({name: np.array(results[port], dtype=np.float32, copy=True)
                         for name, port in self._head_outputs})
         return {name: outputs[name] for name in self.output_names}
