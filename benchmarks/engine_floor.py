@@ -6,7 +6,7 @@
 Why: the end-to-end memory target (peak RSS <= 0.5x nnU-Net's) can be missed by the runtime's own buffers or by
 the engine itself. Each engine here runs in a fresh child process that loads the bundle, builds segsentry's
 backend exactly as ``ood-run`` does (``create_backend``; the bundle's bytes dropped once it is built) and runs
-two patches of random input. ``VmRSS`` is read after the imports, after the build and after each patch;
+two patches of random input, each followed by one mirrored flip (``run_network``, as a mirrored tile's flips go). ``VmRSS`` is read after the imports, after the build and after each patch;
 ``VmHWM`` (the kernel's peak) is the number reported. Engines alternate within every round. ``--reference``
 takes nnU-Net's peak from an ``e2e_cpu.py`` result on the same net (its median, this machine) and states the
 0.5x budget beside each engine. Results: ``benchmarks/results/engine_floor<tag>.json/.md``.
@@ -57,8 +57,10 @@ def _child(bundle_path: str, engine: str) -> None:
     x = np.random.default_rng(0).standard_normal((1, m.num_channels, *m.patch_size)).astype(np.float32)
     after = []
     with backend:
-        for _ in range(2):
+        for _ in range(2):  # one patch and one of its mirrored flips, as iterate_patches sends them
             backend.run(x)
+            after.append(_rss_mb())
+            backend.run_network(np.ascontiguousarray(x[:, :, ::-1]))
             after.append(_rss_mb())
     print("RESULT " + json.dumps({"imports_mb": imports, "built_mb": built, "build_peak_mb": build_peak,
                                   "after_patch_mb": after, "peak_mb": peak_rss_mb()}))

@@ -89,8 +89,9 @@ def test_bench_volume_preprocesses_once_and_reports_what_ood_run_reports(tmp_pat
     result = bench_volume(bundle, "onnxruntime", volume, threads=1)
     assert len(calls) == 1
     assert list(result) == ["volume", "n_patches", "wall_s", "n_folds", "mirror_axes", "engine_calls_per_patch",
-                            "stages_s", "distance_aggregation_s", "ood_overhead_fraction_of_e2e"]
+                            "head_calls_per_patch", "stages_s", "distance_aggregation_s", "ood_overhead_fraction_of_e2e"]
     assert result["engine_calls_per_patch"] == 8  # the demo is mirrored over three axes, as nnUNetv2_predict
+    assert result["head_calls_per_patch"] == 1  # onnxruntime holds the heads apart: the flips skip them
     stages = STAGES if bundle.manifest.n_folds == 1 else [*STAGES[:5], "fold_agreement", *STAGES[5:]]
     assert list(result["stages_s"]) == stages
     assert result["wall_s"] >= result["stages_s"]["total"] - 1e-3 > 0 and result["distance_aggregation_s"] > 0
