@@ -11,6 +11,7 @@ planned block per run) stays on for small patches only and is off with ``low_mem
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import numpy as np
@@ -60,7 +61,9 @@ class OnnxruntimeBackend(BackendBase):
             self.session = cpu_session(model, options, patch_size=self.patch_size)
         else:
             self.session = cpu_session(split.network, options, patch_size=self.patch_size)
-            self.head_session = cpu_session(split.head, options, patch_size=self.patch_size)
+            # one thread: the head is about 1 ms, and a second spinning thread pool slowed the network's calls
+            self.head_session = cpu_session(split.head, dataclasses.replace(options, threads=1),
+                                            patch_size=self.patch_size)
             self._boundary = split.boundary
             del split  # the network's copy of the bytes; onnxruntime holds its own
         self.head_apart = self.head_session is not None
