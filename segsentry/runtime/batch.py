@@ -35,6 +35,7 @@ from segsentry.manifest import Manifest
 from segsentry.runtime.backends import BackendOptions, create_backend, default_batch_size, resolve_backend_name
 from segsentry.runtime.bundle import Bundle, load_bundle
 from segsentry.runtime.dicom import expected_modality
+from segsentry.runtime.heap import return_freed_memory_promptly
 from segsentry.runtime.io import (
     IMAGE_ENDINGS,
     CaseInput,
@@ -168,6 +169,7 @@ def run_batch(
     default); a reduced one is named in each case's report notes.
     """
     output_dir = Path(output_dir)
+    return_freed_memory_promptly()  # patch-sized arrays go back to the OS when freed (glibc)
     bundle, cases = open_batch(bundle_path, inputs, output_dir)
     manifest = bundle.manifest
     backend_name = resolve_backend_name(backend)
