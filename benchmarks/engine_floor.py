@@ -21,7 +21,6 @@ import argparse
 import gc
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -31,7 +30,7 @@ import numpy as np
 from segsentry.bench import machine_info, package_versions, peak_rss_mb
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from memory import _bundle, _rss_mb  # noqa: E402  (the same random-weight bundles and RSS reader)
+from memory import _bundle, _rss_mb, run_child  # noqa: E402  (the same random-weight bundles, RSS reader, children)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ENGINES = ("openvino", "onnxruntime", "onnxruntime:low-memory")
@@ -96,10 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         bundle, network = _bundle(args.bundle, Path(tmp), folds=args.folds)
         for r in range(args.repeats):
             for engine in args.engines:
-                proc = subprocess.run([sys.executable, __file__, str(bundle), engine], capture_output=True, text=True)
-                if proc.returncode != 0:
-                    raise RuntimeError(proc.stderr[-3000:])
-                child = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))[7:])
+                child = run_child(__file__, str(bundle), engine)
                 runs.append({"engine": engine, "round": r, **child})
     summary = {}
     for engine in args.engines:

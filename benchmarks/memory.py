@@ -57,6 +57,15 @@ def _rss_mb() -> float:
     raise RuntimeError("no VmRSS in /proc/self/status")
 
 
+def run_child(script: str, *args: str) -> dict:
+    """Run ``script`` with ``args`` in a fresh process (its memory is its own) and return the JSON it printed on
+    its ``RESULT `` line; a failing child raises with the end of its stderr."""
+    proc = subprocess.run([sys.executable, script, *args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr[-3000:])
+    return json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
+
+
 def _child(bundle: str, image: str, out: str, variant: str) -> None:
     arena, pattern = VARIANTS[variant]
     from segsentry.runtime import load_bundle, run_batch
@@ -172,12 +181,7 @@ def main(argv: list[str] | None = None) -> int:
             for shape in shapes:
                 for variant in args.variants:  # settings alternate within every round
                     out = work / f"out_{variant}_{r}_{'x'.join(map(str, shape))}"
-                    proc = subprocess.run([sys.executable, __file__, str(bundle), str(images[shape]), str(out),
-                                           variant], capture_output=True, text=True)
-                    if proc.returncode != 0:
-                        raise RuntimeError(proc.stderr[-3000:])
-                    child = json.loads(next(line for line in proc.stdout.splitlines()
-                                            if line.startswith("RESULT "))[7:])
+                    child = run_child(__file__, str(bundle), str(images[shape]), str(out), variant)
                     runs.append({"variant": variant, "shape_zyx": list(shape), "voxels": int(np.prod(shape)),
                                  "round": r, **child})
     summary = {}

@@ -16,17 +16,18 @@ import argparse
 import gc
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from segsentry.bench import machine_info, package_versions
+from segsentry.manifest import Manifest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from memory import _bundle  # noqa: E402  (the same random-weight bundles)
+from memory import _bundle, run_child  # noqa: E402  (the same random-weight bundles and fresh children)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SOURCES = ("bundle-bytes", "ir-file")
@@ -43,11 +44,18 @@ def _status() -> dict[str, float]:
     return out
 
 
+def _network(ov: Any, model: Any, manifest: Manifest) -> Any:
+    """The backend's network as ``OpenvinoBackend`` compiles it: static one-patch shape, the head cut off."""
+    from segsentry.runtime.backends.openvino import split_head
+
+    model.reshape({"image": ov.PartialShape([1, manifest.num_channels, *manifest.patch_size])})
+    return split_head(ov, model)[0]
+
+
 def _child(bundle_path: str, source: str, ir_path: str) -> None:
     import openvino as ov
 
     from segsentry.runtime import load_bundle
-    from segsentry.runtime.backends.openvino import split_head
 
     trace = {"imports": _status()}
     bundle = load_bundle(bundle_path)
@@ -61,9 +69,8 @@ def _child(bundle_path: str, source: str, ir_path: str) -> None:
     del bundle
     gc.collect()
     trace["model_bytes_dropped"] = _status()
-    if source == "bundle-bytes":
-        model.reshape({"image": ov.PartialShape([1, m.num_channels, *m.patch_size])})
-        model, _head, _ = split_head(ov, model)
+    if source == "bundle-bytes":  # the IR file holds the network already cut
+        model = _network(ov, model, m)
     compiled = core.compile_model(model, "CPU", {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"})
     trace["compiled"] = _status()
     del model
@@ -81,13 +88,9 @@ def _write_ir(bundle_path: Path, ir_path: Path) -> None:
     import openvino as ov
 
     from segsentry.runtime import load_bundle
-    from segsentry.runtime.backends.openvino import split_head
 
     bundle = load_bundle(bundle_path)
-    m = bundle.manifest
-    model = ov.Core().read_model(model=bundle.model_bytes)
-    model.reshape({"image": ov.PartialShape([1, m.num_channels, *m.patch_size])})
-    model, _head, _ = split_head(ov, model)
+    model = _network(ov, ov.Core().read_model(model=bundle.model_bytes), bundle.manifest)
     ov.save_model(model, str(ir_path), compress_to_fp16=False)
 
 
@@ -109,11 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         _write_ir(Path(bundle), ir)
         for r in range(args.repeats):
             for source in SOURCES:
-                proc = subprocess.run([sys.executable, __file__, str(bundle), source, str(ir)],
-                                      capture_output=True, text=True)
-                if proc.returncode != 0:
-                    raise RuntimeError(proc.stderr[-3000:])
-                child = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))[7:])
+                child = run_child(__file__, str(bundle), source, str(ir))
                 runs.append({"source": source, "round": r, "trace": child})
     summary = {source: {step: {k: statistics.median(x["trace"][step][k] for x in runs if x["source"] == source)
                                for k in ("rss_mb", "anon_mb", "file_mb", "peak_mb")} for step in STEPS}
